@@ -1,0 +1,60 @@
+//! The `vigil` binary: one static executable, one subcommand per role.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+/// A subcommand: its name, a one-line summary for `--help`, and its entry point, which
+/// receives the arguments after the subcommand's name.
+struct Command {
+    name: &'static str,
+    summary: &'static str,
+    run: fn(Vec<OsString>) -> ExitCode,
+}
+
+const COMMANDS: &[Command] = &[];
+
+fn usage() -> String {
+    let mut text = String::from(
+        "vigil: keeps microVMs alive when bare-metal hosts die\n\n\
+         Usage: vigil <COMMAND> [ARGS...]\n       vigil --help | --version\n\nCommands:\n",
+    );
+    for command in COMMANDS {
+        text.push_str(&format!("  {:<10} {}\n", command.name, command.summary));
+    }
+    text.push_str("\n`vigil <COMMAND> --help` describes each command.\n");
+    text
+}
+
+fn main() -> ExitCode {
+    vigil::logging::init();
+    let mut args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let Some(first) = args.first().cloned() else {
+        eprint!("{}", usage());
+        return ExitCode::from(2);
+    };
+    match first.to_str() {
+        Some("-h" | "--help" | "help") => {
+            print!("{}", usage());
+            ExitCode::SUCCESS
+        }
+        Some("-V" | "--version") => {
+            println!("vigil {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Some(name) => match COMMANDS.iter().find(|c| c.name == name) {
+            Some(command) => {
+                args.remove(0);
+                (command.run)(args)
+            }
+            None => {
+                eprintln!("vigil: unknown command '{name}'\n");
+                eprint!("{}", usage());
+                ExitCode::from(2)
+            }
+        },
+        None => {
+            eprintln!("vigil: the command name is not valid UTF-8");
+            ExitCode::from(2)
+        }
+    }
+}
