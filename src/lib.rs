@@ -1,7 +1,8 @@
 //! Vigil: a host-failure agent for microVM fleets.
 //!
 //! See `ARCHITECTURE.md` for the map. Each module has one job:
-//! `limits` (every bound), `logging` (the stderr logger).
+//! `config` (the agent config file), `limits` (every bound), `logging` (the stderr logger).
 
+pub mod config;
 pub mod limits;
 pub mod logging;

@@ -1,0 +1,605 @@
+//! The agent's config file: a small TOML document, read strictly.
+//!
+//! ```toml
+//! node_id = 1
+//! listen = "127.0.0.1:7001"
+//! data_dir = "/var/lib/vigil"
+//! shared_dir = "/srv/vigil-shared"
+//! control_socket = "/run/vigil/vigil.sock"
+//!
+//! [timing]               # optional; these are the defaults
+//! heartbeat_ms = 20
+//! election_min_ms = 100
+//! election_max_ms = 200
+//! lease_ms = 500
+//! clock_rate_bound_ppm = 10000   # eps = 1 %
+//! fence_margin_ms = 50
+//!
+//! [[peers]]              # every member, this node included
+//! id = 1
+//! address = "127.0.0.1:7001"
+//! role = "voter"         # or "observer"
+//! ```
+//!
+//! Unknown keys, missing keys and bad values are errors that name the file, the line and
+//! the key. Addresses are `IP:port` only: the agent never resolves host names.
+
+pub mod toml;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::limits::{MAX_OBSERVERS, MAX_VOTERS};
+use toml::{Entry, Table, Value};
+
+/// A member's identity in the cluster. Zero is reserved for "nobody".
+pub type NodeId = u64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Voter,
+    Observer,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub id: NodeId,
+    pub address: SocketAddr,
+    pub role: Role,
+}
+
+/// Raft and lease timings (see ARCHITECTURE.md, "Time, leases and fencing").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timing {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    /// The host lease L.
+    pub lease_ms: u64,
+    /// The bound on how far two hosts' clock rates may differ (eps), in parts per million.
+    pub clock_rate_bound_ppm: u64,
+    /// Taken off a host's own lease so that it fences itself before the leader may act.
+    pub fence_margin_ms: u64,
+}
+
+impl Default for Timing {
+    fn default() -> Self {
+        Timing {
+            heartbeat_ms: 20,
+            election_min_ms: 100,
+            election_max_ms: 200,
+            lease_ms: 500,
+            clock_rate_bound_ppm: 10_000,
+            fence_margin_ms: 50,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub node_id: NodeId,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub shared_dir: PathBuf,
+    pub control_socket: PathBuf,
+    pub timing: Timing,
+    /// Every member, this node included, in file order.
+    pub peers: Vec<Peer>,
+}
+
+/// What was wrong with a config file, and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    /// 1-based line, when the error belongs to one.
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line {
+            Some(line) => write!(f, "{}:{}: {}", self.file.display(), line, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Largest config file accepted; a real one is a few hundred bytes.
+const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+impl Config {
+    /// Reads and checks the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let error = |message: String| ConfigError {
+            file: path.to_path_buf(),
+            line: None,
+            message,
+        };
+        let metadata = std::fs::metadata(path).map_err(|e| error(format!("cannot read: {e}")))?;
+        if metadata.len() > MAX_CONFIG_BYTES {
+            return Err(error(format!(
+                "{} bytes is larger than the {MAX_CONFIG_BYTES}-byte limit",
+                metadata.len()
+            )));
+        }
+        let bytes = std::fs::read(path).map_err(|e| error(format!("cannot read: {e}")))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
+            error(format!(
+                "not UTF-8 (byte offset {})",
+                e.utf8_error().valid_up_to()
+            ))
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses and checks config text; `file` is only used in error messages.
+    pub fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+        let document = toml::parse(text).map_err(|e| ConfigError {
+            file: file.to_path_buf(),
+            line: Some(e.line),
+            message: format!("column {}: {}", e.column, e.message),
+        })?;
+        Reader { file }.config(&document.tables)
+    }
+
+    /// This node's own entry in `peers`.
+    pub fn this_peer(&self) -> &Peer {
+        self.peers
+            .iter()
+            .find(|p| p.id == self.node_id)
+            .expect("validated: node_id is among the peers")
+    }
+}
+
+/// Turns tables into a `Config`, naming file and line in every error.
+struct Reader<'a> {
+    file: &'a Path,
+}
+
+/// The keys of one table, each taken at most once, so that leftovers are unknown keys.
+struct Keys<'t> {
+    table: &'t Table,
+    taken: Vec<bool>,
+}
+
+impl<'t> Keys<'t> {
+    fn new(table: &'t Table) -> Self {
+        Keys {
+            table,
+            taken: vec![false; table.entries.len()],
+        }
+    }
+
+    fn take(&mut self, key: &str) -> Option<&'t Entry> {
+        let index = self.table.entries.iter().position(|e| e.key == key)?;
+        self.taken[index] = true;
+        Some(&self.table.entries[index])
+    }
+
+    fn first_unknown(&self) -> Option<&'t Entry> {
+        self.table
+            .entries
+            .iter()
+            .zip(&self.taken)
+            .find(|(_, taken)| !**taken)
+            .map(|(entry, _)| entry)
+    }
+}
+
+impl Reader<'_> {
+    fn error(&self, line: usize, message: String) -> ConfigError {
+        ConfigError {
+            file: self.file.to_path_buf(),
+            line: (line > 0).then_some(line),
+            message,
+        }
+    }
+
+    fn config(&self, tables: &[Table]) -> Result<Config, ConfigError> {
+        let top = &tables[0];
+        let mut keys = Keys::new(top);
+        let node_id = self.required(&mut keys, "node_id", |r, e| r.node_id(e))?;
+        let listen = self.required(&mut keys, "listen", |r, e| r.address(e))?;
+        let data_dir = self.required(&mut keys, "data_dir", |r, e| r.path(e))?;
+        let shared_dir = self.required(&mut keys, "shared_dir", |r, e| r.path(e))?;
+        let control_socket = self.required(&mut keys, "control_socket", |r, e| r.path(e))?;
+        self.reject_unknown(&keys, "top level")?;
+
+        let mut timing = Timing::default();
+        let mut peers = Vec::new();
+        let mut timing_line = 0;
+        for table in &tables[1..] {
+            match (table.name.as_str(), table.is_array_element) {
+                ("timing", false) => {
+                    timing = self.timing(table)?;
+                    timing_line = table.line;
+                }
+                ("peers", true) => peers.push(self.peer(table)?),
+                (name, true) => {
+                    return Err(self.error(table.line, format!("unknown table [[{name}]]")))
+                }
+                (name, false) => {
+                    return Err(self.error(table.line, format!("unknown table [{name}]")))
+                }
+            }
+        }
+        self.check_timing(&timing, timing_line)?;
+        self.check_peers(&peers, node_id, listen)?;
+        Ok(Config {
+            node_id,
+            listen,
+            data_dir,
+            shared_dir,
+            control_socket,
+            timing,
+            peers,
+        })
+    }
+
+    fn timing(&self, table: &Table) -> Result<Timing, ConfigError> {
+        let mut keys = Keys::new(table);
+        let defaults = Timing::default();
+        let mut ms = |key: &str, default: u64| -> Result<u64, ConfigError> {
+            match keys.take(key) {
+                Some(entry) => self.positive(entry),
+                None => Ok(default),
+            }
+        };
+        let timing = Timing {
+            heartbeat_ms: ms("heartbeat_ms", defaults.heartbeat_ms)?,
+            election_min_ms: ms("election_min_ms", defaults.election_min_ms)?,
+            election_max_ms: ms("election_max_ms", defaults.election_max_ms)?,
+            lease_ms: ms("lease_ms", defaults.lease_ms)?,
+            clock_rate_bound_ppm: ms("clock_rate_bound_ppm", defaults.clock_rate_bound_ppm)?,
+            fence_margin_ms: ms("fence_margin_ms", defaults.fence_margin_ms)?,
+        };
+        self.reject_unknown(&keys, "[timing]")?;
+        Ok(timing)
+    }
+
+    fn check_timing(&self, t: &Timing, line: usize) -> Result<(), ConfigError> {
+        let fail = |message: String| Err(self.error(line, format!("[timing]: {message}")));
+        if t.heartbeat_ms * 2 > t.election_min_ms {
+            return fail(format!(
+                "heartbeat_ms ({}) must be at most half of election_min_ms ({})",
+                t.heartbeat_ms, t.election_min_ms
+            ));
+        }
+        if t.election_min_ms >= t.election_max_ms {
+            return fail(format!(
+                "election_min_ms ({}) must be below election_max_ms ({})",
+                t.election_min_ms, t.election_max_ms
+            ));
+        }
+        if t.lease_ms <= t.election_max_ms {
+            return fail(format!(
+                "lease_ms ({}) must be longer than election_max_ms ({})",
+                t.lease_ms, t.election_max_ms
+            ));
+        }
+        if t.clock_rate_bound_ppm >= 100_000 {
+            return fail(format!(
+                "clock_rate_bound_ppm ({}) must be below 100000 (10 %)",
+                t.clock_rate_bound_ppm
+            ));
+        }
+        // The host's own lease, L(1 - eps) - margin, must leave room for a heartbeat.
+        let own_lease_ms = t.lease_ms - t.lease_ms * t.clock_rate_bound_ppm / 1_000_000;
+        if t.fence_margin_ms + t.heartbeat_ms >= own_lease_ms {
+            return fail(format!(
+                "fence_margin_ms ({}) + heartbeat_ms ({}) leave no lease: L(1 - eps) is {} ms",
+                t.fence_margin_ms, t.heartbeat_ms, own_lease_ms
+            ));
+        }
+        Ok(())
+    }
+
+    fn peer(&self, table: &Table) -> Result<Peer, ConfigError> {
+        let mut keys = Keys::new(table);
+        let id = self.required_in(&mut keys, "id", "[[peers]]", |r, e| r.node_id(e))?;
+        let address = self.required_in(&mut keys, "address", "[[peers]]", |r, e| r.address(e))?;
+        let role = match keys.take("role") {
+            None => Role::Voter,
+            Some(entry) => match &entry.value {
+                Value::String(s) if s == "voter" => Role::Voter,
+                Value::String(s) if s == "observer" => Role::Observer,
+                other => {
+                    return Err(self.error(
+                        entry.line,
+                        format!(
+                            "key 'role': expected \"voter\" or \"observer\", found {}",
+                            show(other)
+                        ),
+                    ))
+                }
+            },
+        };
+        self.reject_unknown(&keys, "[[peers]]")?;
+        Ok(Peer { id, address, role })
+    }
+
+    fn check_peers(
+        &self,
+        peers: &[Peer],
+        node_id: NodeId,
+        listen: SocketAddr,
+    ) -> Result<(), ConfigError> {
+        let error = |message: String| Err(self.error(0, message));
+        if peers.is_empty() {
+            return error("no [[peers]]: list every member, this node included".into());
+        }
+        for (i, peer) in peers.iter().enumerate() {
+            if let Some(other) = peers[..i].iter().find(|p| p.id == peer.id) {
+                return error(format!(
+                    "[[peers]]: id {} listed twice ({} and {})",
+                    peer.id, other.address, peer.address
+                ));
+            }
+            if let Some(other) = peers[..i].iter().find(|p| p.address == peer.address) {
+                return error(format!(
+                    "[[peers]]: address {} used by both {} and {}",
+                    peer.address, other.id, peer.id
+                ));
+            }
+        }
+        let Some(this) = peers.iter().find(|p| p.id == node_id) else {
+            return error(format!("node_id {node_id} is not among the [[peers]]"));
+        };
+        if this.address.port() != listen.port() {
+            return error(format!(
+                "this node's [[peers]] address {} and listen {} disagree on the port",
+                this.address, listen
+            ));
+        }
+        let voters = peers.iter().filter(|p| p.role == Role::Voter).count();
+        let observers = peers.len() - voters;
+        if voters == 0 || voters > MAX_VOTERS {
+            return error(format!("{voters} voters: a cluster has 1 to {MAX_VOTERS}"));
+        }
+        if observers > MAX_OBSERVERS {
+            return error(format!("{observers} observers: at most {MAX_OBSERVERS}"));
+        }
+        Ok(())
+    }
+
+    fn required<T>(
+        &self,
+        keys: &mut Keys<'_>,
+        key: &str,
+        read: impl Fn(&Self, &Entry) -> Result<T, ConfigError>,
+    ) -> Result<T, ConfigError> {
+        self.required_in(keys, key, "top level", read)
+    }
+
+    fn required_in<T>(
+        &self,
+        keys: &mut Keys<'_>,
+        key: &str,
+        place: &str,
+        read: impl Fn(&Self, &Entry) -> Result<T, ConfigError>,
+    ) -> Result<T, ConfigError> {
+        match keys.take(key) {
+            Some(entry) => read(self, entry),
+            None => Err(self.error(keys.table.line, format!("{place}: missing key '{key}'"))),
+        }
+    }
+
+    fn reject_unknown(&self, keys: &Keys<'_>, place: &str) -> Result<(), ConfigError> {
+        match keys.first_unknown() {
+            Some(entry) => {
+                Err(self.error(entry.line, format!("{place}: unknown key '{}'", entry.key)))
+            }
+            None => Ok(()),
+        }
+    }
+
+    fn node_id(&self, entry: &Entry) -> Result<NodeId, ConfigError> {
+        self.positive(entry)
+    }
+
+    fn positive(&self, entry: &Entry) -> Result<u64, ConfigError> {
+        match entry.value {
+            Value::Integer(n) if n > 0 => Ok(n as u64),
+            ref other => Err(self.error(
+                entry.line,
+                format!(
+                    "key '{}': expected a positive integer, found {}",
+                    entry.key,
+                    show(other)
+                ),
+            )),
+        }
+    }
+
+    fn address(&self, entry: &Entry) -> Result<SocketAddr, ConfigError> {
+        match &entry.value {
+            Value::String(s) => s.parse::<SocketAddr>().map_err(|_| {
+                self.error(
+                    entry.line,
+                    format!(
+                        "key '{}': \"{s}\" is not an IP:port address (host names are not resolved)",
+                        entry.key
+                    ),
+                )
+            }),
+            other => Err(self.error(
+                entry.line,
+                format!(
+                    "key '{}': expected an \"IP:port\" string, found {}",
+                    entry.key,
+                    show(other)
+                ),
+            )),
+        }
+    }
+
+    fn path(&self, entry: &Entry) -> Result<PathBuf, ConfigError> {
+        match &entry.value {
+            Value::String(s) if !s.is_empty() => Ok(PathBuf::from(s)),
+            other => Err(self.error(
+                entry.line,
+                format!(
+                    "key '{}': expected a non-empty path string, found {}",
+                    entry.key,
+                    show(other)
+                ),
+            )),
+        }
+    }
+}
+
+/// A value as a person would recognise it in an error message.
+fn show(value: &Value) -> String {
+    match value {
+        Value::String(s) => format!("\"{s}\""),
+        Value::Integer(n) => n.to_string(),
+        Value::Boolean(b) => b.to_string(),
+        Value::Array(_) => "an array".to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+node_id = 2
+listen = "127.0.0.1:7002"
+data_dir = "/tmp/v2"
+shared_dir = "/tmp/shared"
+control_socket = "/tmp/v2/vigil.sock"
+
+[timing]
+heartbeat_ms = 25
+
+[[peers]]
+id = 1
+address = "127.0.0.1:7001"
+[[peers]]
+id = 2
+address = "127.0.0.1:7002"
+[[peers]]
+id = 3
+address = "[::1]:7003"
+[[peers]]
+id = 9
+address = "127.0.0.1:7009"
+role = "observer"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new("vigil.toml"))
+    }
+
+    #[test]
+    fn reads_a_full_config() {
+        let config = parse(GOOD).unwrap();
+        assert_eq!(config.node_id, 2);
+        assert_eq!(config.listen, "127.0.0.1:7002".parse().unwrap());
+        assert_eq!(config.timing.heartbeat_ms, 25);
+        assert_eq!(config.timing.election_min_ms, 100);
+        assert_eq!(config.peers.len(), 4);
+        assert_eq!(config.peers[3].role, Role::Observer);
+        assert_eq!(config.peers[2].address, "[::1]:7003".parse().unwrap());
+        assert_eq!(config.this_peer().id, 2);
+    }
+
+    fn expect_error(text: &str, line: Option<usize>, needle: &str) {
+        let error = parse(text).expect_err(needle);
+        assert_eq!(error.line, line, "{error}");
+        let shown = error.to_string();
+        assert!(shown.contains(needle), "'{shown}' lacks '{needle}'");
+        assert!(shown.starts_with("vigil.toml"), "{shown}");
+    }
+
+    #[test]
+    fn names_key_and_line_of_bad_input() {
+        expect_error(
+            &GOOD.replace("heartbeat_ms = 25", "heartbeat_msec = 25"),
+            Some(9),
+            "unknown key 'heartbeat_msec'",
+        );
+        expect_error(
+            &GOOD.replace("node_id = 2", "node_id = \"two\""),
+            Some(2),
+            "key 'node_id': expected a positive integer, found \"two\"",
+        );
+        expect_error(
+            &GOOD.replace("node_id = 2", "node_id = 0"),
+            Some(2),
+            "positive integer, found 0",
+        );
+        expect_error(
+            &GOOD.replace("\"127.0.0.1:7001\"", "\"host1:7001\""),
+            Some(13),
+            "not an IP:port",
+        );
+        expect_error(
+            &GOOD.replace("role = \"observer\"", "role = \"boss\""),
+            Some(23),
+            "key 'role'",
+        );
+        expect_error(
+            &GOOD.replace("[timing]", "[timings]"),
+            Some(8),
+            "unknown table [timings]",
+        );
+        expect_error(
+            &GOOD.replace("data_dir = \"/tmp/v2\"\n", ""),
+            None,
+            "missing key 'data_dir'",
+        );
+        expect_error(
+            &GOOD.replace("heartbeat_ms = 25", "heartbeat_ms = 25.0"),
+            Some(9),
+            "floating-point",
+        );
+        expect_error(
+            &GOOD.replace("control_socket", "extra = true\ncontrol_socket"),
+            Some(6),
+            "unknown key 'extra'",
+        );
+    }
+
+    #[test]
+    fn checks_how_values_relate() {
+        expect_error(
+            &GOOD.replace("node_id = 2", "node_id = 5"),
+            None,
+            "node_id 5 is not among",
+        );
+        expect_error(&GOOD.replace("id = 3", "id = 1"), None, "id 1 listed twice");
+        expect_error(
+            &GOOD.replace("heartbeat_ms = 25", "heartbeat_ms = 60"),
+            Some(8),
+            "at most half",
+        );
+        expect_error(
+            &GOOD.replace("heartbeat_ms = 25", "election_max_ms = 90"),
+            Some(8),
+            "below election_max_ms",
+        );
+        expect_error(
+            &GOOD.replace("heartbeat_ms = 25", "lease_ms = 150"),
+            Some(8),
+            "longer than election_max_ms",
+        );
+        expect_error(
+            &GOOD.replace("listen = \"127.0.0.1:7002\"", "listen = \"127.0.0.1:7999\""),
+            None,
+            "disagree on the port",
+        );
+        let mut many = GOOD.to_string();
+        for id in 10..16 {
+            many.push_str(&format!(
+                "[[peers]]\nid = {id}\naddress = \"127.0.0.1:{}\"\n",
+                7000 + id
+            ));
+        }
+        expect_error(&many, None, "9 voters");
+    }
+}
