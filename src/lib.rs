@@ -6,3 +6,4 @@
 pub mod config;
 pub mod limits;
 pub mod logging;
+pub mod net;
