@@ -4,6 +4,7 @@
 //! `config` (the agent config file), `limits` (every bound), `logging` (the stderr logger).
 
 pub mod config;
+pub mod control;
 pub mod limits;
 pub mod logging;
 pub mod net;

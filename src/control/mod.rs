@@ -1,0 +1,3 @@
+//! The control API: HTTP/1.1 + JSON over a Unix socket (see ARCHITECTURE.md).
+
+pub mod http;
