@@ -3,6 +3,8 @@
 //! See `ARCHITECTURE.md` for the map. Each module has one job:
 //! `config` (the agent config file), `limits` (every bound), `logging` (the stderr logger).
 
+pub mod cluster;
+pub mod codec;
 pub mod config;
 pub mod control;
 pub mod limits;

@@ -21,6 +21,12 @@ pub const MAX_ENTRY_BYTES: usize = 96 * 1024;
 pub const MAX_KV_VALUE_BYTES: usize = 64 * 1024;
 /// Largest key in the metadata KV.
 pub const MAX_KV_KEY_BYTES: usize = 512;
+/// Keys in the metadata KV.
+pub const MAX_KV_KEYS: usize = 16 * 1024;
+/// Key and value bytes held by the metadata KV.
+pub const MAX_KV_TOTAL_BYTES: usize = 64 * 1024 * 1024;
+/// Recent request ids (with their outcomes) remembered to answer retries.
+pub const MAX_DEDUP_REQUESTS: usize = 4096;
 /// Entries carried by one AppendEntries message.
 pub const MAX_ENTRIES_PER_APPEND: usize = 256;
 /// Payload bytes carried by one AppendEntries message.
@@ -102,4 +108,5 @@ const _: () = assert!(
 );
 const _: () = assert!(WAL_SEGMENT_BYTES % 4096 == 0 && WAL_SEGMENT_HEADER_BYTES % 4096 == 0);
 const _: () = assert!(MAX_CONTROL_BODY_BYTES >= MAX_KV_VALUE_BYTES);
+const _: () = assert!(MAX_KV_TOTAL_BYTES >= MAX_KV_VALUE_BYTES + MAX_KV_KEY_BYTES);
 const _: () = assert!(MIN_GUEST_MEMORY_BYTES <= MAX_GUEST_MEMORY_BYTES);
