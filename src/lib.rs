@@ -9,4 +9,5 @@ pub mod config;
 pub mod control;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod net;
