@@ -1,4 +1,6 @@
-//! The peer wire: framing (magic, version, kind, length, CRC) and, later, the message
-//! codec and peer connections.
+//! The peer wire: framing (magic, version, kind, length, CRC), reconnect pacing and
+//! bounded send queues. The message codec and the connections join them with the agent.
 
+pub mod backoff;
 pub mod frame;
+pub mod send_queue;
