@@ -3,6 +3,7 @@
 //! See `ARCHITECTURE.md` for the map. Each module has one job:
 //! `config` (the agent config file), `limits` (every bound), `logging` (the stderr logger).
 
+pub mod agent;
 pub mod cluster;
 pub mod codec;
 pub mod config;

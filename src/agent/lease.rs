@@ -1,0 +1,149 @@
+//! Host leases: the arithmetic that keeps a VM from running on two hosts at once.
+//!
+//! Every host measures time on its own CLOCK_MONOTONIC, and clock rates differ by at
+//! most eps. The rules (ARCHITECTURE.md, "Time, leases and fencing"):
+//!
+//! - A host's lease starts when it *received* a leader heartbeat that it then
+//!   acknowledged, and ends at `receipt + L(1 - eps) - fence_margin` on the host's
+//!   clock. Past that, its VMMs fence themselves.
+//! - The leader may declare a host dead only once `L(1 + eps)` has passed on the
+//!   leader's clock since it received that host's last acknowledgement.
+//! - A newly elected leader first waits `L(1 + eps)` from its election before declaring
+//!   anyone dead (it does not know which acknowledgements its predecessor received).
+//!
+//! Why it is safe: the acknowledgement was sent after the host received the heartbeat,
+//! so in true time `host receipt <= leader receipt`. A host clock that runs slow by eps
+//! turns the host's `L(1 - eps)` into at most `L` of true time; a leader clock that runs
+//! fast by eps turns the leader's `L(1 + eps)` into at least `L` of true time. So the
+//! host fences at least `fence_margin` before the leader may act, and the margin covers
+//! the time a VMM needs to stop its vCPUs.
+//!
+//! All times here are nanoseconds of CLOCK_MONOTONIC on the machine that reads them;
+//! a lease is never extended by a wall-clock reading.
+
+use crate::config::Timing;
+
+const PPM: u64 = 1_000_000;
+const NS_PER_MS: u64 = 1_000_000;
+
+/// The lease figures derived from the configured timing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseRules {
+    /// `L(1 - eps) - fence_margin`: how long a host may run its VMs after the receipt
+    /// of an acknowledged heartbeat.
+    pub host_lease_ns: u64,
+    /// `L(1 + eps)`: how long the leader waits after the last acknowledgement (or after
+    /// its own election) before it may declare a host dead.
+    pub leader_wait_ns: u64,
+}
+
+impl LeaseRules {
+    pub fn new(timing: &Timing) -> Self {
+        let lease_ns = timing.lease_ms * NS_PER_MS;
+        let eps_ns = lease_ns * timing.clock_rate_bound_ppm / PPM;
+        let margin_ns = timing.fence_margin_ms * NS_PER_MS;
+        assert!(
+            eps_ns + margin_ns < lease_ns,
+            "config validation keeps a positive lease"
+        );
+        // Round the host's lease down and the leader's wait up: both err on the safe side.
+        let host_lease_ns = lease_ns - eps_ns - margin_ns;
+        let leader_wait_ns = lease_ns + (lease_ns * timing.clock_rate_bound_ppm).div_ceil(PPM);
+        LeaseRules {
+            host_lease_ns,
+            leader_wait_ns,
+        }
+    }
+
+    /// When a host's lease ends, given when it received the acknowledged heartbeat.
+    pub fn host_lease_expiry(&self, heartbeat_receipt_ns: u64) -> u64 {
+        heartbeat_receipt_ns + self.host_lease_ns
+    }
+
+    /// Whether the leader may declare a host dead at `now`, given when it received the
+    /// host's last acknowledgement (None: never since this leader took over) and when
+    /// this leader was elected.
+    pub fn may_declare_dead(
+        &self,
+        now_ns: u64,
+        last_ack_receipt_ns: Option<u64>,
+        elected_at_ns: u64,
+    ) -> bool {
+        let since_election = now_ns.saturating_sub(elected_at_ns);
+        if since_election < self.leader_wait_ns {
+            return false;
+        }
+        match last_ack_receipt_ns {
+            Some(ack) => now_ns.saturating_sub(ack) >= self.leader_wait_ns,
+            None => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules() -> LeaseRules {
+        LeaseRules::new(&Timing::default())
+    }
+
+    #[test]
+    fn default_figures() {
+        // L = 500 ms, eps = 1 %, margin = 50 ms.
+        let r = rules();
+        assert_eq!(r.host_lease_ns, 445 * NS_PER_MS);
+        assert_eq!(r.leader_wait_ns, 505 * NS_PER_MS);
+    }
+
+    #[test]
+    fn leader_waits_after_ack_and_after_election() {
+        let r = rules();
+        let ms = NS_PER_MS;
+        let elected = 1_000 * ms;
+        // Right after the election nobody may be declared dead, even without any ack.
+        assert!(!r.may_declare_dead(elected + 504 * ms, None, elected));
+        assert!(r.may_declare_dead(elected + 505 * ms, None, elected));
+        // A recent ack protects the host for L(1 + eps).
+        let ack = elected + 600 * ms;
+        assert!(!r.may_declare_dead(ack + 504 * ms, Some(ack), elected));
+        assert!(r.may_declare_dead(ack + 505 * ms, Some(ack), elected));
+    }
+
+    /// Over a grid of clock rates within the bound and message delays, the host's
+    /// fencing (in true time) never comes after the leader's verdict (in true time), and
+    /// comes at least the fence margin before it. With a zero margin the inequality is
+    /// tight at the extreme rates, so an error in either formula makes this fail.
+    #[test]
+    fn host_always_fences_before_the_leader_may_act() {
+        for margin_ms in [0, 50] {
+            let timing = Timing {
+                fence_margin_ms: margin_ms,
+                ..Timing::default()
+            };
+            let r = LeaseRules::new(&timing);
+            for host_rate_ppm in [-10_000i64, -5_000, 0, 5_000, 10_000] {
+                for leader_rate_ppm in [-10_000i64, 0, 10_000] {
+                    for delay_us in [0u64, 10, 1_000, 100_000] {
+                        // True time of the host's receipt; the ack reaches the leader later.
+                        let host_receipt = 10_000_000_000u64;
+                        let leader_receipt = host_receipt + delay_us * 1_000;
+                        // A clock running at (1 + rate) needs own / (1 + rate) true time.
+                        let true_ns =
+                            |own: u64, rate_ppm: i64| own as f64 / (1.0 + rate_ppm as f64 / 1e6);
+                        let host_fences =
+                            host_receipt as f64 + true_ns(r.host_lease_ns, host_rate_ppm);
+                        let leader_acts =
+                            leader_receipt as f64 + true_ns(r.leader_wait_ns, leader_rate_ppm);
+                        let gap_ns = leader_acts - host_fences;
+                        assert!(
+                            gap_ns >= (margin_ms * NS_PER_MS) as f64 - 1.0,
+                            "margin {margin_ms} ms, host rate {host_rate_ppm} ppm, leader rate \
+                             {leader_rate_ppm} ppm, delay {delay_us} us: gap {gap_ns} ns"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
