@@ -14,6 +14,7 @@
 
 pub mod guest;
 pub mod memory;
+pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
