@@ -12,12 +12,14 @@
 //! - `control`: the framed protocol of the `vigil vmm` control socket, and a client;
 //! - `vmm`: the `vigil vmm` process (one per VM): control socket and lease watchdog.
 
+pub mod control;
 pub mod guest;
 pub mod memory;
 pub mod snapshot;
 pub mod state;
 pub mod vcpu;
 pub mod vm;
+pub mod vmm;
 
 /// Nanoseconds of CLOCK_MONOTONIC (system-wide, so other processes can compute
 /// deadlines on the same clock).
