@@ -19,7 +19,9 @@ pub struct GuestMemory {
     ptr: *mut u8,
     len: u64,
     /// The file behind the mapping (memfd or snapshot image), kept open for its lifetime.
-    _backing: File,
+    backing: File,
+    /// MAP_PRIVATE of an image: written pages no longer match the file.
+    private: bool,
     /// Pages the VMM wrote, one bit per page.
     host_dirty: Vec<AtomicU64>,
 }
@@ -84,7 +86,8 @@ impl GuestMemory {
         Ok(GuestMemory {
             ptr: ptr as *mut u8,
             len,
-            _backing: file,
+            backing: file,
+            private: flags & libc::MAP_PRIVATE != 0,
             host_dirty,
         })
     }
@@ -163,6 +166,48 @@ impl GuestMemory {
             .iter()
             .map(|w| w.swap(0, Ordering::Relaxed))
             .collect()
+    }
+
+    /// Whether the mapping is a private (copy-on-write) mapping of an image file.
+    pub fn is_private(&self) -> bool {
+        self.private
+    }
+
+    /// Page ranges `(first, count)` where the backing file has data (SEEK_DATA /
+    /// SEEK_HOLE); the rest of the file is holes, which read as zeroes. For a shared
+    /// memfd this is exactly the memory that may be non-zero; for a private mapping, only
+    /// what the image held (pages written since are not in the file).
+    pub fn backing_data_ranges(&self) -> io::Result<Vec<(u64, u64)>> {
+        let fd = self.backing.as_raw_fd();
+        let len = self.len as libc::off_t;
+        let mut ranges = Vec::new();
+        let mut offset: libc::off_t = 0;
+        while offset < len {
+            // SAFETY: lseek on a file descriptor we own; results are checked.
+            let data = unsafe { libc::lseek(fd, offset, libc::SEEK_DATA) };
+            if data < 0 {
+                let err = io::Error::last_os_error();
+                if err.raw_os_error() == Some(libc::ENXIO) {
+                    break; // no data after `offset`
+                }
+                return Err(err);
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let first = data as u64 / PAGE_SIZE;
+            let end = (hole.min(len) as u64).div_ceil(PAGE_SIZE);
+            if end > first {
+                ranges.push((first, end - first));
+            }
+            if hole <= offset {
+                break; // defensive: no progress
+            }
+            offset = hole;
+        }
+        Ok(ranges)
     }
 
     /// Whether the page is all zeroes (vCPUs paused).

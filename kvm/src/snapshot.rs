@@ -131,14 +131,13 @@ impl Vm {
         let memory = self.memory().clone();
         let (memory_kind, pages_written) = match parent {
             None => {
-                // Reset dirty tracking: the next diff is relative to this snapshot.
-                if self.tracks_dirty() {
-                    self.take_dirty_bitmap()?;
-                }
-                let mut bitmap = vec![0u64; memory.pages().div_ceil(64) as usize];
+                // Also resets dirty tracking: the next diff is relative to this snapshot.
+                let mut bitmap = self.full_snapshot_candidates()?;
                 for page in 0..memory.pages() {
-                    if !memory.page_is_zero(page) {
-                        bitmap[(page / 64) as usize] |= 1 << (page % 64);
+                    let bit = 1 << (page % 64);
+                    let word = &mut bitmap[(page / 64) as usize];
+                    if *word & bit != 0 && memory.page_is_zero(page) {
+                        *word &= !bit;
                     }
                 }
                 let mut written = 0;
@@ -191,6 +190,7 @@ impl Vm {
         let image = File::open(&image_path).context(&format!("open {}", image_path.display()))?;
         let memory = GuestMemory::map_image_private(image, memory_bytes)
             .context(&format!("map {}", image_path.display()))?;
+        let mut copied_in = vec![0u64; memory.pages().div_ceil(64) as usize];
         for (dir, saved) in chain.iter().zip(&states).skip(1) {
             let MemoryKind::Diff { dirty_bitmap, .. } = &saved.memory else {
                 unreachable!("read_chain checked that every later snapshot is a diff");
@@ -209,12 +209,15 @@ impl Vm {
             }
             apply_diff(&memory, &file, dirty_bitmap)
                 .context(&format!("apply {}", path.display()))?;
+            for (copied, word) in copied_in.iter_mut().zip(dirty_bitmap) {
+                *copied |= word;
+            }
         }
         // The private copy now equals the last snapshot's memory; the VMM's own writes
         // above must not count as dirty for the next diff.
         memory.take_host_dirty();
         let last = states.last().expect("chain is not empty");
-        Vm::restore_from(memory, last, track_dirty, sink)
+        Vm::restore_from(memory, copied_in, last, track_dirty, sink)
     }
 }
 

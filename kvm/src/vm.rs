@@ -97,6 +97,10 @@ pub struct Vm {
     /// The snapshot this VM's memory matches since its last snapshot or restore (the
     /// parent of the next diff), if dirty tracking has been reset then.
     pub(crate) last_snapshot_id: Option<u64>,
+    /// Pages written since the memory was mapped (every dirty bitmap taken, and the
+    /// pages a restore copied in): with the backing file's data ranges, the pages a
+    /// full snapshot must look at.
+    ever_dirty: Vec<u64>,
     started: bool,
 }
 
@@ -128,6 +132,7 @@ impl Vm {
         // SAFETY: the region is our live mapping of exactly `memory.len()` bytes, and it
         // outlives the VM fd (field order in `Vm`).
         unsafe { vm_fd.set_user_memory_region(region) }.context("KVM_SET_USER_MEMORY_REGION")?;
+        let words = memory.pages().div_ceil(64) as usize;
         Ok(Vm {
             vcpus: Vec::new(),
             vm_fd,
@@ -136,6 +141,7 @@ impl Vm {
             msr_indices: Vec::new(),
             track_dirty,
             last_snapshot_id: None,
+            ever_dirty: vec![0; words],
             started: false,
         })
     }
@@ -165,12 +171,15 @@ impl Vm {
     /// A VM with the given memory and saved state (threads start paused).
     pub(crate) fn restore_from(
         memory: GuestMemory,
+        copied_in: Vec<u64>,
         saved: &state::VmState,
         track_dirty: bool,
         sink: Option<ReportSink>,
     ) -> Result<Vm> {
         check_shape(saved.memory_bytes, saved.vcpus.len())?;
         let mut vm = Vm::create_base(memory, track_dirty)?;
+        assert_eq!(copied_in.len(), vm.ever_dirty.len());
+        vm.ever_dirty = copied_in;
         for (index, vcpu_state) in saved.vcpus.iter().enumerate() {
             let fd = vm.create_vcpu(index)?;
             set_vcpu_state(&fd, vcpu_state).map_err(|e| Error(format!("vCPU {index}: {e}")))?;
@@ -389,7 +398,7 @@ impl Vm {
     }
 
     /// KVM's dirty log merged with the VMM's own writes; clears both.
-    pub fn take_dirty_bitmap(&self) -> Result<Vec<u64>> {
+    pub(crate) fn take_dirty_bitmap(&mut self) -> Result<Vec<u64>> {
         self.assert_paused();
         if !self.track_dirty {
             return Err(Error("dirty-page tracking is off for this VM".into()));
@@ -400,8 +409,43 @@ impl Vm {
             .context("KVM_GET_DIRTY_LOG")?;
         let host = self.memory.take_host_dirty();
         assert_eq!(bitmap.len(), host.len());
-        for (word, host_word) in bitmap.iter_mut().zip(host) {
+        for ((word, host_word), ever) in bitmap.iter_mut().zip(host).zip(&mut self.ever_dirty) {
             *word |= host_word;
+            *ever |= *word;
+        }
+        Ok(bitmap)
+    }
+
+    /// Pages a full snapshot must examine (it skips the zero ones among them): a fresh
+    /// VM's memfd data; for a restored VM the image's data plus every page written
+    /// since; everything if that cannot be known.
+    pub(crate) fn full_snapshot_candidates(&mut self) -> Result<Vec<u64>> {
+        let words = self.ever_dirty.len();
+        let pages = self.memory.pages();
+        if self.memory.is_private() && !self.track_dirty {
+            let mut all = vec![u64::MAX; words];
+            if pages % 64 != 0 {
+                all[words - 1] = (1u64 << (pages % 64)) - 1;
+            }
+            return Ok(all);
+        }
+        let mut bitmap = if self.memory.is_private() {
+            self.take_dirty_bitmap()?; // folds into ever_dirty
+            self.ever_dirty.clone()
+        } else {
+            if self.track_dirty {
+                self.take_dirty_bitmap()?; // reset: the next diff is relative to this
+            }
+            vec![0; words]
+        };
+        let ranges = self
+            .memory
+            .backing_data_ranges()
+            .context("SEEK_DATA on guest memory")?;
+        for (first, count) in ranges {
+            for page in first..(first + count).min(pages) {
+                bitmap[(page / 64) as usize] |= 1 << (page % 64);
+            }
         }
         Ok(bitmap)
     }
