@@ -403,3 +403,55 @@ fn bad_frames_get_an_error_and_the_vmm_keeps_serving() {
     assert_eq!(got.len(), 2 * status_frame);
     assert_eq!(vmm.status().token, 9);
 }
+
+/// A VMM started by a process that then goes away (the agent dying): it keeps
+/// running in its own session, and its own watchdog still fences it.
+#[test]
+fn vmm_outlives_its_parent_and_still_fences() {
+    if skip() {
+        return;
+    }
+    struct KillOnDrop(libc::pid_t);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) of the PID the test started (through the shell).
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let dir = TempDir::new("orphan");
+    let socket = dir.join("vmm.sock");
+    let deadline = vigil_kvm::monotonic_ns() + 3_000_000_000;
+    // The shell plays the agent: it starts the VMM in the background and exits.
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg("\"$0\" vmm --control \"$1\" --token 3 --lease-deadline-ns \"$2\" >/dev/null 2>\"$3\" </dev/null & echo $!")
+        .arg(env!("CARGO_BIN_EXE_vigil"))
+        .arg(&socket)
+        .arg(deadline.to_string())
+        .arg(dir.join("vmm.log"))
+        .output()
+        .expect("run sh");
+    let pid: libc::pid_t = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("pid");
+    let _guard = KillOnDrop(pid);
+    let start = Instant::now();
+    let status = loop {
+        if let Ok(mut client) = Client::connect(&socket, PATIENCE, MAX_FRAME) {
+            if let Ok(status) = client.status_of(&Request::Status) {
+                if status.state == VmmState::Fenced {
+                    break status;
+                }
+            }
+        }
+        assert!(start.elapsed() < PATIENCE, "the orphaned VMM never fenced");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.token, 3);
+    // Its session is its own, not the test's.
+    // SAFETY: getsid(2) only reads process attributes.
+    let (sid, ours) = unsafe { (libc::getsid(pid), libc::getsid(0)) };
+    assert_eq!(sid, pid, "the VMM leads its own session");
+    assert_ne!(sid, ours);
+}

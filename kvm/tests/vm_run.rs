@@ -46,3 +46,39 @@ fn guest_counter_increases_and_pause_stops_it() {
         || vm.counter_in_memory(0) > paused_at + 3,
     );
 }
+
+#[test]
+fn every_vcpu_counts_and_a_snapshot_restores_them_all() {
+    if let Err(why) = vigil_kvm::kvm_available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let mut vm = Vm::create(&VmConfig::new(128 << 20, 2), None).expect("create VM");
+    vm.resume().expect("resume");
+    wait_for("both vCPUs to report", Duration::from_secs(60), || {
+        assert!(vm.failure().is_none(), "{:?}", vm.failure());
+        vm.counters().iter().all(|&c| c >= 3)
+    });
+    vm.pause().expect("pause");
+    let at_snapshot = [vm.counter_in_memory(0), vm.counter_in_memory(1)];
+    let dir = std::env::temp_dir().join(format!(
+        "vigil-kvm-smp-{}-{}",
+        std::process::id(),
+        vigil_kvm::monotonic_ns()
+    ));
+    vm.snapshot(vigil_kvm::snapshot::SnapshotKind::Full, &dir)
+        .expect("snapshot");
+    drop(vm);
+    let restored = Vm::restore(std::slice::from_ref(&dir), true, None).expect("restore");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(restored.vcpu_count(), 2);
+    restored.resume().expect("resume restored");
+    wait_for(
+        "both restored vCPUs to count on",
+        Duration::from_secs(60),
+        || {
+            assert!(restored.failure().is_none(), "{:?}", restored.failure());
+            (0..2).all(|i| restored.counter_in_memory(i) > at_snapshot[i] + 2)
+        },
+    );
+}
