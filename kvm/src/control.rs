@@ -113,7 +113,7 @@ pub struct Status {
     pub counter: u64,
     pub reports: u64,
     pub lease_deadline_ns: u64,
-    /// 0 if none yet.
+    /// The snapshot taken or restored last: the parent of the next diff (0 if none).
     pub last_snapshot_id: u64,
 }
 

@@ -260,15 +260,20 @@ fn vcpu_thread(
                 }
                 Ok(VcpuExit::IoOut(..)) => {}
                 Ok(VcpuExit::IoIn(_, data)) => data.fill(0xFF),
-                Ok(VcpuExit::Hlt) => break Some("the guest halted".to_string()),
+                Ok(VcpuExit::Hlt) => {
+                    let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or_default();
+                    break Some(format!(
+                        "the guest halted at rip {rip:#x} (an unexpected #GP in the guest)"
+                    ));
+                }
                 Ok(VcpuExit::Shutdown) => {
                     let at = vcpu
                         .get_regs()
                         .map(|r| (r.rip, r.rflags))
                         .unwrap_or_default();
-                    let cpl = vcpu.get_sregs().map(|s| s.cs.selector).unwrap_or_default();
+                    let cs = vcpu.get_sregs().map(|s| s.cs.selector).unwrap_or_default();
                     break Some(format!(
-                        "the guest shut down (triple fault) at rip {:#x} rflags {:#x} cs {cpl:#x}",
+                        "the guest shut down (triple fault) at rip {:#x} rflags {:#x} cs {cs:#x}",
                         at.0, at.1
                     ));
                 }
@@ -276,6 +281,14 @@ fn vcpu_thread(
                     break Some(format!("VM entry failed: reason {reason:#x} on cpu {cpu}"))
                 }
                 Ok(VcpuExit::InternalError) => break Some("KVM internal error".into()),
+                // KVM_EXIT_INTR: a signal arrived as KVM was about to enter the guest.
+                Ok(VcpuExit::Intr) => {
+                    let control = lock();
+                    if control.want != Want::Run {
+                        break None;
+                    }
+                    shared.immediate_exit.set(0);
+                }
                 Ok(other) => break Some(format!("unexpected vCPU exit {other:?}")),
                 Err(e) if is_interrupt(&e) => {
                     let control = lock();

@@ -450,6 +450,11 @@ impl Vm {
         Ok(bitmap)
     }
 
+    /// The snapshot the next diff would be relative to (the last one taken or restored).
+    pub fn last_snapshot_id(&self) -> Option<u64> {
+        self.last_snapshot_id
+    }
+
     pub fn tracks_dirty(&self) -> bool {
         self.track_dirty
     }

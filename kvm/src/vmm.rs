@@ -196,7 +196,6 @@ struct Vmm {
     state: VmmState,
     lease_deadline_ns: u64,
     fenced_at_ns: Option<u64>,
-    last_snapshot_id: u64,
     stop_requested: bool,
 }
 
@@ -237,7 +236,6 @@ pub fn run(options: VmmOptions, limits: &VmmLimits) -> Result<u8> {
         limits: limits.clone(),
         state: VmmState::Paused,
         fenced_at_ns: None,
-        last_snapshot_id: 0,
         stop_requested: false,
     };
     if monotonic_ns() < vmm.lease_deadline_ns {
@@ -293,7 +291,8 @@ impl Vmm {
         if matches!(self.state, VmmState::Running | VmmState::Paused)
             && now >= self.lease_deadline_ns
         {
-            self.fence("lease deadline passed");
+            let late_us = (now - self.lease_deadline_ns) / 1000;
+            self.fence(&format!("lease deadline passed {late_us} us ago"));
         }
         if let Some(fenced_at) = self.fenced_at_ns {
             if now.saturating_sub(fenced_at) >= self.options.abandon_after_ns {
@@ -490,7 +489,7 @@ impl Vmm {
             counter: self.vm.counters().first().copied().unwrap_or(0),
             reports: self.vm.reports(),
             lease_deadline_ns: self.lease_deadline_ns,
-            last_snapshot_id: self.last_snapshot_id,
+            last_snapshot_id: self.vm.last_snapshot_id().unwrap_or(0),
         }
     }
 
@@ -601,7 +600,6 @@ impl Vmm {
         }
         match result {
             Ok(info) => {
-                self.last_snapshot_id = info.snapshot_id;
                 log::info!(
                     "vmm: {:?} snapshot {:#x} to {}: {} pages in {} ms",
                     info.kind,
