@@ -455,3 +455,76 @@ fn vmm_outlives_its_parent_and_still_fences() {
     assert_eq!(sid, pid, "the VMM leads its own session");
     assert_ne!(sid, ours);
 }
+
+const RENEWER_SOCKET: &str = "VIGIL_TEST_RENEWER_SOCKET";
+
+/// Not a test of its own: the body of the helper process that plays a renewing agent
+/// for `a_frozen_agent_stops_renewing_and_the_vmm_fences` (it re-runs this test binary
+/// with the environment variable set). Without the variable it does nothing.
+#[test]
+fn helper_renewing_agent() {
+    let Some(socket) = std::env::var_os(RENEWER_SOCKET) else {
+        return;
+    };
+    let token: u64 = std::env::var("VIGIL_TEST_RENEWER_TOKEN")
+        .unwrap()
+        .parse()
+        .unwrap();
+    loop {
+        if let Ok(mut client) = Client::connect(socket.as_ref(), PATIENCE, MAX_FRAME) {
+            let deadline_ns = vigil_kvm::monotonic_ns() + 1_000_000_000;
+            let _ = client.call(&Request::Renew { token, deadline_ns });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// An agent that renews the lease keeps the VM running; SIGSTOP it and the VMM fences
+/// by itself; SIGCONT it and its renewals (current token) resume the VM.
+#[test]
+fn a_frozen_agent_stops_renewing_and_the_vmm_fences() {
+    if skip() {
+        return;
+    }
+    struct Helper(Child);
+    impl Drop for Helper {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) of our own unreaped child, then reap it.
+            unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGKILL) };
+            let _ = self.0.wait();
+        }
+    }
+    let dir = TempDir::new("frozen-agent");
+    let vmm = Vmm::spawn(&dir, "vmm", 12, Duration::from_secs(2), &[]);
+    let initial_deadline = vmm.status().lease_deadline_ns;
+    let agent = Helper(
+        Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "helper_renewing_agent", "--nocapture"])
+            .env(RENEWER_SOCKET, &vmm.socket)
+            .env("VIGIL_TEST_RENEWER_TOKEN", "12")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn the renewing agent"),
+    );
+    let pid = agent.0.id() as libc::pid_t;
+    vmm.wait_until("renewals to keep the VM running", |s| {
+        s.state == VmmState::Running && s.lease_deadline_ns > initial_deadline + 1_000_000_000
+    });
+    // SAFETY: signals to our own child process.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let fenced = vmm.wait_until("fencing while the agent is frozen", |s| {
+        s.state == VmmState::Fenced
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        vmm.status().counter,
+        fenced.counter,
+        "a fenced guest advanced"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    vmm.wait_until("the thawed agent's renewal to resume the VM", |s| {
+        s.state == VmmState::Running && s.counter > fenced.counter + 2
+    });
+}
