@@ -109,6 +109,15 @@ impl Vm {
     fn create_base(memory: GuestMemory, track_dirty: bool) -> Result<Vm> {
         let kvm = Kvm::new().context("opening /dev/kvm")?;
         let vm_fd = kvm.create_vm().context("KVM_CREATE_VM")?;
+        // The state file holds the legacy 4 KiB XSAVE area (KVM_GET_XSAVE). That is all
+        // of the guest's XSAVE state unless this process requested dynamic features
+        // (AMX) for guests, which it never does; refuse rather than lose state.
+        let xsave_size = vm_fd.check_extension_int(kvm_ioctls::Cap::Xsave2);
+        if xsave_size > 4096 {
+            return Err(Error(format!(
+                "guest XSAVE state is {xsave_size} bytes; only 4096 are supported"
+            )));
+        }
         vm_fd
             .set_tss_address(KVM_TSS_ADDRESS)
             .context("KVM_SET_TSS_ADDR")?;
