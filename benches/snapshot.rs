@@ -9,6 +9,10 @@
 //! - `restore-to-report-<size>`: restore, resume, until the guest's first report;
 //! - `report-interval-<size>`: time between two guest reports (target ~10 ms).
 //!
+//! `VIGIL_BENCH_PREFILL=1` writes non-zero bytes into all guest memory above 2 MiB
+//! before the guest starts, so full snapshots and restores move every page (cases get
+//! a `-prefilled` suffix).
+//!
 //! Needs /dev/kvm; without it, prints why on stderr and exits successfully.
 
 use std::path::PathBuf;
@@ -65,6 +69,18 @@ fn bench_size(mib: u64, rounds: usize, dir: &std::path::Path) {
     config.touch_percent = 10;
     config.touch_pages_per_round = 64;
     let mut vm = Vm::create(&config, Some(sink)).expect("create VM");
+    let label = if std::env::var_os("VIGIL_BENCH_PREFILL").is_some() {
+        let chunk = vec![0xA5u8; 1 << 20];
+        let mut gpa = vigil_kvm::guest::TOUCH_REGION_GPA;
+        while gpa < vm.memory().len() {
+            let n = chunk.len().min((vm.memory().len() - gpa) as usize);
+            vm.memory().write_bytes(gpa, &chunk[..n]);
+            gpa += n as u64;
+        }
+        format!("{label}-prefilled")
+    } else {
+        label
+    };
     vm.resume().unwrap();
     wait_reports(&vm, 50);
 

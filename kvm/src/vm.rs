@@ -81,8 +81,10 @@ impl<T, E: std::fmt::Display> Context<T> for std::result::Result<T, E> {
 
 /// Initial spin count per round, before calibration.
 const INITIAL_ITERATIONS: u64 = 2_000_000;
-/// Where KVM puts the TSS it needs on Intel (three pages just below 4 GiB, outside
-/// guest RAM for guests up to 4 GiB - 16 MiB; above that it overlaps nothing we use).
+/// Where KVM may put the three-page real-mode TSS it needs on Intel CPUs without
+/// "unrestricted guest" (elsewhere, as on AMD, modern Intel and PVM, the call is a
+/// no-op). Just below 4 GiB, as QEMU and Firecracker do; on such old CPUs a guest with
+/// more than ~4 GiB of RAM would overlap it (RAM is one slot from 0; no memory hole).
 const KVM_TSS_ADDRESS: usize = 0xFFFB_D000;
 
 pub struct Vm {
@@ -169,7 +171,7 @@ impl Vm {
         vm.load_guest(config);
         for index in 0..config.vcpus {
             let fd = vm.create_vcpu(index)?;
-            setup_boot_vcpu(&fd, index)?;
+            setup_boot_vcpu(&vm.kvm, &fd, index)?;
             vm.vcpus.push(VcpuHandle::new(index, fd));
         }
         vm.msr_indices = vm.readable_msrs()?;
@@ -490,8 +492,7 @@ fn check_shape(memory_bytes: u64, vcpus: usize) -> Result<()> {
 }
 
 /// Sets up a fresh vCPU to start the guest: 64-bit mode, ring 0, at the `iretq`.
-fn setup_boot_vcpu(fd: &VcpuFd, index: usize) -> Result<()> {
-    let kvm = Kvm::new().context("opening /dev/kvm")?;
+fn setup_boot_vcpu(kvm: &Kvm, fd: &VcpuFd, index: usize) -> Result<()> {
     let mut cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .context("KVM_GET_SUPPORTED_CPUID")?;

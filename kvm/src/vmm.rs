@@ -229,6 +229,9 @@ pub fn run(options: VmmOptions, limits: &VmmLimits) -> Result<u8> {
         Source::Restore(chain) => Vm::restore(chain, true, sink)?,
     };
     let listener = bind(&options.control_path)?;
+    // Wake at the lease deadline itself, not up to the default 50 us timer slack later.
+    // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
     let mut vmm = Vmm {
         vm,
         lease_deadline_ns: options.lease_deadline_ns,
@@ -288,11 +291,16 @@ impl Vmm {
 
     /// Enforces the lease; returns an exit code when the VMM is abandoned.
     fn watchdog(&mut self, now: u64) -> Option<u8> {
-        if matches!(self.state, VmmState::Running | VmmState::Paused)
-            && now >= self.lease_deadline_ns
-        {
+        if now >= self.lease_deadline_ns && self.fenced_at_ns.is_none() {
             let late_us = (now - self.lease_deadline_ns) / 1000;
-            self.fence(&format!("lease deadline passed {late_us} us ago"));
+            match self.state {
+                VmmState::Running | VmmState::Paused => {
+                    self.fence(&format!("lease deadline passed {late_us} us ago"))
+                }
+                // Not running anyway; the abandon timer starts all the same.
+                VmmState::Failed => self.fenced_at_ns = Some(now),
+                VmmState::Fenced => {}
+            }
         }
         if let Some(fenced_at) = self.fenced_at_ns {
             if now.saturating_sub(fenced_at) >= self.options.abandon_after_ns {
@@ -543,6 +551,9 @@ impl Vmm {
                     return Self::error(ERROR_BAD_REQUEST, "the new deadline is already past");
                 }
                 self.lease_deadline_ns = deadline_ns;
+                if self.state == VmmState::Failed {
+                    self.fenced_at_ns = None;
+                }
                 if self.state == VmmState::Fenced {
                     self.fenced_at_ns = None;
                     match self.vm.resume() {
@@ -580,6 +591,9 @@ impl Vmm {
     }
 
     fn snapshot(&mut self, kind: SnapshotKindWire, path: &std::path::Path) -> Reply {
+        if self.state == VmmState::Failed {
+            return Self::error(ERROR_FAILED, "the VM failed; its state is not worth saving");
+        }
         let was_running = self.state == VmmState::Running;
         if was_running {
             if let Err(e) = self.vm.pause() {
