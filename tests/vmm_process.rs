@@ -528,3 +528,45 @@ fn a_frozen_agent_stops_renewing_and_the_vmm_fences() {
         s.state == VmmState::Running && s.counter > fenced.counter + 2
     });
 }
+
+/// A corrupt snapshot is refused at start, with the file and offset named.
+#[test]
+fn restoring_a_corrupt_snapshot_fails_with_a_clear_error() {
+    if skip() {
+        return;
+    }
+    let dir = TempDir::new("corrupt");
+    let snap = dir.join("snap");
+    {
+        let mut vm = vigil_kvm::vm::Vm::create(&vigil_kvm::vm::VmConfig::new(64 << 20, 1), None)
+            .expect("create");
+        vm.snapshot(vigil_kvm::snapshot::SnapshotKind::Full, &snap)
+            .expect("snapshot");
+    }
+    let state = snap.join(vigil_kvm::snapshot::STATE_FILE);
+    let mut bytes = std::fs::read(&state).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&state, &bytes).unwrap();
+    let deadline = vigil_kvm::monotonic_ns() + 600_000_000_000;
+    let output = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("vmm")
+        .arg("--control")
+        .arg(dir.join("vmm.sock"))
+        .args(["--token", "1", "--lease-deadline-ns", &deadline.to_string()])
+        .arg("--restore")
+        .arg(&snap)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vigil vmm");
+    assert_eq!(
+        output.status.code(),
+        Some(vigil_kvm::vmm::EXIT_ERROR as i32)
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(state.to_str().unwrap()) && stderr.contains("CRC"),
+        "unclear error: {stderr}"
+    );
+    assert!(stderr.contains("offset"), "no offset in: {stderr}");
+}
