@@ -13,8 +13,8 @@
 //! guest user mode with the hardware IOPL at 0), the `out` raises #GP. The guest's #GP
 //! handler then does the port write on the user's behalf and skips the instruction,
 //! as an OS kernel that virtualises IOPL does (Linux's IOPL emulation, Xen PV). It
-//! accepts only the work loop's own `out` and halts on any other #GP, which the VMM
-//! reports as a guest failure. On VMX/SVM hosts the `out` runs in ring 3 directly and
+//! accepts only the work loop's own `out`; any other #GP is reported on
+//! [`PANIC_PORT`], and the VMM stops the vCPU as failed. On VMX/SVM hosts the `out` runs in ring 3 directly and
 //! the handler never runs.
 //!
 //! The work loop, per vCPU (`rbx` = this vCPU's slot, `rsi` = the parameter block):
@@ -43,6 +43,9 @@
 pub const PAGE_SIZE: u64 = 4096;
 /// The port the guest writes its counter to.
 pub const REPORT_PORT: u16 = 0x0555;
+/// The port the guest's #GP handler reports an unexpected fault to (value: the low 32
+/// bits of the faulting RIP).
+pub const PANIC_PORT: u16 = 0x0556;
 /// Marks a parameter block the VMM wrote (ASCII "VIGILGST").
 pub const PARAMS_MAGIC: u64 = u64::from_le_bytes(*b"VIGILGST");
 
@@ -188,6 +191,7 @@ pub fn slot_gpa(index: usize) -> u64 {
 pub fn kernel_code() -> Vec<u8> {
     let out_rip = (USER_CODE_GPA + user_out_offset()) as u32;
     let out_rip = out_rip.to_le_bytes();
+    let panic = PANIC_PORT.to_le_bytes();
     let mut code = vec![
         0x48, 0xCF, // entry: iretq: pop RIP, CS, RFLAGS, RSP, SS -> ring 3, IOPL 3
     ];
@@ -196,11 +200,15 @@ pub fn kernel_code() -> Vec<u8> {
         0x48, 0x83, 0xC4, 0x08, // add rsp, 8: drop the #GP error code
         0x48, 0x81, 0x3C, 0x24, // cmp qword [rsp], imm32: faulting RIP ==
         out_rip[0], out_rip[1], out_rip[2], out_rip[3], //  ... the work loop's `out`?
-        0x75, 0x08, // jne +8 -> hlt (any other #GP is a guest bug: stop)
+        0x75, 0x08, // jne fail (+8): any other #GP is a guest bug
         0xEF, // out dx, eax: the user's port write, done on its behalf
         0x48, 0x83, 0x04, 0x24, 0x01, // add qword [rsp], 1: skip the 1-byte `out`
         0x48, 0xCF, // iretq: back to the user code after the `out`
-        0xF4, // hlt
+        // fail:
+        0x48, 0x8B, 0x04, 0x24, // mov rax, [rsp]: the faulting RIP
+        0x66, 0xBA, panic[0], panic[1], // mov dx, PANIC_PORT
+        0xEF,     // out dx, eax: tell the VMM, which stops this vCPU
+        0xF4,     // hlt (not reached: the VMM does not resume a failed vCPU)
     ]);
     code
 }
@@ -341,13 +349,15 @@ mod tests {
     }
 
     #[test]
-    fn gp_handler_branches_to_hlt() {
+    fn gp_handler_branches_to_the_failure_report() {
         let code = kernel_code();
         let handler = (GP_HANDLER_GPA - KERNEL_CODE_GPA) as usize;
         let jne = handler + 12;
         assert_eq!(code[jne], 0x75);
         let target = jne + 2 + code[jne + 1] as usize;
-        assert_eq!(code[target], 0xF4);
+        assert_eq!(&code[target..target + 4], &[0x48, 0x8B, 0x04, 0x24]);
+        assert_eq!(code[target + 8], 0xEF);
+        assert_eq!(code.last(), Some(&0xF4));
         assert_eq!(code[jne + 2], 0xEF);
     }
 

@@ -258,13 +258,20 @@ fn vcpu_thread(
                         calibration.on_report(&memory);
                     }
                 }
+                Ok(VcpuExit::IoOut(port, data)) if port == guest::PANIC_PORT => {
+                    let mut rip = [0u8; 4];
+                    let n = data.len().min(4);
+                    rip[..n].copy_from_slice(&data[..n]);
+                    break Some(format!(
+                        "the guest hit an unexpected #GP at rip {:#x}",
+                        u32::from_le_bytes(rip)
+                    ));
+                }
                 Ok(VcpuExit::IoOut(..)) => {}
                 Ok(VcpuExit::IoIn(_, data)) => data.fill(0xFF),
                 Ok(VcpuExit::Hlt) => {
                     let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or_default();
-                    break Some(format!(
-                        "the guest halted at rip {rip:#x} (an unexpected #GP in the guest)"
-                    ));
+                    break Some(format!("the guest halted at rip {rip:#x}"));
                 }
                 Ok(VcpuExit::Shutdown) => {
                     let at = vcpu

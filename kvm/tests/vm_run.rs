@@ -113,3 +113,25 @@ fn rapid_pause_resume_is_safe() {
         || vm.counter_in_memory(0) > last + 3,
     );
 }
+
+/// A guest fault is reported as a failure, not a silent hang.
+#[test]
+fn a_faulting_guest_is_reported_as_failed() {
+    if let Err(why) = vigil_kvm::kvm_available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let vm = Vm::create(&VmConfig::new(64 << 20, 1), None).expect("create VM");
+    // `hlt` is privileged: in ring 3 it raises #GP at the first user instruction.
+    vm.memory()
+        .write_bytes(vigil_kvm::guest::USER_CODE_GPA, &[0xF4]);
+    vm.resume().expect("resume");
+    wait_for(
+        "the failure to be reported",
+        Duration::from_secs(60),
+        || vm.failure().is_some(),
+    );
+    let failure = vm.failure().unwrap();
+    assert!(failure.contains("#GP at rip 0x8000"), "{failure}");
+    assert!(vm.resume().is_err(), "a failed VM must not resume");
+}
