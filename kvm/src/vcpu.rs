@@ -204,7 +204,7 @@ impl Drop for VcpuHandle {
     }
 }
 
-fn is_interrupt(e: &vmm_sys_util::errno::Error) -> bool {
+fn is_interrupt(e: &kvm_ioctls::Error) -> bool {
     e.errno() == libc::EINTR || e.errno() == libc::EAGAIN
 }
 
