@@ -81,6 +81,11 @@ pub const MIN_GUEST_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 pub const MAX_GUEST_MEMORY_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 /// vCPUs of one guest.
 pub const MAX_VCPUS: usize = 32;
+/// Largest frame on a `vigil vmm` control socket, header included (requests are small:
+/// the largest is a snapshot request carrying a path).
+pub const MAX_VMM_CONTROL_FRAME_BYTES: usize = 8 * 1024;
+/// Control connections one VMM accepts at once (the agent, plus people debugging).
+pub const MAX_VMM_CONTROL_CONNECTIONS: usize = 8;
 
 // ---- How the limits relate -----------------------------------------------------------
 
@@ -110,3 +115,19 @@ const _: () = assert!(WAL_SEGMENT_BYTES % 4096 == 0 && WAL_SEGMENT_HEADER_BYTES 
 const _: () = assert!(MAX_CONTROL_BODY_BYTES >= MAX_KV_VALUE_BYTES);
 const _: () = assert!(MAX_KV_TOTAL_BYTES >= MAX_KV_VALUE_BYTES + MAX_KV_KEY_BYTES);
 const _: () = assert!(MIN_GUEST_MEMORY_BYTES <= MAX_GUEST_MEMORY_BYTES);
+const _: () = assert!(
+    MIN_GUEST_MEMORY_BYTES % (2 * 1024 * 1024) == 0 && MAX_GUEST_MEMORY_BYTES % 4096 == 0,
+    "guest memory is whole pages; the built-in guest's layout needs the first 2 MiB"
+);
+const _: () = assert!(
+    MAX_GUEST_MEMORY_BYTES <= vigil_kvm::guest::MAX_GUEST_MEMORY,
+    "the guest's identity page tables cover all of guest memory"
+);
+const _: () = assert!(
+    MAX_VCPUS <= vigil_kvm::guest::MAX_GUEST_VCPUS,
+    "the guest's layout has a slot, TSS and stack per vCPU"
+);
+const _: () = assert!(
+    MAX_VMM_CONTROL_FRAME_BYTES >= vigil_kvm::control::HEADER_LEN + 1 + 4096 + 1024,
+    "a control frame holds a snapshot request with a PATH_MAX path, and an error reply"
+);

@@ -11,7 +11,24 @@ struct Command {
     run: fn(Vec<OsString>) -> ExitCode,
 }
 
-const COMMANDS: &[Command] = &[];
+const COMMANDS: &[Command] = &[Command {
+    name: "vmm",
+    summary: "run one VM (built-in guest or a restored snapshot) with its control socket and lease watchdog",
+    run: vmm,
+}];
+
+/// `vigil vmm`: the per-VM process; the logic lives in vigil-kvm, the bounds here.
+fn vmm(args: Vec<OsString>) -> ExitCode {
+    use vigil::limits;
+    let bounds = vigil_kvm::vmm::VmmLimits {
+        max_frame_bytes: limits::MAX_VMM_CONTROL_FRAME_BYTES,
+        max_connections: limits::MAX_VMM_CONTROL_CONNECTIONS,
+        min_memory_bytes: limits::MIN_GUEST_MEMORY_BYTES,
+        max_memory_bytes: limits::MAX_GUEST_MEMORY_BYTES,
+        max_vcpus: limits::MAX_VCPUS,
+    };
+    vigil_kvm::vmm::main(args, &bounds)
+}
 
 fn usage() -> String {
     let mut text = String::from(
