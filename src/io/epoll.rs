@@ -1,0 +1,374 @@
+//! epoll backend (through mio): the same operations, emulated as completions.
+//!
+//! Inside `wait`, each newly submitted operation is first tried with its syscall
+//! (accept4, connect, recv, send with MSG_NOSIGNAL, poll with a zero timeout). If it
+//! would block, its fd is registered with epoll (edge-triggered, readable and writable,
+//! mio token = the fd number), and on each readiness event of that fd every operation
+//! waiting on it is tried again, until EAGAIN. Registering after an EAGAIN loses no
+//! wake-up: EPOLL_CTL_ADD reports readiness that is already there. An fd stays
+//! registered while an operation waits on it (reference count) and is deregistered when
+//! the last one ends, so the caller may close fds freely between operations.
+//!
+//! fsync, fdatasync and close run synchronously inside `wait`: **this fallback blocks the
+//! loop for the duration of an fsync.** No threads are started. Timeouts are kept in the
+//! operation table; `wait` sleeps at most until the earliest of them.
+//!
+//! Costs: finding the operations of an fd scans the operation table (bounded by
+//! `max_in_flight`), as does finding expired timeouts; both are simple loops over a few
+//! hundred entries at most, and this is the fallback path.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use super::buffers::Buffers;
+use super::clock::Instant;
+use super::{complete, Completion, Error, Op, SlotState, Slots};
+
+pub(crate) struct Epoll {
+    poll: Poll,
+    events: Events,
+    /// The fds of one batch of events (copied out so operations can finish meanwhile).
+    event_fds: Vec<RawFd>,
+    /// Registered fds and how many waiting operations use each; capacity max_in_flight.
+    registered: Vec<(RawFd, u32)>,
+    /// Operations submitted since the last `wait`, not tried yet (in submission order).
+    fresh: Vec<u32>,
+    /// Operations with a result, in completion order, not yet handed to the caller.
+    ready: VecDeque<u32>,
+}
+
+impl Epoll {
+    pub(crate) fn new(max_in_flight: usize) -> io::Result<Epoll> {
+        Ok(Epoll {
+            poll: Poll::new()?,
+            events: Events::with_capacity(max_in_flight.min(1024)),
+            event_fds: Vec::with_capacity(max_in_flight.min(1024)),
+            registered: Vec::with_capacity(max_in_flight),
+            fresh: Vec::with_capacity(max_in_flight),
+            ready: VecDeque::with_capacity(max_in_flight),
+        })
+    }
+
+    pub(crate) fn submit(&mut self, index: usize) {
+        // Capacity is max_in_flight and every entry is an operation in flight: no growth.
+        assert!(self.fresh.len() < self.fresh.capacity());
+        self.fresh.push(index as u32);
+    }
+
+    pub(crate) fn cancel(&mut self, slots: &mut Slots, index: usize) {
+        assert_eq!(slots.get(index).state, SlotState::InFlight);
+        if let Some(position) = self.fresh.iter().position(|&i| i as usize == index) {
+            self.fresh.remove(position);
+        }
+        self.finish(slots, index, -libc::ECANCELED);
+    }
+
+    /// Records an operation's result and queues it for the caller.
+    fn finish(&mut self, slots: &mut Slots, index: usize, raw: i32) {
+        let slot = slots.get_mut(index);
+        assert_eq!(slot.state, SlotState::InFlight);
+        if slot.registered {
+            slot.registered = false;
+            let fd = slot.op.fd().expect("registered operations have an fd");
+            self.unregister(fd);
+        }
+        slot.state = SlotState::Done(raw);
+        assert!(self.ready.len() < self.ready.capacity());
+        self.ready.push_back(index as u32);
+    }
+
+    fn register(&mut self, fd: RawFd) -> io::Result<()> {
+        if let Some(entry) = self.registered.iter_mut().find(|(f, _)| *f == fd) {
+            entry.1 += 1;
+            return Ok(());
+        }
+        self.poll.registry().register(
+            &mut SourceFd(&fd),
+            Token(fd as usize),
+            Interest::READABLE | Interest::WRITABLE,
+        )?;
+        assert!(self.registered.len() < self.registered.capacity());
+        self.registered.push((fd, 1));
+        Ok(())
+    }
+
+    fn unregister(&mut self, fd: RawFd) {
+        let position = self
+            .registered
+            .iter()
+            .position(|(f, _)| *f == fd)
+            .expect("unregister of an fd that is not registered");
+        self.registered[position].1 -= 1;
+        if self.registered[position].1 == 0 {
+            self.registered.swap_remove(position);
+            // Fails only if the caller already closed the fd, which removed it anyway.
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        }
+    }
+
+    /// Tries operation `index` once; on a result, finishes it; on EAGAIN, makes sure its
+    /// fd is registered so readiness brings us back.
+    fn attempt(&mut self, slots: &mut Slots, buffers: &Buffers, index: usize) {
+        if matches!(slots.get(index).op, Op::Timeout { .. }) {
+            return; // Timeouts are expired by the scan in `wait`.
+        }
+        let Some(raw) = try_syscall(slots, buffers, index) else {
+            let slot = slots.get_mut(index);
+            if !slot.registered {
+                let fd = slot.op.fd().expect("only fd operations can block");
+                match self.register(fd) {
+                    Ok(()) => slots.get_mut(index).registered = true,
+                    Err(e) => self.finish(slots, index, -e.raw_os_error().unwrap_or(libc::EIO)),
+                }
+            }
+            return;
+        };
+        self.finish(slots, index, raw);
+    }
+
+    pub(crate) fn wait(
+        &mut self,
+        slots: &mut Slots,
+        buffers: &mut Buffers,
+        deadline: Option<Instant>,
+        out: &mut [Completion],
+    ) -> Result<usize, Error> {
+        loop {
+            // Try what was submitted since the last call (fsync and close run here).
+            for position in 0..self.fresh.len() {
+                let index = self.fresh[position] as usize;
+                self.attempt(slots, buffers, index);
+            }
+            self.fresh.clear();
+
+            // Expire timeouts; note the earliest one still pending.
+            let now = Instant::now();
+            let mut next_timeout: Option<Instant> = None;
+            for index in 0..slots.capacity() {
+                let slot = slots.get(index);
+                if slot.state != SlotState::InFlight {
+                    continue;
+                }
+                if let Op::Timeout { deadline } = slot.op {
+                    if deadline <= now {
+                        self.finish(slots, index, 0);
+                    } else {
+                        next_timeout = Some(next_timeout.map_or(deadline, |t| t.min(deadline)));
+                    }
+                }
+            }
+
+            if !self.ready.is_empty() {
+                let mut filled = 0;
+                while filled < out.len() {
+                    let Some(index) = self.ready.pop_front() else {
+                        break;
+                    };
+                    let index = index as usize;
+                    let SlotState::Done(raw) = slots.get(index).state else {
+                        panic!("epoll: ready operation {index} has no result");
+                    };
+                    out[filled] = complete(slots, buffers, index, raw);
+                    filled += 1;
+                }
+                return Ok(filled);
+            }
+            if deadline.is_some_and(|d| now >= d) {
+                return Ok(0);
+            }
+            let wake = match (deadline, next_timeout) {
+                (Some(d), Some(t)) => Some(d.min(t)),
+                (d, t) => d.or(t),
+            };
+            if wake.is_none() && slots.in_flight() == 0 {
+                return Err(Error::NothingToWaitFor);
+            }
+            // mio rounds the timeout up to whole milliseconds, so we never wake early.
+            let timeout = wake.map(|w| w.remaining(now));
+            match self.poll.poll(&mut self.events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(Error::Syscall {
+                        call: "epoll_wait",
+                        source,
+                    })
+                }
+            }
+            // Retry every registered operation of each fd that became ready.
+            self.event_fds.clear();
+            for event in self.events.iter() {
+                assert!(self.event_fds.len() < self.event_fds.capacity());
+                self.event_fds.push(event.token().0 as RawFd);
+            }
+            for position in 0..self.event_fds.len() {
+                let fd = self.event_fds[position];
+                for index in 0..slots.capacity() {
+                    let slot = slots.get(index);
+                    if slot.state == SlotState::InFlight
+                        && slot.registered
+                        && slot.op.fd() == Some(fd)
+                    {
+                        self.attempt(slots, buffers, index);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// Runs the operation's syscall once. `None`: it would block (try again on readiness).
+/// `Some(result)`: kernel-style result (value or -errno), as io_uring would report it.
+fn try_syscall(slots: &mut Slots, buffers: &Buffers, index: usize) -> Option<i32> {
+    let slot = slots.get_mut(index);
+    loop {
+        let (rc, nonblocking) = match slot.op {
+            Op::Accept { fd } => {
+                // SAFETY: null address pointers are allowed (we do not want the peer's).
+                let rc = unsafe {
+                    libc::accept4(
+                        fd,
+                        std::ptr::null_mut(),
+                        std::ptr::null_mut(),
+                        libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                    )
+                };
+                (rc as isize, true)
+            }
+            Op::Connect { fd } => return try_connect(slot, fd),
+            Op::Recv {
+                fd,
+                buffer,
+                offset,
+                len,
+            } => {
+                // SAFETY: the buffer is lent to this operation (no Rust reference to it)
+                // and offset + len is inside it (checked at submission).
+                let rc = unsafe {
+                    libc::recv(
+                        fd,
+                        buffers.ptr(buffer).add(offset as usize) as *mut libc::c_void,
+                        len as usize,
+                        0,
+                    )
+                };
+                (rc, true)
+            }
+            Op::Send {
+                fd,
+                buffer,
+                offset,
+                len,
+            } => {
+                // SAFETY: as for Recv; send only reads the bytes.
+                let rc = unsafe {
+                    libc::send(
+                        fd,
+                        buffers.ptr(buffer).add(offset as usize) as *const libc::c_void,
+                        len as usize,
+                        libc::MSG_NOSIGNAL,
+                    )
+                };
+                (rc, true)
+            }
+            Op::PollIn { fd } => {
+                let mut pfd = libc::pollfd {
+                    fd,
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd; a zero timeout never blocks.
+                let rc = unsafe { libc::poll(&mut pfd, 1, 0) };
+                if rc == 0 {
+                    return None;
+                }
+                if rc > 0 {
+                    return Some(i32::from(pfd.revents as u16 as i16));
+                }
+                (rc as isize, false)
+            }
+            Op::Fsync { fd, data_only } => {
+                // Synchronous: the fallback blocks the loop for the fsync (documented).
+                // SAFETY: plain syscalls on an fd.
+                let rc = unsafe {
+                    if data_only {
+                        libc::fdatasync(fd)
+                    } else {
+                        libc::fsync(fd)
+                    }
+                };
+                (rc as isize, false)
+            }
+            Op::Close { fd } => {
+                // SAFETY: the caller gave this fd up to us (Io::close takes an OwnedFd).
+                // close is not retried on EINTR: on Linux the fd is gone either way.
+                let rc = unsafe { libc::close(fd) };
+                return Some(if rc < 0 { -errno() } else { 0 });
+            }
+            Op::Timeout { .. } => return None,
+        };
+        if rc >= 0 {
+            return Some(i32::try_from(rc).unwrap_or(i32::MAX));
+        }
+        match errno() {
+            libc::EINTR => continue,
+            libc::EAGAIN if nonblocking => return None,
+            e => return Some(-e),
+        }
+    }
+}
+
+/// Non-blocking connect as a completion: start it, then on readiness read SO_ERROR and
+/// ask connect again (EISCONN = done, EALREADY = still going).
+fn try_connect(slot: &mut super::Slot, fd: RawFd) -> Option<i32> {
+    if slot.connect_started {
+        let mut error: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `error` and `len` are valid for writing an int.
+        let rc = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                &mut error as *mut libc::c_int as *mut libc::c_void,
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            return Some(-errno());
+        }
+        if error != 0 {
+            return Some(-error);
+        }
+    }
+    slot.connect_started = true;
+    loop {
+        // SAFETY: addr/addr_len were filled from a SocketAddr at submission.
+        let rc = unsafe {
+            libc::connect(
+                fd,
+                &slot.addr as *const libc::sockaddr_storage as *const libc::sockaddr,
+                slot.addr_len,
+            )
+        };
+        if rc == 0 {
+            return Some(0);
+        }
+        match errno() {
+            libc::EINTR => continue,
+            libc::EISCONN => return Some(0),
+            libc::EINPROGRESS | libc::EALREADY | libc::EAGAIN => return None,
+            e => return Some(-e),
+        }
+    }
+}
