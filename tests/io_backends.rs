@@ -138,6 +138,7 @@ both_backends!(
     peer_reset_and_close,
     connect_refused,
     child_exit_through_pidfd,
+    timerfd_poll_in_is_level_triggered,
     bounds_and_buffer_errors,
     lent_buffer_is_refused_and_drop_with_operations_in_flight,
 );
@@ -753,6 +754,63 @@ fn child_exit_through_pidfd(backend: Backend) {
         sleeper.try_wait().unwrap(),
         Some(ExitStatus::Signaled(libc::SIGKILL))
     );
+}
+
+// ---- timerfd ---------------------------------------------------------------------------
+
+fn timerfd_poll_in_is_level_triggered(backend: Backend) {
+    let Some(mut io) = new_io(backend) else {
+        return;
+    };
+    // SAFETY: plain syscall; the new fd is owned right after.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    assert!(fd >= 0);
+    let timer = owned(fd as u32);
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 5_000_000,
+        },
+    };
+    // SAFETY: `spec` is valid; the old value is not wanted.
+    let rc = unsafe { libc::timerfd_settime(timer.as_raw_fd(), 0, &spec, std::ptr::null_mut()) };
+    assert_eq!(rc, 0);
+    io.poll_in(1, timer.as_raw_fd()).unwrap();
+    let c = next(&mut io);
+    assert_eq!((c.token, c.kind), (1, OpKind::PollIn));
+    assert_ne!(c.result.unwrap() & libc::POLLIN as u32, 0);
+    // Not read yet: a new poll-in completes again (readiness is a level, also on epoll).
+    io.poll_in(2, timer.as_raw_fd()).unwrap();
+    let c = next(&mut io);
+    assert_eq!(c.token, 2);
+    assert_ne!(c.result.unwrap() & libc::POLLIN as u32, 0);
+    let mut expirations = [0u8; 8];
+    // SAFETY: reading 8 bytes into an 8-byte buffer.
+    let n = unsafe {
+        libc::read(
+            timer.as_raw_fd(),
+            expirations.as_mut_ptr() as *mut libc::c_void,
+            8,
+        )
+    };
+    assert_eq!(n, 8);
+    assert!(u64::from_ne_bytes(expirations) >= 1);
+    // Read: a new poll-in now waits.
+    io.poll_in(3, timer.as_raw_fd()).unwrap();
+    let mut out = [Completion::EMPTY; 1];
+    let soon = Instant::now().saturating_add(Duration::from_millis(10));
+    assert_eq!(io.wait(Some(soon), &mut out).unwrap(), 0);
+    io.cancel(3).unwrap();
+    assert_eq!(next(&mut io).result, Err(Errno(libc::ECANCELED)));
 }
 
 // ---- Bounds -----------------------------------------------------------------------------

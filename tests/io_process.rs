@@ -196,8 +196,49 @@ fn seccomp_denied_io_uring_falls_back_to_epoll() {
     assert_eq!(c.try_wait().unwrap(), Some(ExitStatus::Exited(0)));
 }
 
+/// With SIGPIPE at its default action (terminate), sending to a reset peer must fail
+/// with an error, not kill the process: sends carry MSG_NOSIGNAL. (Rust programs ignore
+/// SIGPIPE before `main`; this test restores the default first, so it can fail.)
+fn send_to_reset_peer_does_not_raise_sigpipe(backend: BackendChoice) {
+    let Ok(mut io) = Io::new(&config(backend)) else {
+        eprintln!("io_process: send_to_reset_peer {backend:?} skipped: no io_uring");
+        return;
+    };
+    // SAFETY: restoring a default disposition installs no handler code.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    let listener = vigil::io::socket::tcp_listen("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+    let addr = vigil::io::socket::local_addr(listener.as_raw_fd()).unwrap();
+    let client = std::net::TcpStream::connect(addr).unwrap();
+    io.accept(1, listener.as_raw_fd()).unwrap();
+    // SAFETY: the accept completion hands us a new fd.
+    let server = unsafe { OwnedFd::from_raw_fd(next(&mut io).result.unwrap() as i32) };
+    vigil::io::socket::set_linger_zero(client.as_raw_fd()).unwrap();
+    drop(client);
+    let buf = io.buffer_acquire().unwrap();
+    let mut failed = None;
+    for _ in 0..100 {
+        io.send(2, server.as_raw_fd(), buf, 0..1024).unwrap();
+        if let Err(e) = next(&mut io).result {
+            failed = Some(e);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let e = failed.expect("send to a reset peer kept succeeding");
+    assert!(e.0 == libc::EPIPE || e.0 == libc::ECONNRESET, "{e}");
+    // A second send after the error: now EPIPE for sure, still no signal.
+    io.send(3, server.as_raw_fd(), buf, 0..1024).unwrap();
+    assert_eq!(next(&mut io).result, Err(vigil::io::Errno(libc::EPIPE)));
+    // SAFETY: as above.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+}
+
 fn main() {
     vigil::logging::init();
+    for backend in [BackendChoice::Uring, BackendChoice::Epoll] {
+        send_to_reset_peer_does_not_raise_sigpipe(backend);
+        eprintln!("io_process: send_to_reset_peer_does_not_raise_sigpipe {backend:?} done");
+    }
     for backend in [BackendChoice::Uring, BackendChoice::Epoll] {
         match Io::new(&config(backend)) {
             Ok(mut io) => {
