@@ -30,6 +30,32 @@
 //! a failure is an [`Errno`]. A cancelled operation completes with `ECANCELED`, unless
 //! it had already finished, in which case its real result arrives instead (a race no
 //! caller can avoid, so both backends allow it).
+//!
+//! The shape of the loop that runs on this layer:
+//!
+//! ```
+//! use std::time::Duration;
+//! use vigil::io::{Completion, Config, Instant, Io, Timers};
+//!
+//! let config = Config { buffer_count: 4, buffer_bytes: 4096, ..Config::default() };
+//! let mut io = Io::new(&config)?;
+//! let mut completions = [Completion::EMPTY; 64]; // allocated once
+//! let mut timers = Timers::new(4);
+//! const HEARTBEAT: usize = 0;
+//! timers.set(HEARTBEAT, Instant::now().saturating_add(Duration::from_millis(20)));
+//! for _turn in 0..2 {
+//!     let n = io.wait(timers.next_deadline(), &mut completions)?;
+//!     for c in &completions[..n] {
+//!         let _ = (c.token, c.result); // dispatch on the token
+//!     }
+//!     let now = Instant::now(); // the time input for raft.tick(now)
+//!     while let Some(timer) = timers.pop_expired(now) {
+//!         assert_eq!(timer, HEARTBEAT);
+//!         timers.set(HEARTBEAT, now.saturating_add(Duration::from_millis(20)));
+//!     }
+//! }
+//! # Ok::<(), vigil::io::Error>(())
+//! ```
 
 pub mod buffers;
 pub mod child;
@@ -821,5 +847,75 @@ impl Drop for Io {
                 self.slots.leak();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slot_keys_name_one_use_of_a_slot() {
+        let mut slots = Slots::new(2);
+        let op = Op::Timeout {
+            deadline: Instant::ZERO,
+        };
+        let a = slots.allocate(10, op).unwrap();
+        let key_a = slots.key(a);
+        assert_eq!(key_a >> 63, 0, "keys leave the cancel bit clear");
+        assert_eq!(slots.lookup(key_a), Some(a));
+        assert_eq!(slots.find_token(10), Some(a));
+        let b = slots.allocate(11, op).unwrap();
+        assert!(slots.allocate(12, op).is_none(), "bounded");
+        assert_eq!(slots.in_flight(), 2);
+        slots.release(a);
+        assert_eq!(slots.lookup(key_a), None, "released");
+        let again = slots.allocate(13, op).unwrap();
+        assert_eq!(again, a, "the slot is reused");
+        assert_ne!(slots.key(again), key_a, "with a new generation");
+        assert_eq!(
+            slots.lookup(key_a),
+            None,
+            "a stale key never names the new use"
+        );
+        assert_eq!(slots.find_token(10), None);
+        assert_eq!(slots.lookup(slots.key(b)), Some(b));
+        assert_eq!(slots.lookup(u64::from(u32::MAX)), None, "out of range");
+    }
+
+    #[test]
+    fn results_are_normalised() {
+        let mut slots = Slots::new(4);
+        let mut buffers = Buffers::new(1, 8);
+        let timeout = Op::Timeout {
+            deadline: Instant::ZERO,
+        };
+        let i = slots.allocate(1, timeout).unwrap();
+        assert_eq!(
+            complete(&mut slots, &mut buffers, i, -libc::ETIME).result,
+            Ok(0)
+        );
+        let i = slots.allocate(2, timeout).unwrap();
+        let c = complete(&mut slots, &mut buffers, i, -libc::ECANCELED);
+        assert_eq!(c.result, Err(Errno(libc::ECANCELED)));
+        let buffer = buffers.acquire().unwrap();
+        buffers.lend(buffer);
+        let recv = Op::Recv {
+            fd: 0,
+            buffer,
+            offset: 0,
+            len: 8,
+        };
+        let i = slots.allocate(3, recv).unwrap();
+        let c = complete(&mut slots, &mut buffers, i, 5);
+        assert_eq!(
+            (c.token, c.kind, c.result, c.buffer),
+            (3, OpKind::Recv, Ok(5), Some(buffer))
+        );
+        assert!(
+            buffers.is_owned(buffer),
+            "the completion hands the buffer back"
+        );
+        assert_eq!(slots.in_flight(), 0);
     }
 }
