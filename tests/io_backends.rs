@@ -128,6 +128,7 @@ macro_rules! both_backends {
 both_backends!(
     tcp_echo_many_connections,
     tcp_echo_ipv6,
+    many_receives_in_flight_complete_with_their_own_data,
     unix_accept_and_recv,
     fsync_and_fdatasync,
     wait_returns_by_deadline,
@@ -436,6 +437,55 @@ fn tcp_echo_ipv6(backend: Backend) {
     let c = next(&mut io);
     assert_eq!((c.token, c.result, c.buffer), (4, Ok(4), Some(buf)));
     assert_eq!(&io.buffer(buf)[..4], b"ping");
+}
+
+fn many_receives_in_flight_complete_with_their_own_data(backend: Backend) {
+    let mut cfg = config(backend);
+    cfg.max_in_flight = 64;
+    cfg.ring_entries = 64;
+    let Some(mut io) = new_io_with(&cfg) else {
+        return;
+    };
+    const PAIRS: usize = 63; // + the accept of each pair = the bound of 64
+    let mut pairs = Vec::new();
+    for _ in 0..PAIRS {
+        pairs.push(tcp_pair(&mut io));
+    }
+    let mut bufs = Vec::new();
+    for (i, (server, _)) in pairs.iter().enumerate() {
+        let buf = io.buffer_acquire().unwrap();
+        io.recv(i as u64, server.as_raw_fd(), buf, 0..64).unwrap();
+        bufs.push(buf);
+    }
+    assert_eq!(io.in_flight(), PAIRS);
+    // Data arrives in the reverse order of submission.
+    for (i, (_, client)) in pairs.iter_mut().enumerate().rev() {
+        client
+            .write_all(format!("message {i:03}").as_bytes())
+            .unwrap();
+    }
+    let mut seen = vec![false; PAIRS];
+    let mut out = [Completion::EMPTY; 8];
+    let mut done = 0;
+    while done < PAIRS {
+        let n = io
+            .wait(Some(Instant::now().saturating_add(GUARD)), &mut out)
+            .unwrap();
+        assert!(n > 0, "stalled with {} receives in flight", io.in_flight());
+        for c in &out[..n] {
+            let i = c.token as usize;
+            assert!(!seen[i]);
+            seen[i] = true;
+            assert_eq!(c.buffer, Some(bufs[i]));
+            let got = c.result.unwrap() as usize;
+            assert_eq!(
+                &io.buffer(bufs[i])[..got],
+                format!("message {i:03}").as_bytes()
+            );
+        }
+        done += n;
+    }
+    assert_eq!(io.in_flight(), 0);
 }
 
 // ---- Unix socket ------------------------------------------------------------------------
