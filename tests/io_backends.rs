@@ -135,6 +135,7 @@ both_backends!(
     timeout_operation,
     completions_beyond_the_output_array_stay_queued,
     cancel_in_flight_recv,
+    waiting_operations_progress_when_every_turn_has_a_completion,
     cancel_timeout_and_errors,
     peer_reset_and_close,
     connect_refused,
@@ -636,6 +637,35 @@ fn completions_beyond_the_output_array_stay_queued(backend: Backend) {
     }
     assert!(seen.iter().all(|&s| s));
     assert_eq!(io.in_flight(), 0);
+}
+
+/// A loop whose every turn has an immediate completion (here a timeout already due)
+/// must still see the recv waiting on a socket complete once data arrives.
+fn waiting_operations_progress_when_every_turn_has_a_completion(backend: Backend) {
+    let Some(mut io) = new_io(backend) else {
+        return;
+    };
+    let (server, mut client) = tcp_pair(&mut io);
+    let buf = io.buffer_acquire().unwrap();
+    io.recv(1, server.as_raw_fd(), buf, 0..64).unwrap();
+    let mut out = [Completion::EMPTY; 4];
+    let soon = Instant::now().saturating_add(Duration::from_millis(5));
+    assert_eq!(io.wait(Some(soon), &mut out).unwrap(), 0, "recv is waiting");
+    client.write_all(b"data").unwrap();
+    let give_up = Instant::now().saturating_add(GUARD);
+    let mut turns = 0u64;
+    loop {
+        io.timeout(2, Instant::ZERO).unwrap();
+        let n = io.wait(Some(give_up), &mut out).unwrap();
+        assert!(n > 0);
+        turns += 1;
+        if out[..n].iter().any(|c| c.token == 1) {
+            break;
+        }
+        // Drain the timeout if the recv came later; the loop submits it again.
+        assert!(Instant::now() < give_up, "recv starved for {turns} turns");
+    }
+    assert_eq!(&io.buffer(buf)[..4], b"data");
 }
 
 // ---- Cancel -----------------------------------------------------------------------------

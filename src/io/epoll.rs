@@ -20,6 +20,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
+use std::time::Duration;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
@@ -162,36 +163,34 @@ impl Epoll {
                 }
             }
 
-            if !self.ready.is_empty() {
-                let mut filled = 0;
-                while filled < out.len() {
-                    let Some(index) = self.ready.pop_front() else {
-                        break;
-                    };
-                    let index = index as usize;
-                    let SlotState::Done(raw) = slots.get(index).state else {
-                        panic!("epoll: ready operation {index} has no result");
-                    };
-                    out[filled] = complete(slots, buffers, index, raw);
-                    filled += 1;
+            // With a completion to hand back (or the deadline passed), readiness is still
+            // collected, without blocking: otherwise a caller whose every turn has an
+            // immediate completion would starve the operations waiting on fds.
+            let finishing = !self.ready.is_empty() || deadline.is_some_and(|d| now >= d);
+            let timeout = if finishing {
+                if self.registered.is_empty() {
+                    return Ok(self.deliver(slots, buffers, out));
                 }
-                return Ok(filled);
-            }
-            if deadline.is_some_and(|d| now >= d) {
-                return Ok(0);
-            }
-            let wake = match (deadline, next_timeout) {
-                (Some(d), Some(t)) => Some(d.min(t)),
-                (d, t) => d.or(t),
+                Some(Duration::ZERO)
+            } else {
+                let wake = match (deadline, next_timeout) {
+                    (Some(d), Some(t)) => Some(d.min(t)),
+                    (d, t) => d.or(t),
+                };
+                if wake.is_none() && slots.in_flight() == 0 {
+                    return Err(Error::NothingToWaitFor);
+                }
+                // mio rounds the timeout up to whole milliseconds: we never wake early.
+                wake.map(|w| w.remaining(now))
             };
-            if wake.is_none() && slots.in_flight() == 0 {
-                return Err(Error::NothingToWaitFor);
-            }
-            // mio rounds the timeout up to whole milliseconds, so we never wake early.
-            let timeout = wake.map(|w| w.remaining(now));
             match self.poll.poll(&mut self.events, timeout) {
                 Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    if finishing {
+                        return Ok(self.deliver(slots, buffers, out));
+                    }
+                    continue;
+                }
                 Err(source) => {
                     return Err(Error::Syscall {
                         call: "epoll_wait",
@@ -217,7 +216,32 @@ impl Epoll {
                     }
                 }
             }
+            if finishing || !self.ready.is_empty() {
+                return Ok(self.deliver(slots, buffers, out));
+            }
         }
+    }
+
+    /// Hands up to `out.len()` finished operations to the caller, in completion order.
+    fn deliver(
+        &mut self,
+        slots: &mut Slots,
+        buffers: &mut Buffers,
+        out: &mut [Completion],
+    ) -> usize {
+        let mut filled = 0;
+        while filled < out.len() {
+            let Some(index) = self.ready.pop_front() else {
+                break;
+            };
+            let index = index as usize;
+            let SlotState::Done(raw) = slots.get(index).state else {
+                panic!("epoll: ready operation {index} has no result");
+            };
+            out[filled] = complete(slots, buffers, index, raw);
+            filled += 1;
+        }
+        filled
     }
 }
 
