@@ -465,7 +465,7 @@ fn many_receives_in_flight_complete_with_their_own_data(backend: Backend) {
             .write_all(format!("message {i:03}").as_bytes())
             .unwrap();
     }
-    let mut seen = vec![false; PAIRS];
+    let mut seen = [false; PAIRS];
     let mut out = [Completion::EMPTY; 8];
     let mut done = 0;
     while done < PAIRS {
