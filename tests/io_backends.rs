@@ -135,6 +135,7 @@ both_backends!(
     timeout_operation,
     completions_beyond_the_output_array_stay_queued,
     cancel_in_flight_recv,
+    fd_numbers_reused_behind_the_layers_back,
     waiting_operations_progress_when_every_turn_has_a_completion,
     cancel_timeout_and_errors,
     peer_reset_and_close,
@@ -666,6 +667,57 @@ fn waiting_operations_progress_when_every_turn_has_a_completion(backend: Backend
         assert!(Instant::now() < give_up, "recv starved for {turns} turns");
     }
     assert_eq!(&io.buffer(buf)[..4], b"data");
+}
+
+/// Receive once on a socket with nothing there yet (so the epoll backend registers the
+/// fd), then deliver data and check the recv completes with it.
+fn recv_after_waiting(io: &mut Io, token: u64, fd: RawFd, client: &mut TcpStream) {
+    let buf = io.buffer_acquire().unwrap();
+    io.recv(token, fd, buf, 0..64).unwrap();
+    let mut out = [Completion::EMPTY; 1];
+    let soon = Instant::now().saturating_add(Duration::from_millis(5));
+    assert_eq!(io.wait(Some(soon), &mut out).unwrap(), 0);
+    client.write_all(&token.to_le_bytes()).unwrap();
+    let c = next(io);
+    assert_eq!((c.token, c.result), (token, Ok(8)));
+    assert_eq!(io.buffer(buf)[..8], token.to_le_bytes());
+    io.buffer_release(buf);
+}
+
+/// The caller closes fds directly (not through `Io::close`) and the kernel hands the
+/// same number to a new socket: operations on the new socket must still complete. Also
+/// more distinct fds than operations in flight (the epoll registration table evicts).
+fn fd_numbers_reused_behind_the_layers_back(backend: Backend) {
+    let mut cfg = config(backend);
+    cfg.max_in_flight = 4;
+    cfg.ring_entries = 4;
+    let Some(mut io) = new_io_with(&cfg) else {
+        return;
+    };
+    let (server, mut client) = tcp_pair(&mut io);
+    let number = server.as_raw_fd();
+    recv_after_waiting(&mut io, 1, number, &mut client);
+    drop(client);
+    for round in 0..3u64 {
+        let (other, mut client) = tcp_pair(&mut io);
+        // Close the socket at `number` behind the layer's back and put the new one on the
+        // same number, atomically (no window where another thread could get the number).
+        // SAFETY: `server` owns `number`; afterwards it owns the new socket there.
+        assert_eq!(unsafe { libc::dup2(other.as_raw_fd(), number) }, number);
+        drop(other);
+        recv_after_waiting(&mut io, 10 + round, number, &mut client);
+    }
+    drop(server);
+    // Many distinct fds, one after the other.
+    let mut keep = Vec::new();
+    for round in 0..12u64 {
+        let (server, mut client) = tcp_pair(&mut io);
+        recv_after_waiting(&mut io, 100 + round, server.as_raw_fd(), &mut client);
+        keep.push((server, client));
+    }
+    // And the first of them still works after being evicted.
+    let (server, client) = &mut keep[0];
+    recv_after_waiting(&mut io, 200, server.as_raw_fd(), client);
 }
 
 // ---- Cancel -----------------------------------------------------------------------------

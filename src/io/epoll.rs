@@ -5,9 +5,9 @@
 //! would block, its fd is registered with epoll (edge-triggered, readable and writable,
 //! mio token = the fd number), and on each readiness event of that fd every operation
 //! waiting on it is tried again, until EAGAIN. Registering after an EAGAIN loses no
-//! wake-up: EPOLL_CTL_ADD reports readiness that is already there. An fd stays
-//! registered while an operation waits on it (reference count) and is deregistered when
-//! the last one ends, so the caller may close fds freely between operations.
+//! wake-up: EPOLL_CTL_ADD (and MOD) report readiness that is already there. Registrations
+//! are kept after the last operation on an fd ends and re-armed with MOD by the next one
+//! (see `Epoll::registered`), so the caller may still close fds freely between operations.
 //!
 //! fsync, fdatasync and close run synchronously inside `wait`: **this fallback blocks the
 //! loop for the duration of an fsync.** No threads are started. Timeouts are kept in the
@@ -35,7 +35,13 @@ pub(crate) struct Epoll {
     /// The fds of one batch of events (copied out so operations can finish meanwhile).
     event_fds: Vec<RawFd>,
     /// Registered fds and how many waiting operations use each; capacity max_in_flight.
+    /// An entry whose count dropped to 0 stays registered ("parked"): the next operation
+    /// on that fd re-arms it with one EPOLL_CTL_MOD, instead of an ADD now and a DEL
+    /// later. If the caller closed the fd meanwhile, the kernel dropped the registration;
+    /// MOD then fails with ENOENT and we ADD.
     registered: Vec<(RawFd, u32)>,
+    /// Operations waiting on a registered fd (the sum of the counts above).
+    waiting: usize,
     /// Operations submitted since the last `wait`, not tried yet (in submission order).
     fresh: Vec<u32>,
     /// Operations with a result, in completion order, not yet handed to the caller.
@@ -49,6 +55,7 @@ impl Epoll {
             events: Events::with_capacity(max_in_flight.min(1024)),
             event_fds: Vec::with_capacity(max_in_flight.min(1024)),
             registered: Vec::with_capacity(max_in_flight),
+            waiting: 0,
             fresh: Vec::with_capacity(max_in_flight),
             ready: VecDeque::with_capacity(max_in_flight),
         })
@@ -83,30 +90,68 @@ impl Epoll {
     }
 
     fn register(&mut self, fd: RawFd) -> io::Result<()> {
-        if let Some(entry) = self.registered.iter_mut().find(|(f, _)| *f == fd) {
-            entry.1 += 1;
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Some(position) = self.registered.iter().position(|(f, _)| *f == fd) {
+            if self.registered[position].1 == 0 {
+                // Parked: re-arm it. If the caller closed the fd meanwhile (and the number
+                // was reused), the kernel dropped that registration: add it again.
+                let registry = self.poll.registry();
+                match registry.reregister(&mut SourceFd(&fd), Token(fd as usize), interest) {
+                    Ok(()) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
+                        registry.register(&mut SourceFd(&fd), Token(fd as usize), interest)?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            self.registered[position].1 += 1;
+            self.waiting += 1;
             return Ok(());
         }
-        self.poll.registry().register(
-            &mut SourceFd(&fd),
-            Token(fd as usize),
-            Interest::READABLE | Interest::WRITABLE,
-        )?;
-        assert!(self.registered.len() < self.registered.capacity());
+        if self.registered.len() == self.registered.capacity() {
+            // Full: evict a parked entry. One exists: fewer fds have waiting operations
+            // than there are operations in flight, and this one is not counted yet.
+            let position = self
+                .registered
+                .iter()
+                .position(|&(_, users)| users == 0)
+                .expect("a parked registration to evict");
+            let (old, _) = self.registered.swap_remove(position);
+            let _ = self.poll.registry().deregister(&mut SourceFd(&old));
+        }
+        let registry = self.poll.registry();
+        match registry.register(&mut SourceFd(&fd), Token(fd as usize), interest) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                registry.reregister(&mut SourceFd(&fd), Token(fd as usize), interest)?
+            }
+            Err(e) => return Err(e),
+        }
         self.registered.push((fd, 1));
+        self.waiting += 1;
         Ok(())
     }
 
+    /// An operation waiting on `fd` ended; the registration stays, parked.
     fn unregister(&mut self, fd: RawFd) {
-        let position = self
+        let entry = self
             .registered
-            .iter()
-            .position(|(f, _)| *f == fd)
+            .iter_mut()
+            .find(|(f, _)| *f == fd)
             .expect("unregister of an fd that is not registered");
-        self.registered[position].1 -= 1;
-        if self.registered[position].1 == 0 {
+        assert!(entry.1 > 0 && self.waiting > 0);
+        entry.1 -= 1;
+        self.waiting -= 1;
+    }
+
+    /// `fd` is about to be closed: drop its parked registration.
+    fn forget(&mut self, fd: RawFd) {
+        if let Some(position) = self.registered.iter().position(|(f, _)| *f == fd) {
+            assert_eq!(
+                self.registered[position].1, 0,
+                "closing an fd with waiting operations"
+            );
             self.registered.swap_remove(position);
-            // Fails only if the caller already closed the fd, which removed it anyway.
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
         }
     }
@@ -114,8 +159,10 @@ impl Epoll {
     /// Tries operation `index` once; on a result, finishes it; on EAGAIN, makes sure its
     /// fd is registered so readiness brings us back.
     fn attempt(&mut self, slots: &mut Slots, buffers: &Buffers, index: usize) {
-        if matches!(slots.get(index).op, Op::Timeout { .. }) {
-            return; // Timeouts are expired by the scan in `wait`.
+        match slots.get(index).op {
+            Op::Timeout { .. } => return, // expired by the scan in `wait`
+            Op::Close { fd } => self.forget(fd),
+            _ => {}
         }
         let Some(raw) = try_syscall(slots, buffers, index) else {
             let slot = slots.get_mut(index);
@@ -168,7 +215,7 @@ impl Epoll {
             // immediate completion would starve the operations waiting on fds.
             let finishing = !self.ready.is_empty() || deadline.is_some_and(|d| now >= d);
             let timeout = if finishing {
-                if self.registered.is_empty() {
+                if self.waiting == 0 {
                     return Ok(self.deliver(slots, buffers, out));
                 }
                 Some(Duration::ZERO)
