@@ -502,6 +502,16 @@ enum Engine {
 }
 
 /// The event loop's I/O: operations in, completions out. See the module documentation.
+///
+/// Rules for callers:
+/// - Sockets must be non-blocking (the `socket` helpers and accept make them so): the
+///   epoll backend runs the syscalls itself and would block the loop on a blocking fd.
+/// - Tokens are the caller's; keep the tokens of operations in flight unique if you
+///   cancel by token (`cancel` picks the first match).
+/// - Close an fd through [`Io::close`] after its operations completed, or directly once
+///   none is in flight; never while one is in flight (the kernel would keep the file
+///   alive for io_uring, and epoll would never report the operation).
+/// - `Io` is not `Send`: one thread submits and waits (io_uring is set up single-issuer).
 pub struct Io {
     slots: Slots,
     buffers: Buffers,
