@@ -776,6 +776,21 @@ fn cancel_timeout_and_errors(backend: Backend) {
         Err(Error::UnknownToken { token: 1 })
     ));
 
+    // An accept with nobody connecting (dropping a listener).
+    let listener = socket::tcp_listen("127.0.0.1:0".parse().unwrap(), 8).unwrap();
+    io.accept(4, listener.as_raw_fd()).unwrap();
+    let mut out = [Completion::EMPTY; 1];
+    let soon = Instant::now().saturating_add(Duration::from_millis(5));
+    assert_eq!(io.wait(Some(soon), &mut out).unwrap(), 0);
+    io.cancel(4).unwrap();
+    let c = next(&mut io);
+    assert_eq!(
+        (c.token, c.kind, c.result),
+        (4, OpKind::Accept, Err(Errno(libc::ECANCELED)))
+    );
+    io.close(5, listener).map_err(|(e, _)| e).unwrap();
+    assert_eq!(next(&mut io).result, Ok(0));
+
     // An fd with an operation in flight cannot be closed; it is handed back, open.
     let (server, _client) = tcp_pair(&mut io);
     io.poll_in(2, server.as_raw_fd()).unwrap();
