@@ -156,6 +156,94 @@ fn pingpong_std(warmup: usize, n: usize) -> Stats {
     stats(samples)
 }
 
+/// Streams `frames` frames of 1 MiB (the size of the largest peer frame) to a reader
+/// thread that discards them: each frame is copied into slab buffers of 64 KiB and sent
+/// one send at a time, as the peer transport will. Returns per-frame latency and MiB/s.
+fn stream_io(backend: Backend, frames: usize) -> (Stats, f64) {
+    const FRAME: usize = 1 << 20;
+    let listener = socket::tcp_listen("127.0.0.1:0".parse().unwrap(), 4).unwrap();
+    let addr = socket::local_addr(listener.as_raw_fd()).unwrap();
+    let reader = std::thread::spawn(move || discard(listener, frames * FRAME));
+    let mut cfg = config(backend);
+    cfg.buffer_bytes = 64 * 1024;
+    let mut io = Io::new(&cfg).unwrap();
+    let conn = socket::tcp_socket(&addr).unwrap();
+    io.connect(0, conn.as_raw_fd(), addr).unwrap();
+    next(&mut io).result.unwrap();
+    let frame: Vec<u8> = (0..FRAME).map(|i| i as u8).collect();
+    let buf = io.buffer_acquire().unwrap();
+    let chunk = io.buffer_bytes();
+    let mut samples = Vec::with_capacity(frames);
+    let begin = Instant::now();
+    for _ in 0..frames {
+        let start = Instant::now();
+        for piece in frame.chunks(chunk) {
+            io.buffer_mut(buf)[..piece.len()].copy_from_slice(piece);
+            let mut sent = 0;
+            while sent < piece.len() {
+                io.send(1, conn.as_raw_fd(), buf, sent..piece.len())
+                    .unwrap();
+                sent += next(&mut io).result.unwrap() as usize;
+            }
+        }
+        samples.push(Instant::now().saturating_duration_since(start).as_nanos() as u64);
+    }
+    drop(conn);
+    reader.join().unwrap();
+    let seconds = Instant::now()
+        .saturating_duration_since(begin)
+        .as_secs_f64();
+    (
+        stats(samples),
+        (frames * FRAME) as f64 / (1 << 20) as f64 / seconds,
+    )
+}
+
+/// The same stream with blocking std::net `write_all` of each 1 MiB frame.
+fn stream_std(frames: usize) -> (Stats, f64) {
+    const FRAME: usize = 1 << 20;
+    let listener = socket::tcp_listen("127.0.0.1:0".parse().unwrap(), 4).unwrap();
+    let addr = socket::local_addr(listener.as_raw_fd()).unwrap();
+    let reader = std::thread::spawn(move || discard(listener, frames * FRAME));
+    let mut conn = TcpStream::connect(addr).unwrap();
+    conn.set_nodelay(true).unwrap();
+    let frame: Vec<u8> = (0..FRAME).map(|i| i as u8).collect();
+    let mut samples = Vec::with_capacity(frames);
+    let begin = Instant::now();
+    for _ in 0..frames {
+        let start = Instant::now();
+        conn.write_all(&frame).unwrap();
+        samples.push(Instant::now().saturating_duration_since(start).as_nanos() as u64);
+    }
+    drop(conn);
+    reader.join().unwrap();
+    let seconds = Instant::now()
+        .saturating_duration_since(begin)
+        .as_secs_f64();
+    (
+        stats(samples),
+        (frames * FRAME) as f64 / (1 << 20) as f64 / seconds,
+    )
+}
+
+/// Accepts one connection (blocking) and reads `total` bytes, then expects EOF.
+fn discard(listener: OwnedFd, total: usize) {
+    let listener = TcpListener::from(listener);
+    listener.set_nonblocking(false).unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_nonblocking(false).unwrap();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0;
+    loop {
+        let n = conn.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    assert_eq!(got, total, "stream lost or gained bytes");
+}
+
 /// 4 KiB pwrite then fdatasync through the I/O layer (epoll runs it inside `wait`).
 fn fdatasync_io(backend: Backend, n: usize) -> Stats {
     let dir = std::env::temp_dir().join(format!("vigil-bench-io-{}", std::process::id()));
@@ -210,6 +298,33 @@ fn line(case: &str, s: &Stats, baseline: Option<(&str, &Stats)>) {
     println!("{text}");
 }
 
+/// A throughput line: per-frame latency plus `per_s` (MiB per second).
+fn line_rate(case: &str, s: &Stats, per_s: f64, baseline: Option<(&str, &Stats, f64)>) {
+    let mut text = format!(
+        "{{\"bench\":\"io\",\"case\":{},\"unit\":\"us\",\"n\":{},\"p50\":{},\"p99\":{},\"max\":{},\"per_s\":{},\"per_s_unit\":\"MiB\"",
+        json!(case),
+        s.n,
+        json!(round(s.p50)),
+        json!(round(s.p99)),
+        json!(round(s.max)),
+        json!(round(per_s))
+    );
+    if let Some((name, b, b_rate)) = baseline {
+        text.push_str(&format!(
+            ",\"baseline\":{},\"baseline_p50\":{},\"baseline_p99\":{},\"baseline_per_s\":{},\"ratio_p50\":{},\"ratio_per_s\":{}",
+            json!(name),
+            json!(round(b.p50)),
+            json!(round(b.p99)),
+            json!(round(b_rate)),
+            json!(round(s.p50 / b.p50)),
+            json!(round(per_s / b_rate))
+        ));
+    }
+    text.push('}');
+    serde_json::from_str::<serde_json::Value>(&text).expect("bench line is valid JSON");
+    println!("{text}");
+}
+
 fn round(x: f64) -> f64 {
     (x * 100.0).round() / 100.0
 }
@@ -239,6 +354,27 @@ fn main() {
     }
     line("pingpong-epoll", &epoll, Some(("std-blocking", &std_stats)));
     line("pingpong-std-blocking", &std_stats, None);
+
+    let frames = if quick { 16 } else { 128 };
+    eprintln!("io bench: stream of {frames} frames of 1 MiB");
+    let (std_stream, std_rate) = stream_std(frames);
+    let (epoll_stream, epoll_rate) = stream_io(Backend::Epoll, frames);
+    if uring {
+        let (u, rate) = stream_io(Backend::Uring, frames);
+        line_rate(
+            "stream-1MiB-uring",
+            &u,
+            rate,
+            Some(("epoll", &epoll_stream, epoll_rate)),
+        );
+    }
+    line_rate(
+        "stream-1MiB-epoll",
+        &epoll_stream,
+        epoll_rate,
+        Some(("std-blocking", &std_stream, std_rate)),
+    );
+    line_rate("stream-1MiB-std-blocking", &std_stream, std_rate, None);
 
     eprintln!("io bench: fdatasync of 4 KiB, n={syncs}");
     let epoll_sync = fdatasync_io(Backend::Epoll, syncs);

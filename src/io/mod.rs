@@ -651,6 +651,8 @@ impl Io {
 
     /// Sends `buffer[range]` (with MSG_NOSIGNAL). Result: bytes sent, possibly fewer than
     /// asked; the caller sends the rest. The buffer is lent until the completion.
+    /// Keep at most one send in flight per socket: neither backend orders concurrent
+    /// sends on one socket, so their bytes could interleave (the same holds for recvs).
     pub fn send(
         &mut self,
         token: u64,
