@@ -71,6 +71,20 @@ pub const MAX_EVENT_SUBSCRIBERS: usize = 32;
 /// Event lines buffered per subscriber before a slow one is disconnected.
 pub const MAX_EVENTS_BUFFERED: usize = 1024;
 
+// ---- Event loop I/O -------------------------------------------------------------------
+
+/// Submission queue entries of the io_uring (a power of two). The kernel sizes the
+/// completion queue at twice this, which leaves room for one cancel per operation.
+pub const IO_RING_ENTRIES: u32 = 1024;
+/// Operations in flight at once (submitted, completion not yet handed to the loop).
+pub const IO_MAX_IN_FLIGHT: usize = 1024;
+/// Buffers in the I/O layer's slab (each is lent to at most one operation at a time).
+pub const IO_BUFFER_COUNT: usize = 512;
+/// Bytes of one slab buffer. A larger frame is sent and received in several operations.
+pub const IO_BUFFER_BYTES: usize = 64 * 1024;
+/// Completions the loop takes out of one `wait` call (its preallocated array).
+pub const IO_COMPLETIONS_PER_WAIT: usize = 256;
+
 // ---- VMs -----------------------------------------------------------------------------
 
 /// VMs in the cluster.
@@ -131,3 +145,18 @@ const _: () = assert!(
     MAX_VMM_CONTROL_FRAME_BYTES >= vigil_kvm::control::HEADER_LEN + 1 + 4096 + 1024,
     "a control frame holds a snapshot request with a PATH_MAX path, and an error reply"
 );
+const _: () = assert!(IO_RING_ENTRIES.is_power_of_two());
+const _: () = assert!(
+    IO_MAX_IN_FLIGHT <= IO_RING_ENTRIES as usize,
+    "every in-flight operation fits the submission queue, and it and its cancel the completion queue"
+);
+const _: () = assert!(
+    IO_BUFFER_COUNT <= IO_MAX_IN_FLIGHT,
+    "every buffer can be lent at once"
+);
+const _: () = assert!(
+    IO_BUFFER_COUNT >= 2 * (MAX_MEMBERS + MAX_CONTROL_CONNECTIONS),
+    "a receive and a send buffer for every peer and control connection"
+);
+const _: () = assert!(IO_BUFFER_BYTES <= u32::MAX as usize && IO_BUFFER_BYTES >= 4096);
+const _: () = assert!(IO_COMPLETIONS_PER_WAIT <= IO_MAX_IN_FLIGHT);
