@@ -140,7 +140,15 @@ pub struct Wal {
     compact_pending: Option<(u64, u64, u64)>,
     /// Segment and index of the latest durable Compact record.
     compact_durable: Option<(u64, u64)>,
+    /// End position and segment of the latest record that left the log empty (a compact
+    /// at or past the end, a truncate to the first index), not yet durable.
+    reset_pending: Option<(u64, u64)>,
+    /// Segment of the latest durable such record: nothing before it is needed.
+    reset_durable: Option<u64>,
     recovery: RecoveryReport,
+    /// While replaying segment k on open: k + 1, the segments replayed so far (the later
+    /// ones are not part of the log yet). None afterwards.
+    replay_limit: Option<usize>,
 }
 
 const SEAL_LEN: usize = RECORD_HEADER_LEN;
@@ -191,7 +199,10 @@ impl Wal {
             next_sync_id: 1,
             compact_pending: None,
             compact_durable: None,
+            reset_pending: None,
+            reset_durable: None,
             recovery: RecoveryReport::default(),
+            replay_limit: None,
         };
         wal.replay()?;
         if wal.segments.back().is_none_or(|s| s.sealed) {
@@ -244,7 +255,10 @@ impl Wal {
                 ));
             }
             self.segments[k].first_live = first;
-            let end = self.replay_segment(k)?;
+            self.replay_limit = Some(k + 1);
+            let end = self.replay_segment(k);
+            self.replay_limit = None;
+            let end = end?;
             match end {
                 ScanEnd::Sealed { offset } => {
                     let seg = &mut self.segments[k];
@@ -316,10 +330,16 @@ impl Wal {
                         ));
                     }
                     self.apply_truncate(header.index);
+                    if self.first_index == self.next_index {
+                        self.reset_durable = Some(seq);
+                    }
                 }
                 RecordKind::Compact => {
                     self.apply_compact(header.index);
                     self.compact_durable = Some((seq, header.index));
+                    if self.first_index == self.next_index {
+                        self.reset_durable = Some(seq);
+                    }
                 }
             }
             offset += len;
@@ -538,6 +558,7 @@ impl Wal {
         }
         self.write_meta(RecordKind::Truncate, index)?;
         self.apply_truncate(index);
+        self.note_reset();
         self.synced_index = self.synced_index.min(index - 1);
         if let Some(f) = &mut self.in_flight {
             f.upto_index = f.upto_index.min(index - 1);
@@ -556,7 +577,17 @@ impl Wal {
         self.apply_compact(index);
         let seq = self.write_segment().seq;
         self.compact_pending = Some((self.write_position(), seq, index));
+        self.note_reset();
         Ok(())
+    }
+
+    /// After a record that may have emptied the log: once durable, no earlier segment is
+    /// needed by replay (which starts from an empty log there whatever came before).
+    fn note_reset(&mut self) {
+        if self.first_index == self.next_index {
+            let seq = self.write_segment().seq;
+            self.reset_pending = Some((self.write_position(), seq));
+        }
     }
 
     fn write_meta(&mut self, kind: RecordKind, index: u64) -> Result<()> {
@@ -646,11 +677,17 @@ impl Wal {
         at
     }
 
+    /// The segments that are part of the log (all of them, except during replay).
+    fn log_segments(&mut self) -> impl DoubleEndedIterator<Item = &mut Segment> {
+        let limit = self.replay_limit.unwrap_or(self.segments.len());
+        self.segments.range_mut(..limit)
+    }
+
     fn apply_truncate(&mut self, index: u64) {
         if index < self.first_index {
             // Only in replay, when the segments before this record were deleted after a
             // later compaction: everything before is gone.
-            for seg in &mut self.segments {
+            for seg in self.log_segments() {
                 seg.offsets.clear();
                 seg.first_live = index;
             }
@@ -658,7 +695,7 @@ impl Wal {
             self.next_index = index;
             return;
         }
-        for seg in self.segments.iter_mut().rev() {
+        for seg in self.log_segments().rev() {
             if seg.first_live >= index {
                 seg.offsets.clear();
                 seg.first_live = index;
@@ -676,7 +713,7 @@ impl Wal {
             return;
         }
         if index >= self.next_index {
-            for seg in &mut self.segments {
+            for seg in self.log_segments() {
                 seg.offsets.clear();
                 seg.first_live = index;
             }
@@ -685,7 +722,7 @@ impl Wal {
             return;
         }
         // Live ranges stay ordered: a segment left empty starts (and ends) at `index`.
-        for seg in &mut self.segments {
+        for seg in self.log_segments() {
             if seg.end_live() <= index {
                 seg.offsets.clear();
                 seg.first_live = index;
@@ -792,6 +829,12 @@ impl Wal {
                 self.compact_pending = None;
             }
         }
+        if let Some((end, seq)) = self.reset_pending {
+            if end <= self.durable_pos {
+                self.reset_durable = Some(seq);
+                self.reset_pending = None;
+            }
+        }
         self.delete_compacted()
     }
 
@@ -801,16 +844,19 @@ impl Wal {
         sys::fatal_sync_error("fdatasync", &self.dir, err)
     }
 
-    /// Deletes front segments all of whose entries lie below a durable compaction.
+    /// Deletes front segments that replay no longer needs: those before a durable record
+    /// that emptied the log, and those all of whose entries lie below a durable
+    /// compaction in a later segment. (Segments holding only entries removed by a
+    /// truncation go once a compaction passes them.)
     fn delete_compacted(&mut self) -> Result<()> {
-        let Some((compact_seq, index)) = self.compact_durable else {
-            return Ok(());
-        };
         let mut deleted = false;
         while self.segments.len() > 1 {
             let front = &self.segments[0];
-            let below = front.max_entry_index.is_none_or(|m| m < index);
-            if front.seq >= compact_seq || !below {
+            let before_reset = self.reset_durable.is_some_and(|seq| front.seq < seq);
+            let compacted = self.compact_durable.is_some_and(|(seq, index)| {
+                front.seq < seq && front.max_entry_index.is_none_or(|m| m < index)
+            });
+            if !before_reset && !compacted {
                 break;
             }
             assert!(
