@@ -500,8 +500,7 @@ impl Wal {
     /// All or nothing: if a new segment cannot be created (disk full), nothing of the
     /// batch is appended and the error says why.
     pub fn append(&mut self, entries: &[EntryRef<'_>]) -> Result<()> {
-        let mut index = self.next_index;
-        for e in entries {
+        for (index, e) in (self.next_index..).zip(entries) {
             if e.index != index {
                 return Err(Error::InvalidArgument(format!(
                     "append: entry index {} where the log continues at {index}",
@@ -516,7 +515,6 @@ impl Wal {
                     self.opts.max_entry_bytes
                 )));
             }
-            index += 1;
         }
         let lens = entries
             .iter()

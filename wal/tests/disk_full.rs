@@ -101,7 +101,12 @@ fn disk_full_child() {
 fn file_size_limit_gives_an_error() {
     let dir = TempDir::new("fsize");
     let out = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "disk_full_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "disk_full_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env(CHILD_ENV, dir.path())
         .output()
         .unwrap();

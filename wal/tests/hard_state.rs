@@ -103,5 +103,8 @@ fn garbage_file_is_an_error_and_short_file_uses_what_is_there() {
     // An empty file is a fresh one.
     let path = dir.path().join("hard_state_3");
     std::fs::write(&path, b"").unwrap();
-    assert_eq!(HardStateFile::open(&path).unwrap().get(), HardState::default());
+    assert_eq!(
+        HardStateFile::open(&path).unwrap().get(),
+        HardState::default()
+    );
 }
