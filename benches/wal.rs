@@ -48,67 +48,125 @@ fn payload(entry: usize, i: usize) -> Vec<u8> {
     (0..entry).map(|k| (i * 31 + k) as u8).collect()
 }
 
-/// write + fdatasync into a preallocated file.
-fn run_baseline(dir: &Path, entry: usize, batch: usize, ops: usize) -> Stats {
-    let path = dir.join("baseline.dat");
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .unwrap();
-    let bytes = (entry * batch * ops) as u64 + 4096;
-    // SAFETY: fallocate on a file we own.
-    assert_eq!(
-        unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes as libc::off_t) },
-        0
-    );
-    fsync(&file);
-    let buf: Vec<u8> = (0..batch).flat_map(|i| payload(entry, i)).collect();
-    let mut lat = Vec::with_capacity(ops);
-    let start = Instant::now();
-    let mut offset = 0u64;
-    for _ in 0..ops {
-        let t = Instant::now();
-        file.write_all_at(&buf, offset).unwrap();
-        // SAFETY: fdatasync on a file we own.
-        assert_eq!(unsafe { libc::fdatasync(file.as_raw_fd()) }, 0);
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-        offset += buf.len() as u64;
-    }
-    let total = start.elapsed().as_secs_f64();
-    drop(file);
-    std::fs::remove_file(&path).unwrap();
-    stats(lat, ops * batch, ops * batch * entry, total)
+/// The baseline: write + fdatasync into a preallocated file.
+struct Baseline {
+    path: PathBuf,
+    file: File,
+    buf: Vec<u8>,
+    offset: u64,
 }
 
-fn run_wal(dir: &Path, entry: usize, batch: usize, ops: usize) -> Stats {
-    let wal_dir = dir.join("wal");
-    let _ = std::fs::remove_dir_all(&wal_dir);
-    let mut wal = Wal::open(&wal_dir, WAL_OPTIONS).unwrap();
-    let payloads: Vec<Vec<u8>> = (0..batch).map(|i| payload(entry, i)).collect();
-    let mut entries: Vec<EntryRef<'_>> = Vec::with_capacity(batch);
-    let mut lat = Vec::with_capacity(ops);
-    let start = Instant::now();
-    for _ in 0..ops {
-        let first = wal.last_index() + 1;
-        entries.clear();
-        entries.extend(payloads.iter().enumerate().map(|(i, p)| EntryRef {
-            index: first + i as u64,
-            term: 1,
-            payload: p,
-        }));
-        let t = Instant::now();
-        wal.append(&entries).unwrap();
-        let synced = wal.sync().unwrap();
-        lat.push(t.elapsed().as_secs_f64() * 1e6);
-        assert_eq!(synced, first + batch as u64 - 1);
+impl Baseline {
+    fn new(dir: &Path, entry: usize, batch: usize, ops: usize) -> Baseline {
+        let path = dir.join("baseline.dat");
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        let bytes = (entry * batch * ops) as u64 + 4096;
+        // SAFETY: fallocate on a file we own.
+        assert_eq!(
+            unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, bytes as libc::off_t) },
+            0
+        );
+        fsync(&file);
+        let buf = (0..batch).flat_map(|i| payload(entry, i)).collect();
+        Baseline {
+            path,
+            file,
+            buf,
+            offset: 0,
+        }
     }
-    let total = start.elapsed().as_secs_f64();
-    drop(wal);
-    std::fs::remove_dir_all(&wal_dir).unwrap();
-    stats(lat, ops * batch, ops * batch * entry, total)
+
+    fn op(&mut self) {
+        self.file.write_all_at(&self.buf, self.offset).unwrap();
+        // SAFETY: fdatasync on a file we own.
+        assert_eq!(unsafe { libc::fdatasync(self.file.as_raw_fd()) }, 0);
+        self.offset += self.buf.len() as u64;
+    }
+}
+
+impl Drop for Baseline {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// The WAL: append a batch, then one sync.
+struct WalCase {
+    dir: PathBuf,
+    wal: Wal,
+    /// Reused every op (payloads leaked once: they live for the whole bench).
+    batch: Vec<EntryRef<'static>>,
+}
+
+impl WalCase {
+    fn new(dir: &Path, entry: usize, batch: usize) -> WalCase {
+        let dir = dir.join("wal");
+        let _ = std::fs::remove_dir_all(&dir);
+        let wal = Wal::open(&dir, WAL_OPTIONS).unwrap();
+        let batch = (0..batch)
+            .map(|i| EntryRef {
+                index: 0,
+                term: 1,
+                payload: Box::leak(payload(entry, i).into_boxed_slice()),
+            })
+            .collect();
+        WalCase { dir, wal, batch }
+    }
+
+    fn op(&mut self) {
+        let first = self.wal.last_index() + 1;
+        for (i, e) in self.batch.iter_mut().enumerate() {
+            e.index = first + i as u64;
+        }
+        self.wal.append(&self.batch).unwrap();
+        let synced = self.wal.sync().unwrap();
+        assert_eq!(synced, first + self.batch.len() as u64 - 1);
+    }
+}
+
+impl Drop for WalCase {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs both in lockstep (baseline op, WAL op, alternating which goes first) so that
+/// noise from other work on the machine hits both alike.
+fn run_case(dir: &Path, entry: usize, batch: usize, ops: usize) -> (Stats, Stats) {
+    let mut base = Baseline::new(dir, entry, batch, ops);
+    let mut wal = WalCase::new(dir, entry, batch);
+    let (mut base_lat, mut wal_lat) = (Vec::with_capacity(ops), Vec::with_capacity(ops));
+    let (mut base_total, mut wal_total) = (0.0f64, 0.0f64);
+    for i in 0..ops {
+        for which in [i % 2, 1 - i % 2] {
+            let t = Instant::now();
+            if which == 0 {
+                base.op();
+            } else {
+                wal.op();
+            }
+            let us = t.elapsed().as_secs_f64() * 1e6;
+            if which == 0 {
+                base_lat.push(us);
+                base_total += us / 1e6;
+            } else {
+                wal_lat.push(us);
+                wal_total += us / 1e6;
+            }
+        }
+    }
+    let entries = ops * batch;
+    let bytes = entries * entry;
+    (
+        stats(base_lat, entries, bytes, base_total),
+        stats(wal_lat, entries, bytes, wal_total),
+    )
 }
 
 fn fsync(file: &File) {
@@ -130,8 +188,7 @@ fn main() {
             let max_ops = if quick { 300 } else { 2000 };
             let ops = (budget / (entry * batch)).clamp(100, max_ops);
             eprintln!("wal bench: entry={entry} batch={batch} ops={ops}");
-            let base = run_baseline(&dir, entry, batch, ops);
-            let wal = run_wal(&dir, entry, batch, ops);
+            let (base, wal) = run_case(&dir, entry, batch, ops);
             println!(
                 "{{\"bench\":\"wal\",\"case\":\"entry={entry},batch={batch}\",\"unit\":\"us\",\
                  \"n\":{},\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1},\"per_s\":{:.0},\"mb_s\":{:.2},\

@@ -132,3 +132,11 @@ const _: () = assert!(
 const _: () = assert!(MAX_ENTRY_BYTES <= u32::MAX as usize);
 const _: () = assert!(MAX_CONTROL_BODY_BYTES >= MAX_KV_VALUE_BYTES);
 const _: () = assert!(MIN_GUEST_MEMORY_BYTES <= MAX_GUEST_MEMORY_BYTES);
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wal_options_are_accepted_by_the_wal() {
+        super::WAL_OPTIONS.validate().unwrap();
+    }
+}

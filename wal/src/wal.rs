@@ -122,9 +122,10 @@ struct InFlight {
 /// then sync ONCE. Blocking: `sync()`. With io_uring: `begin_sync()` captures what is
 /// written so far, `sync_targets()` gives the descriptors to submit as fdatasync, and when
 /// all of them completed successfully, `complete_sync(token)`; `synced_index()` then says
-/// what is durable. Appends may continue while a sync is in flight; they are covered by
-/// the next one. If a flush fails, the caller must call [`sys::fatal_sync_error`]-like
-/// handling: `Wal::sync_failed` logs and aborts.
+/// what is durable. Appends, truncations and compactions may continue while a sync is in
+/// flight; they are covered by the next one. Segment files are deleted only inside
+/// `complete_sync`/`sync`, so a descriptor handed out stays valid while its flush runs.
+/// If a flush fails, the caller must not retry: `Wal::sync_failed` logs and aborts.
 pub struct Wal {
     dir: PathBuf,
     opts: WalOptions,
@@ -152,6 +153,11 @@ pub struct Wal {
 }
 
 const SEAL_LEN: usize = RECORD_HEADER_LEN;
+/// Raft indexes stay far below this; larger ones on disk are corruption (and could
+/// overflow index arithmetic).
+const MAX_INDEX: u64 = u64::MAX / 4;
+/// Log positions keep the segment sequence in 32 bits.
+const MAX_SEGMENT_SEQ: u64 = u32::MAX as u64;
 
 impl Wal {
     /// Opens the log in `dir` (created if missing), recovering from whatever a crash left:
@@ -171,6 +177,14 @@ impl Wal {
                 let path = item.path();
                 fs::remove_file(&path).map_err(|e| Error::io(&path, "remove", e))?;
             } else if let Some(seq) = segment::parse_file_name(name) {
+                if seq >= MAX_SEGMENT_SEQ {
+                    let path = item.path();
+                    return Err(Error::corrupt(
+                        path,
+                        0,
+                        "segment sequence number out of range",
+                    ));
+                }
                 seqs.push(seq);
             }
         }
@@ -241,6 +255,13 @@ impl Wal {
         while k < count {
             let seg = &self.segments[k];
             let first = seg.header.first_index;
+            if !(1..=MAX_INDEX).contains(&first) {
+                return Err(Error::corrupt(
+                    &seg.path,
+                    24,
+                    format!("segment first index {first} out of range"),
+                ));
+            }
             if k == 0 {
                 self.first_index = first;
                 self.next_index = first;
@@ -297,6 +318,14 @@ impl Wal {
                 ));
             }
             let path = &self.segments[k].path;
+            let bounded = (1..=MAX_INDEX).contains(&header.index);
+            if header.kind != RecordKind::Seal && !bounded {
+                return Err(Error::corrupt(
+                    path,
+                    offset as u64,
+                    format!("record index {} out of range", header.index),
+                ));
+            }
             match header.kind {
                 RecordKind::Seal => return Ok(ScanEnd::Sealed { offset }),
                 RecordKind::Entry => {
@@ -379,6 +408,14 @@ impl Wal {
             offset
         });
         let wipe_end = wipe_end.min(seg.map.len());
+        if seg.map.len() - offset < SEAL_LEN {
+            // The writer always leaves room for a Seal record.
+            return Err(Error::corrupt(
+                &seg.path,
+                offset as u64,
+                "records run into the space reserved for the seal record",
+            ));
+        }
         let mut removed = Vec::new();
         while self.segments.len() > k + 1 {
             let gone = self.segments.pop_back().expect("segments past k exist");
