@@ -75,3 +75,19 @@ pub fn preallocate(file: &File, path: &Path, len: u64) -> Result<()> {
     }
     Ok(())
 }
+
+/// Opens `dir` and takes an exclusive, non-blocking flock on it, so a second process (or
+/// a second `Wal` in this one) cannot open the same log. Released when the file closes.
+pub fn lock_dir(dir: &Path) -> Result<File> {
+    let handle = File::open(dir).map_err(|e| Error::io(dir, "open directory", e))?;
+    // SAFETY: flock on a descriptor we own; no memory is passed.
+    let rc = unsafe { libc::flock(handle.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(Error::io(
+            dir,
+            "lock (is another process using this WAL?)",
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(handle)
+}

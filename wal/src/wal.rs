@@ -128,6 +128,8 @@ struct InFlight {
 /// If a flush fails, the caller must not retry: `Wal::sync_failed` logs and aborts.
 pub struct Wal {
     dir: PathBuf,
+    /// The directory, held open with an exclusive flock: one process per log.
+    _lock: std::fs::File,
     opts: WalOptions,
     segments: VecDeque<Segment>,
     first_index: u64,
@@ -167,6 +169,7 @@ impl Wal {
         opts.validate()?;
         let dir = dir.as_ref().to_path_buf();
         fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create directory", e))?;
+        let lock = sys::lock_dir(&dir)?;
         let mut seqs = Vec::new();
         for item in fs::read_dir(&dir).map_err(|e| Error::io(&dir, "read directory", e))? {
             let item = item.map_err(|e| Error::io(&dir, "read directory", e))?;
@@ -203,6 +206,7 @@ impl Wal {
         }
         let mut wal = Wal {
             dir,
+            _lock: lock,
             opts,
             segments,
             first_index: opts.first_index,
@@ -239,6 +243,8 @@ impl Wal {
         sys::fsync_dir_or_abort(&wal.dir)?;
         wal.durable_pos = wal.write_position();
         wal.synced_index = wal.last_index();
+        // Everything replayed is durable now: drop segments replay showed unneeded.
+        wal.delete_compacted()?;
         if let Some(seg) = wal.segments.back_mut() {
             let want = (seg.map.len() - seg.header.data_offset as usize) / RECORD_HEADER_LEN;
             seg.offsets

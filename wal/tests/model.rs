@@ -207,6 +207,18 @@ fn append_rejects_gaps_and_oversized_entries() {
 }
 
 #[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let dir = TempDir::new("lock");
+    let wal = Wal::open(dir.path(), small_options(8192)).unwrap();
+    let err = Wal::open(dir.path(), small_options(8192))
+        .err()
+        .expect("locked");
+    assert!(err.to_string().contains("lock"), "{err}");
+    drop(wal);
+    Wal::open(dir.path(), small_options(8192)).unwrap();
+}
+
+#[test]
 fn split_sync_reports_targets_and_durable_index() {
     let dir = TempDir::new("split");
     let opts = small_options(8192);
