@@ -444,6 +444,40 @@ pub fn forward_scan(buf: &[u8], seq: u64, from: usize) -> ForwardScan {
     found
 }
 
+/// Everything a scan finds in one segment's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentSummary {
+    pub header: SegmentHeader,
+    /// Valid records in order from the start (the Seal included).
+    pub records: usize,
+    pub end: ScanEnd,
+    /// What lies after the end.
+    pub after: ForwardScan,
+}
+
+/// Header, records and what follows them, for one segment's bytes: the entry point for a
+/// fuzz target. Pure and bounded for any input: no panic, no allocation, O(len) steps.
+pub fn scan_segment(buf: &[u8]) -> Result<SegmentSummary, HeaderError> {
+    let header = decode_segment_header(buf)?;
+    let mut scanner = SegmentScanner::new(buf, header.seq, header.data_offset as usize);
+    let records = scanner.by_ref().count();
+    // A scanner that yielded its last record has always ended; the default is never used.
+    let end = scanner.end().unwrap_or(ScanEnd::Stopped {
+        offset: buf.len(),
+        why: RecordError::Truncated,
+    });
+    let from = match end {
+        ScanEnd::Sealed { offset } => offset.saturating_add(RECORD_HEADER_LEN),
+        ScanEnd::Stopped { offset, .. } => offset.saturating_add(RECORD_ALIGN),
+    };
+    Ok(SegmentSummary {
+        header,
+        records,
+        end,
+        after: forward_scan(buf, header.seq, from),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -540,6 +574,20 @@ mod tests {
                 buf[flip] ^= 1 << (next() % 8);
             }
             let _ = decode_segment_header(&buf);
+            if round % 3 == 0 && len >= SEGMENT_HEADER_LEN {
+                // A valid header in front of arbitrary bytes reaches the record scan.
+                let header = SegmentHeader {
+                    seq: 1,
+                    first_index: 1,
+                    segment_bytes: MIN_SEGMENT_BYTES,
+                    data_offset: 64,
+                };
+                encode_segment_header(&mut buf, &header);
+                let summary = scan_segment(&buf).unwrap();
+                assert!(summary.records <= buf.len() / RECORD_HEADER_LEN);
+            } else {
+                let _ = scan_segment(&buf);
+            }
             let data_offset = (next() % 128) as usize;
             let mut scanner = SegmentScanner::new(&buf, 1, data_offset);
             let mut steps = 0;

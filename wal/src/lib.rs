@@ -1,7 +1,7 @@
 //! vigil-wal: the memory-mapped, CRC-checked write-ahead log of Raft entries, and the
 //! two-slot hard-state file.
 //!
-//! - [`format`]: the on-disk layout (one place, versioned) and the pure segment scanner.
+//! - [`format`](mod@format): the on-disk layout (one place, versioned) and the pure segment scanner.
 //! - [`Wal`]: append, group-commit sync (blocking, or split for io_uring), zero-copy
 //!   reads, truncate suffix, compact prefix, crash recovery on open.
 //! - [`HardStateFile`]: term, vote and commit index in two alternating CRC-checked slots.
@@ -11,6 +11,33 @@
 //! the process (a retried fsync may report success for data the kernel dropped).
 //!
 //! The crate takes its sizes through [`WalOptions`]; it does not know the agent's limits.
+//!
+//! # Use from the event loop (group commit, fsync on io_uring)
+//!
+//! ```text
+//! each loop turn:
+//!     wal.truncate_suffix(i) / wal.append(&batch) / wal.compact(i)   (any number: memory only)
+//!     hard_state.write_unsynced(hs)                                  (if it changed)
+//!     if no sync in flight:
+//!         token = wal.begin_sync()                 // captures everything written so far
+//!         for t in wal.sync_targets():             // normally one segment, two at a rollover
+//!             submit IORING_OP_FSYNC(t.fd, IORING_FSYNC_DATASYNC)
+//!         submit IORING_OP_FSYNC(hard_state fd, DATASYNC)
+//! on completion of all of them:
+//!     any error  -> wal.sync_failed(err)           // logs and aborts; never retry a flush
+//!     else       -> wal.complete_sync(token); now wal.synced_index() is durable:
+//!                   send the votes/acks that promised it
+//! ```
+//!
+//! The blocking `Wal::sync` does the same with fdatasync(2) and is what tests and tools
+//! use. Segment rollover (creating and syncing the next file) is still a blocking step
+//! inside `append`, once per segment (64 MiB); moving it off the loop (pre-creating the
+//! next segment) is future work.
+//!
+//! # Memory
+//!
+//! Per live entry one u32 offset, nothing else; per segment one mapping (virtual memory
+//! of the segment's size) and one file descriptor. See `segment.rs` for the bound.
 
 pub mod error;
 pub mod format;
