@@ -116,7 +116,8 @@ struct InFlight {
     to_offset: usize,
 }
 
-/// The write-ahead log. Single-threaded: one owner calls everything.
+/// The write-ahead log. Single-threaded: one owner calls everything. Dropping it does not
+/// sync: what was appended after the last sync may or may not survive a crash.
 ///
 /// Group commit from an event loop: each turn, `append` every batch the turn produced,
 /// then sync ONCE. Blocking: `sync()`. With io_uring: `begin_sync()` captures what is
@@ -168,7 +169,13 @@ impl Wal {
     pub fn open(dir: impl AsRef<Path>, opts: WalOptions) -> Result<Wal> {
         opts.validate()?;
         let dir = dir.as_ref().to_path_buf();
-        fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create directory", e))?;
+        if !dir.exists() {
+            fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, "create directory", e))?;
+            // The new directory's own name must survive a crash too.
+            if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                sys::fsync_dir_or_abort(parent)?;
+            }
+        }
         let lock = sys::lock_dir(&dir)?;
         let mut seqs = Vec::new();
         for item in fs::read_dir(&dir).map_err(|e| Error::io(&dir, "read directory", e))? {
