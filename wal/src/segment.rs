@@ -1,10 +1,16 @@
-//! One segment file: created preallocated and durable, mapped read-write, plus the
-//! compact in-memory index of the live entries it holds.
+//! One segment file: created preallocated and durable, mapped read-only for zero-copy
+//! reads, plus the compact in-memory index of the live entries it holds.
+//!
+//! Records are written with pwrite(2), not through the map: one system call per batch
+//! copies it into the page cache, which the shared mapping sees at once, without a page
+//! fault per page and without write-protecting every page again at each fdatasync. (This
+//! measured clearly faster for large batches than writing through a writable mapping.)
 
 use std::fs::{self, File, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use memmap2::{MmapMut, MmapOptions};
+use memmap2::{Mmap, MmapOptions};
 
 use crate::error::{Error, Result};
 use crate::format::{self, SegmentHeader, RECORD_HEADER_LEN};
@@ -22,7 +28,8 @@ pub(crate) struct Segment {
     pub seq: u64,
     pub path: PathBuf,
     pub file: File,
-    pub map: MmapMut,
+    /// The whole file, read-only.
+    pub map: Mmap,
     pub header: SegmentHeader,
     /// Index of the entry at `offsets[0]` (where the live range starts if empty).
     pub first_live: u64,
@@ -51,13 +58,13 @@ pub(crate) fn parse_file_name(name: &str) -> Option<u64> {
     u64::from_str_radix(hex, 16).ok()
 }
 
-fn map_file(file: &File, path: &Path, len: u64) -> Result<MmapMut> {
+fn map_file(file: &File, path: &Path, len: u64) -> Result<Mmap> {
     let len = usize::try_from(len).map_err(|_| Error::corrupt(path, 0, "segment too large"))?;
     // SAFETY: the file is preallocated to `len` bytes before it is mapped and its length
     // never changes while mapped (segments are never truncated; they are only deleted
-    // after being unmapped). Only this process writes it: the WAL directory belongs to
-    // one agent.
-    unsafe { MmapOptions::new().len(len).map_mut(file) }.map_err(|e| Error::io(path, "mmap", e))
+    // after being unmapped). Only this process writes it (the log directory is locked),
+    // and only at offsets no live slice of the map points into: past the write position.
+    unsafe { MmapOptions::new().len(len).map(file) }.map_err(|e| Error::io(path, "mmap", e))
 }
 
 impl Segment {
@@ -87,14 +94,17 @@ impl Segment {
             .map_err(|e| Error::io(&tmp, "create", e))?;
         let result = (|| {
             sys::preallocate(&file, &tmp, segment_bytes)?;
-            let mut map = map_file(&file, &tmp, segment_bytes)?;
             let header = SegmentHeader {
                 seq,
                 first_index,
                 segment_bytes,
                 data_offset,
             };
-            format::encode_segment_header(&mut map, &header);
+            let mut head = [0u8; format::SEGMENT_HEADER_LEN];
+            format::encode_segment_header(&mut head, &header);
+            file.write_all_at(&head, 0)
+                .map_err(|e| Error::io(&tmp, "write header of", e))?;
+            let map = map_file(&file, &tmp, segment_bytes)?;
             sys::fdatasync_or_abort(&file, &tmp);
             fs::rename(&tmp, &path).map_err(|e| Error::io(&tmp, "rename", e))?;
             sys::fsync_dir_or_abort(dir)?;
@@ -173,8 +183,15 @@ impl Segment {
         })
     }
 
-    /// Bytes left for records after the write position.
-    pub fn room(&self) -> usize {
-        self.map.len() - self.write_pos
+    /// Writes `bytes` at `offset` through the page cache. A failure here (an I/O error on
+    /// space that is already allocated) is treated like a failed flush: fatal.
+    pub fn write_at(&self, bytes: &[u8], offset: usize) {
+        assert!(
+            offset + bytes.len() <= self.map.len(),
+            "write past the segment end"
+        );
+        if let Err(e) = self.file.write_all_at(bytes, offset as u64) {
+            sys::fatal_sync_error("pwrite", &self.path, &e);
+        }
     }
 }

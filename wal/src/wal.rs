@@ -150,12 +150,17 @@ pub struct Wal {
     /// Segment of the latest durable such record: nothing before it is needed.
     reset_durable: Option<u64>,
     recovery: RecoveryReport,
+    /// Records encoded for the write segment, starting at its `write_pos`, not yet
+    /// written: each append or meta record is encoded here and written with one pwrite.
+    staged: Vec<u8>,
     /// While replaying segment k on open: k + 1, the segments replayed so far (the later
     /// ones are not part of the log yet). None afterwards.
     replay_limit: Option<usize>,
 }
 
 const SEAL_LEN: usize = RECORD_HEADER_LEN;
+/// Initial size of the staging buffer (it grows to the largest batch appended).
+const STAGE_CAPACITY: usize = 256 * 1024;
 /// Raft indexes stay far below this; larger ones on disk are corruption (and could
 /// overflow index arithmetic).
 const MAX_INDEX: u64 = u64::MAX / 4;
@@ -228,6 +233,7 @@ impl Wal {
             reset_durable: None,
             recovery: RecoveryReport::default(),
             replay_limit: None,
+            staged: Vec::with_capacity(STAGE_CAPACITY),
         };
         wal.replay()?;
         if wal.segments.back().is_none_or(|s| s.sealed) {
@@ -442,7 +448,7 @@ impl Wal {
         if wipe_end > offset || !removed.is_empty() {
             // Wipe the torn bytes, so records of the torn batch that happen to be intact
             // can never line up behind later appends and be read as part of the log.
-            seg.map[offset..wipe_end].fill(0);
+            seg.write_at(&vec![0u8; wipe_end - offset], offset);
             sys::fdatasync_or_abort(&seg.file, &seg.path);
             if !removed.is_empty() {
                 sys::fsync_dir_or_abort(&self.dir)?;
@@ -577,7 +583,7 @@ impl Wal {
                 term: e.term,
                 synced_to: self.durable_pos,
             };
-            let offset = self.write_record(&mut spare, &header, e.payload);
+            let offset = self.stage_record(&mut spare, &header, e.payload);
             let seg = self.segments.back_mut().expect("write segment");
             if seg.offsets.is_empty() {
                 seg.first_live = e.index;
@@ -586,6 +592,7 @@ impl Wal {
             seg.max_entry_index = Some(e.index);
             self.next_index += 1;
         }
+        self.write_staged();
         assert!(spare.is_empty(), "every prepared segment is used");
         Ok(())
     }
@@ -647,7 +654,8 @@ impl Wal {
             term: 0,
             synced_to: self.durable_pos,
         };
-        self.write_record(&mut spare, &header, &[]);
+        self.stage_record(&mut spare, &header, &[]);
+        self.write_staged();
         assert!(spare.is_empty());
         Ok(())
     }
@@ -658,7 +666,7 @@ impl Wal {
         &mut self,
         records: impl Iterator<Item = (u64, usize)>,
     ) -> Result<VecDeque<Segment>> {
-        let mut room = self.write_segment().room();
+        let mut room = self.room();
         let mut seq = self.write_segment().seq;
         let mut spare = VecDeque::new();
         let capacity = self.opts.segment_bytes as usize - self.opts.segment_header_bytes as usize;
@@ -694,35 +702,59 @@ impl Wal {
         Ok(spare)
     }
 
-    /// Writes one record at the write position, first sealing the write segment and
-    /// moving to the next prepared one if it does not fit. Returns its offset.
-    fn write_record(
+    /// Room for records in the write segment after what is written and staged.
+    fn room(&self) -> usize {
+        let seg = self.write_segment();
+        seg.map.len() - seg.write_pos - self.staged.len()
+    }
+
+    /// Stages one record at the write position, first sealing the write segment (and
+    /// writing what it staged) and moving to the next prepared one if it does not fit.
+    /// Returns the record's offset in the (new) write segment.
+    fn stage_record(
         &mut self,
         spare: &mut VecDeque<Segment>,
         header: &RecordHeader,
         payload: &[u8],
     ) -> usize {
         let len = format::record_len(payload.len());
-        if len + SEAL_LEN > self.write_segment().room() {
-            let synced_to = self.durable_pos;
-            let seg = self.segments.back_mut().expect("write segment");
+        if len + SEAL_LEN > self.room() {
             let seal = RecordHeader {
                 kind: RecordKind::Seal,
                 index: 0,
                 term: 0,
-                synced_to,
+                synced_to: self.durable_pos,
             };
-            let at = seg.write_pos;
-            seg.write_pos += format::encode_record(&mut seg.map[at..], seg.seq, &seal, &[]);
+            self.encode_staged(&seal, &[]);
+            self.write_staged();
+            let seg = self.segments.back_mut().expect("write segment");
             seg.sealed = true;
             seg.offsets.shrink_to_fit();
             let next = spare.pop_front().expect("segment prepared for rollover");
             self.segments.push_back(next);
         }
-        let seg = self.segments.back_mut().expect("write segment");
-        let at = seg.write_pos;
-        seg.write_pos += format::encode_record(&mut seg.map[at..], seg.seq, header, payload);
+        self.encode_staged(header, payload)
+    }
+
+    fn encode_staged(&mut self, header: &RecordHeader, payload: &[u8]) -> usize {
+        let seg = self.segments.back().expect("write segment");
+        let (seq, at) = (seg.seq, seg.write_pos + self.staged.len());
+        let start = self.staged.len();
+        self.staged
+            .resize(start + format::record_len(payload.len()), 0);
+        format::encode_record(&mut self.staged[start..], seq, header, payload);
         at
+    }
+
+    /// Writes the staged records to the write segment (one pwrite).
+    fn write_staged(&mut self) {
+        if self.staged.is_empty() {
+            return;
+        }
+        let seg = self.segments.back_mut().expect("write segment");
+        seg.write_at(&self.staged, seg.write_pos);
+        seg.write_pos += self.staged.len();
+        self.staged.clear();
     }
 
     /// The segments that are part of the log (all of them, except during replay).

@@ -74,8 +74,13 @@ fn disk_full_child() {
     let Ok(dir) = std::env::var(CHILD_ENV) else {
         return; // not the child
     };
-    // A first segment, created while no limit applies.
-    let mut wal = Wal::open(&dir, options()).unwrap();
+    // A first segment, created while no limit applies, smaller than the limit: writes
+    // into it stay below RLIMIT_FSIZE (which also applies to writes inside a file).
+    let first = WalOptions {
+        segment_bytes: SEGMENT / 4,
+        ..options()
+    };
+    let mut wal = Wal::open(&dir, first).unwrap();
     append_one(&mut wal, 100).unwrap();
     wal.sync().unwrap();
     drop(wal);
@@ -88,6 +93,7 @@ fn disk_full_child() {
         };
         assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
     }
+    // New segments are SEGMENT bytes, more than the limit: preallocating one fails.
     let mut wal = Wal::open(&dir, options()).unwrap();
     let (last, errno) = fill_until_error(&mut wal);
     assert_eq!(errno, libc::EFBIG);
