@@ -207,17 +207,13 @@ pub struct RecordHeader {
     pub synced_to: u64,
 }
 
-/// Writes one record (header, payload, zero padding) at the start of `out`, which must
-/// hold `record_len(payload.len())` bytes. Returns the bytes written.
-pub fn encode_record(out: &mut [u8], seq: u64, header: &RecordHeader, payload: &[u8]) -> usize {
-    let len = record_len(payload.len());
-    assert!(out.len() >= len, "record does not fit");
+/// The header bytes of a record with this payload, both checksums computed.
+pub fn encode_record_header(
+    seq: u64,
+    header: &RecordHeader,
+    payload: &[u8],
+) -> [u8; RECORD_HEADER_LEN] {
     assert!(payload.len() <= u32::MAX as usize);
-    let out = &mut out[..len];
-    // Payload first, header last: a reader in the same process never sees a valid header
-    // in front of a half-copied payload (the checksums would catch it anyway).
-    out[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload.len()].copy_from_slice(payload);
-    out[RECORD_HEADER_LEN + payload.len()..].fill(0);
     let mut pcrc = crc32fast::Hasher::new();
     pcrc.update(&seq.to_le_bytes());
     pcrc.update(&header.index.to_le_bytes());
@@ -231,7 +227,18 @@ pub fn encode_record(out: &mut [u8], seq: u64, header: &RecordHeader, payload: &
     head[32..40].copy_from_slice(&header.synced_to.to_le_bytes());
     let hcrc = header_crc(seq, &head);
     head[0..4].copy_from_slice(&hcrc.to_le_bytes());
-    out[..RECORD_HEADER_LEN].copy_from_slice(&head);
+    head
+}
+
+/// Writes one record (header, payload, zero padding) at the start of `out`, which must
+/// hold `record_len(payload.len())` bytes. Returns the bytes written.
+pub fn encode_record(out: &mut [u8], seq: u64, header: &RecordHeader, payload: &[u8]) -> usize {
+    let len = record_len(payload.len());
+    assert!(out.len() >= len, "record does not fit");
+    let out = &mut out[..len];
+    out[..RECORD_HEADER_LEN].copy_from_slice(&encode_record_header(seq, header, payload));
+    out[RECORD_HEADER_LEN..RECORD_HEADER_LEN + payload.len()].copy_from_slice(payload);
+    out[RECORD_HEADER_LEN + payload.len()..].fill(0);
     len
 }
 

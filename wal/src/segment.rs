@@ -7,6 +7,7 @@
 //! measured clearly faster for large batches than writing through a writable mapping.)
 
 use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -181,6 +182,49 @@ impl Segment {
             synced_pos: data_offset,
             sealed: false,
         })
+    }
+
+    /// Writes the concatenation of `bufs` (`total` bytes) at `offset` with pwritev(2);
+    /// failures are fatal as in `write_at`.
+    pub fn write_vectored_at(&self, bufs: &[std::io::IoSlice<'_>], offset: usize, total: usize) {
+        assert!(
+            offset + total <= self.map.len(),
+            "write past the segment end"
+        );
+        assert!(bufs.len() <= libc::c_int::MAX as usize);
+        let written = loop {
+            // SAFETY: IoSlice is guaranteed ABI-compatible with struct iovec on Unix; the
+            // slices borrow live memory for the duration of the call; the fd is ours.
+            let rc = unsafe {
+                libc::pwritev(
+                    self.file.as_raw_fd(),
+                    bufs.as_ptr().cast::<libc::iovec>(),
+                    bufs.len() as libc::c_int,
+                    offset as libc::off_t,
+                )
+            };
+            if rc >= 0 {
+                break rc as usize;
+            }
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                sys::fatal_sync_error("pwritev", &self.path, &err);
+            }
+        };
+        if written < total {
+            // A short write (rare for regular files): finish slice by slice.
+            let (mut skip, mut at) = (written, offset + written);
+            for buf in bufs {
+                if skip >= buf.len() {
+                    skip -= buf.len();
+                    continue;
+                }
+                let rest = &buf[skip..];
+                skip = 0;
+                self.write_at(rest, at);
+                at += rest.len();
+            }
+        }
     }
 
     /// Writes `bytes` at `offset` through the page cache. A failure here (an I/O error on

@@ -150,17 +150,31 @@ pub struct Wal {
     /// Segment of the latest durable such record: nothing before it is needed.
     reset_durable: Option<u64>,
     recovery: RecoveryReport,
-    /// Records encoded for the write segment, starting at its `write_pos`, not yet
-    /// written: each append or meta record is encoded here and written with one pwrite.
-    staged: Vec<u8>,
+    /// Record headers staged for the write segment (records start at its `write_pos`),
+    /// not yet written. Payloads are not copied: `write_staged` hands pwritev the
+    /// headers and the caller's payload slices.
+    staged_heads: Vec<u8>,
+    staged_parts: Vec<StagedPart>,
+    /// On-disk bytes of the staged records (headers, payloads, padding).
+    staged_len: usize,
     /// While replaying segment k on open: k + 1, the segments replayed so far (the later
     /// ones are not part of the log yet). None afterwards.
     replay_limit: Option<usize>,
 }
 
 const SEAL_LEN: usize = RECORD_HEADER_LEN;
-/// Initial size of the staging buffer (it grows to the largest batch appended).
-const STAGE_CAPACITY: usize = 256 * 1024;
+/// Records the staging buffers hold before growing (to the largest batch appended).
+const STAGE_RECORDS: usize = 1024;
+/// iovecs per pwritev call (each record takes up to three: header, payload, padding).
+const MAX_IOV: usize = 384;
+
+/// One staged record: its header in `staged_heads`, its payload (if any) the payload of
+/// entry `entry` of the batch being appended.
+struct StagedPart {
+    head_at: usize,
+    entry: Option<usize>,
+    payload_len: usize,
+}
 /// Raft indexes stay far below this; larger ones on disk are corruption (and could
 /// overflow index arithmetic).
 const MAX_INDEX: u64 = u64::MAX / 4;
@@ -233,7 +247,9 @@ impl Wal {
             reset_durable: None,
             recovery: RecoveryReport::default(),
             replay_limit: None,
-            staged: Vec::with_capacity(STAGE_CAPACITY),
+            staged_heads: Vec::with_capacity(STAGE_RECORDS * RECORD_HEADER_LEN),
+            staged_parts: Vec::with_capacity(STAGE_RECORDS),
+            staged_len: 0,
         };
         wal.replay()?;
         if wal.segments.back().is_none_or(|s| s.sealed) {
@@ -576,14 +592,14 @@ impl Wal {
             .iter()
             .map(|e| (e.index, format::record_len(e.payload.len())));
         let mut spare = self.prepare_segments(lens)?;
-        for e in entries {
+        for (i, e) in entries.iter().enumerate() {
             let header = RecordHeader {
                 kind: RecordKind::Entry,
                 index: e.index,
                 term: e.term,
                 synced_to: self.durable_pos,
             };
-            let offset = self.stage_record(&mut spare, &header, e.payload);
+            let offset = self.stage_record(&mut spare, &header, entries, Some(i));
             let seg = self.segments.back_mut().expect("write segment");
             if seg.offsets.is_empty() {
                 seg.first_live = e.index;
@@ -592,7 +608,7 @@ impl Wal {
             seg.max_entry_index = Some(e.index);
             self.next_index += 1;
         }
-        self.write_staged();
+        self.write_staged(entries);
         assert!(spare.is_empty(), "every prepared segment is used");
         Ok(())
     }
@@ -654,8 +670,8 @@ impl Wal {
             term: 0,
             synced_to: self.durable_pos,
         };
-        self.stage_record(&mut spare, &header, &[]);
-        self.write_staged();
+        self.stage_record(&mut spare, &header, &[], None);
+        self.write_staged(&[]);
         assert!(spare.is_empty());
         Ok(())
     }
@@ -705,18 +721,21 @@ impl Wal {
     /// Room for records in the write segment after what is written and staged.
     fn room(&self) -> usize {
         let seg = self.write_segment();
-        seg.map.len() - seg.write_pos - self.staged.len()
+        seg.map.len() - seg.write_pos - self.staged_len
     }
 
     /// Stages one record at the write position, first sealing the write segment (and
     /// writing what it staged) and moving to the next prepared one if it does not fit.
-    /// Returns the record's offset in the (new) write segment.
+    /// `entry` is the record's position in `entries` (None for a record without
+    /// payload). Returns the record's offset in the (new) write segment.
     fn stage_record(
         &mut self,
         spare: &mut VecDeque<Segment>,
         header: &RecordHeader,
-        payload: &[u8],
+        entries: &[EntryRef<'_>],
+        entry: Option<usize>,
     ) -> usize {
+        let payload = entry.map_or(&[][..], |i| entries[i].payload);
         let len = format::record_len(payload.len());
         if len + SEAL_LEN > self.room() {
             let seal = RecordHeader {
@@ -725,36 +744,73 @@ impl Wal {
                 term: 0,
                 synced_to: self.durable_pos,
             };
-            self.encode_staged(&seal, &[]);
-            self.write_staged();
+            self.stage_one(&seal, &[], None);
+            self.write_staged(entries);
             let seg = self.segments.back_mut().expect("write segment");
             seg.sealed = true;
             seg.offsets.shrink_to_fit();
             let next = spare.pop_front().expect("segment prepared for rollover");
             self.segments.push_back(next);
         }
-        self.encode_staged(header, payload)
+        self.stage_one(header, payload, entry)
     }
 
-    fn encode_staged(&mut self, header: &RecordHeader, payload: &[u8]) -> usize {
+    fn stage_one(&mut self, header: &RecordHeader, payload: &[u8], entry: Option<usize>) -> usize {
         let seg = self.segments.back().expect("write segment");
-        let (seq, at) = (seg.seq, seg.write_pos + self.staged.len());
-        let start = self.staged.len();
-        self.staged
-            .resize(start + format::record_len(payload.len()), 0);
-        format::encode_record(&mut self.staged[start..], seq, header, payload);
+        let at = seg.write_pos + self.staged_len;
+        let head = format::encode_record_header(seg.seq, header, payload);
+        self.staged_parts.push(StagedPart {
+            head_at: self.staged_heads.len(),
+            entry,
+            payload_len: payload.len(),
+        });
+        self.staged_heads.extend_from_slice(&head);
+        self.staged_len += format::record_len(payload.len());
         at
     }
 
-    /// Writes the staged records to the write segment (one pwrite).
-    fn write_staged(&mut self) {
-        if self.staged.is_empty() {
-            return;
+    /// Writes the staged records to the write segment: pwritev of headers, the caller's
+    /// payloads and padding, a few hundred slices per call (normally one call).
+    fn write_staged(&mut self, entries: &[EntryRef<'_>]) {
+        const PAD: [u8; RECORD_ALIGN] = [0; RECORD_ALIGN];
+        let seg = self.segments.back().expect("write segment");
+        let mut iov = [std::io::IoSlice::new(&[]); MAX_IOV];
+        let (mut count, mut bytes, mut at) = (0, 0, seg.write_pos);
+        for part in &self.staged_parts {
+            if count + 3 > MAX_IOV {
+                seg.write_vectored_at(&iov[..count], at, bytes);
+                at += bytes;
+                (count, bytes) = (0, 0);
+            }
+            let head = &self.staged_heads[part.head_at..part.head_at + RECORD_HEADER_LEN];
+            iov[count] = std::io::IoSlice::new(head);
+            count += 1;
+            let len = format::record_len(part.payload_len);
+            if let Some(i) = part.entry {
+                let payload = entries[i].payload;
+                assert_eq!(payload.len(), part.payload_len);
+                if !payload.is_empty() {
+                    iov[count] = std::io::IoSlice::new(payload);
+                    count += 1;
+                }
+            }
+            let pad = len - RECORD_HEADER_LEN - part.payload_len;
+            if pad > 0 {
+                iov[count] = std::io::IoSlice::new(&PAD[..pad]);
+                count += 1;
+            }
+            bytes += len;
         }
+        if count > 0 {
+            seg.write_vectored_at(&iov[..count], at, bytes);
+            at += bytes;
+        }
+        assert_eq!(at, seg.write_pos + self.staged_len);
         let seg = self.segments.back_mut().expect("write segment");
-        seg.write_at(&self.staged, seg.write_pos);
-        seg.write_pos += self.staged.len();
-        self.staged.clear();
+        seg.write_pos = at;
+        self.staged_heads.clear();
+        self.staged_parts.clear();
+        self.staged_len = 0;
     }
 
     /// The segments that are part of the log (all of them, except during replay).
