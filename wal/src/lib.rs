@@ -6,9 +6,16 @@
 //!   reads, truncate suffix, compact prefix, crash recovery on open.
 //! - [`HardStateFile`]: term, vote and commit index in two alternating CRC-checked slots.
 //!
-//! Durability rules: segments are preallocated before they are mapped (a write into a
-//! sparse mapping on a full disk is a SIGBUS, not an error), and any flush error aborts
-//! the process (a retried fsync may report success for data the kernel dropped).
+//! Durability rules: segments are preallocated with fallocate before they are mapped or
+//! written (disk full shows up as an error when a segment is created, never later as a
+//! SIGBUS or a failed write), and any flush error aborts the process (a retried fsync may
+//! report success for data the kernel dropped); so does a failed write into preallocated
+//! space, for the same reason.
+//!
+//! Writes and reads: a batch is written with one pwritev (record headers plus the
+//! caller's payload slices, no extra copy) into the page cache; segments are mapped
+//! read-only (memmap2), so reads return slices of the map without copying, and see the
+//! written bytes at once. One fdatasync per touched segment makes a batch durable.
 //!
 //! The crate takes its sizes through [`WalOptions`]; it does not know the agent's limits.
 //!
