@@ -176,7 +176,10 @@ fn torn_truncation_recovers_to_a_written_state() {
         let ctx = format!("seed {seed}");
         let wal = Wal::open(crash.path(), options())
             .unwrap_or_else(|e| panic!("{ctx}: a legitimate crash image failed to open: {e}"));
-        assert!(wal.last_index() >= cut - 1, "{ctx}: entries before the cut lost");
+        assert!(
+            wal.last_index() >= cut - 1,
+            "{ctx}: entries before the cut lost"
+        );
         let mut saw_new = false;
         for index in wal.first_index()..=wal.last_index() {
             let e = wal.entry(index).unwrap();
@@ -185,7 +188,10 @@ fn torn_truncation_recovers_to_a_written_state() {
             } else {
                 assert!(e.term == TERM || e.term == TERM + 1, "{ctx}");
                 // Terms never go down along the log: no old entry after a new one.
-                assert!(!saw_new || e.term == TERM + 1, "{ctx}: old entry {index} after new");
+                assert!(
+                    !saw_new || e.term == TERM + 1,
+                    "{ctx}: old entry {index} after new"
+                );
             }
             saw_new |= e.term == TERM + 1;
             assert_eq!(
