@@ -123,7 +123,10 @@ fn file_size_limit_gives_an_error() {
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    eprintln!("child: {}", stdout.lines().find(|l| l.contains("OK")).unwrap_or(""));
+    eprintln!(
+        "child: {}",
+        stdout.lines().find(|l| l.contains("OK")).unwrap_or("")
+    );
     // After the limit is gone, the log opens and grows again.
     let mut wal = Wal::open(dir.path(), options()).unwrap();
     let last = wal.last_index();
@@ -179,7 +182,10 @@ fn full_tmpfs_gives_an_error_and_compaction_frees_space() {
     let mut wal = Wal::open(&wal_dir, options()).unwrap();
     let (last, errno) = fill_until_error(&mut wal);
     assert_eq!(errno, libc::ENOSPC);
-    eprintln!("tmpfs full after entry {last} in {} segments", wal.segment_count());
+    eprintln!(
+        "tmpfs full after entry {last} in {} segments",
+        wal.segment_count()
+    );
     no_temp_files_left(&wal_dir);
     // A snapshot lets the old segments go; then there is room again.
     wal.compact(last + 1).unwrap();
