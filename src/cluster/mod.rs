@@ -7,3 +7,8 @@ pub mod dedup;
 pub mod kv;
 pub mod placement;
 pub mod state;
+
+#[cfg(test)]
+mod testkit;
+#[cfg(test)]
+mod tests;
