@@ -531,9 +531,19 @@ pub(crate) fn get_optional_str(
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trips() {
-        let commands = [
+    /// One command of every kind.
+    pub(crate) fn every_kind() -> Vec<Command> {
+        let spec = VmSpec {
+            resources: Resources {
+                memory_bytes: 256 << 20,
+                vcpus: 2,
+            },
+            touch_percent: 30,
+            snapshot_interval_ms: 500,
+            full_every: 4,
+            anti_affinity: Some("db".into()),
+        };
+        vec![
             Command::Kv(KvCommand::Put {
                 key: "vm/7".into(),
                 value: b"{}".to_vec(),
@@ -543,7 +553,74 @@ mod tests {
                 key: "x".into(),
                 if_revision: None,
             }),
-        ];
+            Command::RegisterHost {
+                host: 3,
+                capacity: Resources {
+                    memory_bytes: 1 << 34,
+                    vcpus: 16,
+                },
+            },
+            Command::CreateVm {
+                vm: "web-1".into(),
+                spec: spec.clone(),
+            },
+            Command::CreateVm {
+                vm: "web-2".into(),
+                spec: VmSpec {
+                    anti_affinity: None,
+                    ..spec
+                },
+            },
+            Command::DeleteVm { vm: "web-1".into() },
+            Command::SetDesired {
+                vm: "a".into(),
+                desired: Desired::Running,
+            },
+            Command::SetDesired {
+                vm: "a".into(),
+                desired: Desired::Stopped,
+            },
+            Command::PlaceVm {
+                vm: "a".into(),
+                host: 2,
+                expected_token: 41,
+            },
+            Command::HostDead {
+                host: 2,
+                reason: "no ack for 505 ms".into(),
+            },
+            Command::HostAlive { host: 2 },
+            Command::DrainHost { host: 2 },
+            Command::HostDrained { host: 2 },
+            Command::SnapshotCommitted(SnapshotRecord {
+                vm: "a".into(),
+                token: 41,
+                seq: 3,
+                kind: SnapshotKind::Diff,
+                snapshot_id: 0xdead,
+                parent_id: 0xbeef,
+                path: "vms/a/41-3".into(),
+                final_for_migration: true,
+                taken_at_ms: 1_700_000_000_000,
+            }),
+            Command::MigrateVm {
+                vm: "a".into(),
+                target: Some(5),
+            },
+            Command::MigrateVm {
+                vm: "a".into(),
+                target: None,
+            },
+            Command::VmWaiting {
+                vm: "a".into(),
+                reason: "no room".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn round_trips() {
+        let commands = every_kind();
         for (i, command) in commands.iter().enumerate() {
             let mut bytes = Vec::new();
             command.encode(RequestId(i as u64 + 1), &mut bytes);
@@ -551,6 +628,17 @@ mod tests {
                 Command::decode(&bytes).unwrap(),
                 (RequestId(i as u64 + 1), command.clone())
             );
+            // Deterministic: the same command gives the same bytes.
+            assert_eq!(command.to_bytes(RequestId(i as u64 + 1)), bytes);
+            // Bit flips never panic; what still decodes re-encodes to the same bytes
+            // (one encoding per command).
+            for at in 0..bytes.len() {
+                let mut flipped = bytes.clone();
+                flipped[at] ^= 0x5a;
+                if let Ok((request, decoded)) = Command::decode(&flipped) {
+                    assert_eq!(decoded.to_bytes(request), flipped, "{}", command.name());
+                }
+            }
             for cut in 0..bytes.len() {
                 assert!(Command::decode(&bytes[..cut]).is_err(), "cut {cut}");
             }
@@ -577,5 +665,27 @@ mod tests {
         huge_key.extend_from_slice(&u32::MAX.to_le_bytes());
         let error = Command::decode(&huge_key).unwrap_err();
         assert!(error.to_string().contains("exceeds the limit"), "{error}");
+        // Unknown tags inside a command name their field and offset.
+        let mut bytes = Command::SetDesired {
+            vm: "a".into(),
+            desired: Desired::Running,
+        }
+        .to_bytes(RequestId(0));
+        *bytes.last_mut().unwrap() = 9;
+        assert_eq!(
+            Command::decode(&bytes).unwrap_err().to_string(),
+            "set_desired.desired at byte 15: unknown desired state 9"
+        );
+        // An absent option must carry zero, so that each command has one encoding.
+        let mut bytes = Command::MigrateVm {
+            vm: "a".into(),
+            target: None,
+        }
+        .to_bytes(RequestId(0));
+        *bytes.last_mut().unwrap() = 1;
+        assert_eq!(
+            Command::decode(&bytes).unwrap_err().to_string(),
+            "migrate_vm.target at byte 16: absent value is not zero"
+        );
     }
 }

@@ -195,3 +195,237 @@ pub fn plan_drains(state: &ClusterState) -> Vec<Command> {
     }
     commands
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::command::SnapshotKind;
+    use crate::cluster::state::Outcome;
+    use crate::cluster::testkit::Harness;
+
+    fn hosts_of(h: &Harness, vms: &[&str]) -> Vec<Option<HostId>> {
+        vms.iter().map(|vm| h.host_of(vm)).collect()
+    }
+
+    #[test]
+    fn spreads_least_loaded_first() {
+        let mut h = Harness::new();
+        for id in 1..=3 {
+            h.host(id, 8, 8);
+        }
+        for i in 0..6 {
+            h.vm(&format!("vm{i}"), 1024, 1, None);
+        }
+        let plan = plan(&h.state);
+        assert_eq!(plan, super::plan(&h.state), "deterministic");
+        assert_eq!(plan.commands.len(), 6);
+        assert!(plan.waiting.is_empty());
+        h.run_plan();
+        for id in 1..=3 {
+            assert_eq!(h.state.vms_on(id).count(), 2, "host {id}");
+        }
+        // Nothing left to do: a second round proposes nothing.
+        assert_eq!(super::plan(&h.state), Plan::default());
+    }
+
+    #[test]
+    fn least_loaded_counts_the_larger_share() {
+        let mut h = Harness::new();
+        h.host(1, 16, 2); // lots of memory, few vCPUs
+        h.host(2, 4, 16);
+        h.vm("a", 1024, 2, None);
+        h.vm("b", 1024, 1, None);
+        h.run_plan();
+        // "a" goes to host 1 (tie: both empty, lower id), which then has all its vCPUs
+        // taken: "b" goes to host 2 although host 1 has more free memory.
+        assert_eq!(hosts_of(&h, &["a", "b"]), vec![Some(1), Some(2)]);
+    }
+
+    #[test]
+    fn anti_affinity_keeps_a_group_apart_while_another_host_fits() {
+        let mut h = Harness::new();
+        h.host(1, 32, 32);
+        h.host(2, 4, 4);
+        h.host(3, 4, 4);
+        // Load host 2 and 3 a little so that host 1 is clearly the least loaded.
+        h.vm("x", 2048, 2, None);
+        h.vm("y", 2048, 2, None);
+        h.run_plan();
+        assert_eq!(hosts_of(&h, &["x", "y"]), vec![Some(1), Some(2)]);
+        h.vm("db0", 1024, 1, Some("db"));
+        h.vm("db1", 1024, 1, Some("db"));
+        h.vm("db2", 1024, 1, Some("db"));
+        h.run_plan();
+        let mut placed: Vec<_> = hosts_of(&h, &["db0", "db1", "db2"]);
+        placed.sort();
+        assert_eq!(placed, vec![Some(1), Some(2), Some(3)], "one per host");
+        // A fourth member: every host has one, so it shares (least loaded: host 1).
+        h.vm("db3", 1024, 1, Some("db"));
+        h.run_plan();
+        assert_eq!(h.host_of("db3"), Some(1));
+        // A member shares even when the only group-free host has no room.
+        let mut h = Harness::new();
+        h.host(1, 8, 8);
+        h.host(2, 1, 8);
+        h.vm("filler", 1024, 1, None);
+        assert!(matches!(h.place("filler", 2), Outcome::Placed { .. }));
+        h.vm("g0", 512, 1, Some("g"));
+        h.run_plan();
+        assert_eq!(hosts_of(&h, &["filler", "g0"]), vec![Some(2), Some(1)]);
+        h.vm("g1", 512, 1, Some("g"));
+        h.run_plan();
+        assert_eq!(h.host_of("g1"), Some(1), "host 2 is full");
+    }
+
+    #[test]
+    fn waits_visibly_when_full_and_is_placed_when_a_host_joins() {
+        let mut h = Harness::new();
+        h.vm("a", 1024, 1, None);
+        let plan = h.run_plan();
+        assert_eq!(
+            plan.waiting,
+            vec![("a".into(), "no live host to run it".into())]
+        );
+        assert_eq!(h.state.vm("a").unwrap().waiting, "no live host to run it");
+        h.host(1, 1, 4);
+        h.vm("b", 1024, 1, None);
+        h.run_plan();
+        assert_eq!(hosts_of(&h, &["a", "b"]), vec![Some(1), None]);
+        let reason = "no live host has room for 1024 MiB and 1 vCPUs";
+        assert_eq!(h.state.vm("b").unwrap().waiting, reason);
+        // The reason is replicated once, not on every round.
+        let again = plan_placements(&h.state);
+        assert!(again.commands.is_empty(), "{again:?}");
+        assert_eq!(again.waiting, vec![("b".into(), reason.into())]);
+        h.host(2, 2, 4);
+        h.run_plan();
+        assert_eq!(h.host_of("b"), Some(2));
+        assert_eq!(h.state.vm("b").unwrap().waiting, "");
+    }
+
+    #[test]
+    fn replaces_the_vms_of_a_dead_host_on_the_survivors() {
+        let mut h = Harness::new();
+        for id in 1..=3 {
+            h.host(id, 4, 4);
+        }
+        for i in 0..6 {
+            h.vm(&format!("vm{i}"), 1024, 1, None);
+        }
+        h.run_plan();
+        let on_1: Vec<String> = h.state.vms_on(1).map(|vm| vm.id.clone()).collect();
+        assert_eq!(on_1.len(), 2);
+        let tokens: Vec<u64> = on_1.iter().map(|vm| h.token(vm)).collect();
+        h.ok(Command::HostDead {
+            host: 1,
+            reason: "test".into(),
+        });
+        // A stale plan made before the death would be rejected; a fresh one places.
+        h.run_plan();
+        for (vm, old) in on_1.iter().zip(tokens) {
+            let host = h.host_of(vm).unwrap();
+            assert_ne!(host, 1);
+            assert!(h.token(vm) > old);
+        }
+        assert_eq!(h.state.vms_on(2).count() + h.state.vms_on(3).count(), 6);
+    }
+
+    #[test]
+    fn a_plan_applied_twice_never_moves_twice() {
+        let mut h = Harness::new();
+        h.host(1, 4, 4);
+        h.host(2, 4, 4);
+        h.vm("a", 1024, 1, None);
+        let plan = plan(&h.state);
+        for command in plan.commands.clone() {
+            assert!(matches!(h.apply(command), Outcome::Placed { .. }));
+        }
+        let token = h.token("a");
+        for command in plan.commands {
+            assert!(matches!(h.apply(command), Outcome::Rejected(_)));
+        }
+        assert_eq!(h.token("a"), token);
+    }
+
+    /// Carries out what the source host does for a migration: its final snapshot.
+    fn final_snapshots(h: &mut Harness) {
+        let migrating: Vec<String> = h
+            .state
+            .vms()
+            .filter(|vm| vm.migration.is_some_and(|m| !m.ready))
+            .map(|vm| vm.id.clone())
+            .collect();
+        for (i, vm) in migrating.iter().enumerate() {
+            let mut record = h.next_snapshot(vm, SnapshotKind::Full, 100 + i as u64);
+            record.final_for_migration = true;
+            h.ok(Command::SnapshotCommitted(record));
+        }
+    }
+
+    #[test]
+    fn drain_moves_every_vm_then_marks_the_host_drained() {
+        let mut h = Harness::new();
+        for id in 1..=3 {
+            h.host(id, 4, 4);
+        }
+        for i in 0..6 {
+            h.vm(&format!("vm{i}"), 1024, 1, None);
+        }
+        h.run_plan();
+        let on_1: Vec<String> = h.state.vms_on(1).map(|vm| vm.id.clone()).collect();
+        h.ok(Command::DrainHost { host: 1 });
+        // Round 1: a migration request for each VM on the host; none moves yet.
+        let plan = h.run_plan();
+        assert_eq!(
+            plan.commands.len(),
+            on_1.len(),
+            "one migrate per VM: {plan:?}"
+        );
+        assert!(on_1.iter().all(|vm| h.host_of(vm) == Some(1)));
+        // Until the final snapshots are committed, rounds propose nothing new.
+        assert_eq!(super::plan(&h.state).commands, vec![]);
+        final_snapshots(&mut h);
+        // Round 2: the ready VMs are placed elsewhere.
+        h.run_plan();
+        for vm in &on_1 {
+            assert!(matches!(h.host_of(vm), Some(2) | Some(3)), "{vm}");
+        }
+        assert_eq!(h.state.vms_on(1).count(), 0);
+        // Round 3: drained.
+        assert_eq!(
+            super::plan(&h.state).commands,
+            vec![Command::HostDrained { host: 1 }]
+        );
+        h.run_plan();
+        assert_eq!(h.state.host(1).unwrap().state, HostState::Drained);
+        assert_eq!(super::plan(&h.state), Plan::default());
+    }
+
+    #[test]
+    fn a_migration_prefers_its_target() {
+        let mut h = Harness::new();
+        for id in 1..=3 {
+            h.host(id, 4, 4);
+        }
+        h.vm("a", 1024, 1, None);
+        h.vm("b", 1024, 1, None);
+        h.run_plan();
+        assert_eq!(hosts_of(&h, &["a", "b"]), vec![Some(1), Some(2)]);
+        // Host 3 is emptier, but the request names host 2.
+        h.ok(Command::MigrateVm {
+            vm: "a".into(),
+            target: Some(2),
+        });
+        final_snapshots(&mut h);
+        h.run_plan();
+        assert_eq!(h.host_of("a"), Some(2));
+        // Without a target: the least loaded other host.
+        h.ok(Command::MigrateVm {
+            vm: "a".into(),
+            target: None,
+        });
+        final_snapshots(&mut h);
+        h.run_plan();
+        assert_eq!(h.host_of("a"), Some(1));
+    }
+}
