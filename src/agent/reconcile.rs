@@ -192,12 +192,12 @@ fn reconcile_vm(
             // The state lags: leave it alone (see the module docs).
             continue;
         }
-        if vmm.token < vm.token {
-            stop(actions, vmm, StopReason::StaleToken);
-        } else if vm.desired == Desired::Stopped {
+        if vm.desired == Desired::Stopped {
             stop(actions, vmm, StopReason::DesiredStopped);
         } else if !placed_here {
             stop(actions, vmm, StopReason::NotPlacedHere);
+        } else if vmm.token < vm.token {
+            stop(actions, vmm, StopReason::StaleToken);
         } else if vmm.state == VmmState::Failed {
             stop(actions, vmm, StopReason::Failed);
         } else if !vmm.stopping {
@@ -299,5 +299,400 @@ fn next_snapshot(vm: &Vm, vmm: &LocalVmm, final_for_migration: bool) -> Snapshot
         path: snapshot_path(&vm.id, vm.token, seq),
         parent_id,
         final_for_migration,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::command::Command;
+    use crate::cluster::state::Outcome;
+    use crate::cluster::testkit::Harness;
+
+    const MS: u64 = 1_000_000;
+    const NOW: u64 = 100_000 * MS;
+    const LEASE: Option<u64> = Some(NOW + 400 * MS);
+
+    /// Hosts 1 and 2; VM "a" (snapshots every second, a full one every 4) on host 1.
+    fn placed() -> Harness {
+        let mut h = Harness::new();
+        h.host(1, 4, 4);
+        h.host(2, 4, 4);
+        h.vm("a", 1024, 1, None);
+        assert!(matches!(h.place("a", 1), Outcome::Placed { .. }));
+        h
+    }
+
+    fn vmm(vm: &str, token: u64, state: VmmState) -> LocalVmm {
+        LocalVmm {
+            vm: vm.into(),
+            token,
+            state,
+            adopted: true,
+            stopping: false,
+            since_ns: NOW - 10 * MS,
+            last_snapshot_id: 0,
+            last_snapshot_requested_ns: None,
+            last_seq_used: 0,
+            snapshot_in_flight: false,
+        }
+    }
+
+    fn run(
+        h: &Harness,
+        host: HostId,
+        vmms: &[LocalVmm],
+        lease: Option<u64>,
+        now: u64,
+    ) -> Vec<Action> {
+        reconcile(&Input {
+            state: &h.state,
+            host,
+            vmms,
+            own_lease_expiry_ns: lease,
+            now_ns: now,
+        })
+    }
+
+    fn renew(vm: &str, token: u64) -> Action {
+        Action::Renew {
+            vm: vm.into(),
+            token,
+            deadline_ns: LEASE.unwrap(),
+        }
+    }
+
+    #[test]
+    fn starts_a_placed_vm_booting_the_spec_or_restoring_the_chain() {
+        let mut h = placed();
+        let token = h.token("a");
+        let spec = h.state.vm("a").unwrap().spec.clone();
+        assert_eq!(
+            run(&h, 1, &[], LEASE, NOW),
+            vec![Action::Start {
+                vm: "a".into(),
+                token,
+                spec: spec.clone(),
+                restore: vec![],
+                lease_deadline_ns: LEASE.unwrap(),
+            }]
+        );
+        assert_eq!(run(&h, 2, &[], LEASE, NOW), vec![], "not placed on host 2");
+        // With committed snapshots: the chain, full first.
+        let full = h.next_snapshot("a", SnapshotKind::Full, 7);
+        h.ok(Command::SnapshotCommitted(full.clone()));
+        let diff = h.next_snapshot("a", SnapshotKind::Diff, 8);
+        h.ok(Command::SnapshotCommitted(diff.clone()));
+        h.ok(Command::HostDead {
+            host: 1,
+            reason: "test".into(),
+        });
+        assert!(matches!(h.place("a", 2), Outcome::Placed { .. }));
+        match &run(&h, 2, &[], LEASE, NOW)[..] {
+            [Action::Start { restore, token, .. }] => {
+                assert_eq!(restore, &vec![full.path, diff.path]);
+                assert_eq!(*token, h.token("a"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn never_starts_or_renews_without_a_valid_own_lease() {
+        let h = placed();
+        let token = h.token("a");
+        for lease in [None, Some(NOW), Some(NOW - 1)] {
+            assert_eq!(run(&h, 1, &[], lease, NOW), vec![], "{lease:?}");
+            let running = [vmm("a", token, VmmState::Running)];
+            assert_eq!(run(&h, 1, &running, lease, NOW), vec![], "{lease:?}");
+            // A fenced VMM stays fenced: no renewal would resume it.
+            let fenced = [vmm("a", token, VmmState::Fenced)];
+            assert_eq!(run(&h, 1, &fenced, lease, NOW), vec![], "{lease:?}");
+        }
+        // With the lease: renewed up to the lease's expiry (a fenced one resumes so).
+        let fenced = [vmm("a", token, VmmState::Fenced)];
+        assert_eq!(run(&h, 1, &fenced, LEASE, NOW), vec![renew("a", token)]);
+    }
+
+    #[test]
+    fn adopts_a_vmm_found_with_the_current_token_instead_of_restarting_it() {
+        let h = placed();
+        let token = h.token("a");
+        let mut found = vmm("a", token, VmmState::Running);
+        found.adopted = false;
+        assert_eq!(
+            run(&h, 1, &[found.clone()], LEASE, NOW),
+            vec![
+                Action::Adopt {
+                    vm: "a".into(),
+                    token
+                },
+                renew("a", token)
+            ]
+        );
+        // Without a lease it is adopted but not renewed.
+        assert_eq!(
+            run(&h, 1, &[found], None, NOW),
+            vec![Action::Adopt {
+                vm: "a".into(),
+                token
+            }]
+        );
+    }
+
+    #[test]
+    fn a_host_that_comes_back_stops_the_vms_that_moved() {
+        let mut h = placed();
+        let old = h.token("a");
+        h.ok(Command::HostDead {
+            host: 1,
+            reason: "partitioned".into(),
+        });
+        assert!(matches!(h.place("a", 2), Outcome::Placed { .. }));
+        h.ok(Command::HostAlive { host: 1 });
+        let new = h.token("a");
+        assert!(new > old);
+        // Host 1 still has its VMM (fenced, or even running); it holds a lease again.
+        for state in [VmmState::Fenced, VmmState::Running] {
+            let mut found = vmm("a", old, state);
+            found.adopted = false;
+            assert_eq!(
+                run(&h, 1, &[found], LEASE, NOW),
+                vec![Action::Stop {
+                    vm: "a".into(),
+                    token: old,
+                    reason: StopReason::NotPlacedHere
+                }],
+                "never renewed, adopted or restarted"
+            );
+        }
+        // Host 2 runs it with the new token.
+        assert!(matches!(
+            &run(&h, 2, &[], LEASE, NOW)[..],
+            [Action::Start { token, .. }] if *token == new
+        ));
+    }
+
+    #[test]
+    fn a_stale_vmm_is_stopped_before_the_current_one_starts() {
+        let mut h = placed();
+        let old = h.token("a");
+        // Moved away and back: host 1 again, with a newer token.
+        h.ok(Command::HostDead {
+            host: 1,
+            reason: "test".into(),
+        });
+        h.ok(Command::HostAlive { host: 1 });
+        assert!(matches!(h.place("a", 1), Outcome::Placed { .. }));
+        let stale = [vmm("a", old, VmmState::Fenced)];
+        assert_eq!(
+            run(&h, 1, &stale, LEASE, NOW),
+            vec![Action::Stop {
+                vm: "a".into(),
+                token: old,
+                reason: StopReason::StaleToken
+            }],
+            "no start while the old VMM is still here"
+        );
+        let mut stopping = stale[0].clone();
+        stopping.stopping = true;
+        assert_eq!(run(&h, 1, &[stopping], LEASE, NOW), vec![]);
+        assert!(matches!(
+            &run(&h, 1, &[], LEASE, NOW)[..],
+            [Action::Start { .. }]
+        ));
+    }
+
+    #[test]
+    fn stops_for_deleted_stopped_and_failed_vms() {
+        let mut h = placed();
+        let token = h.token("a");
+        let failed = [vmm("a", token, VmmState::Failed)];
+        assert_eq!(
+            run(&h, 1, &failed, LEASE, NOW),
+            vec![Action::Stop {
+                vm: "a".into(),
+                token,
+                reason: StopReason::Failed
+            }]
+        );
+        h.ok(Command::SetDesired {
+            vm: "a".into(),
+            desired: Desired::Stopped,
+        });
+        let running = [vmm("a", token, VmmState::Running)];
+        assert_eq!(
+            run(&h, 1, &running, LEASE, NOW),
+            vec![Action::Stop {
+                vm: "a".into(),
+                token,
+                reason: StopReason::DesiredStopped
+            }]
+        );
+        h.ok(Command::DeleteVm { vm: "a".into() });
+        assert_eq!(
+            run(&h, 1, &running, LEASE, NOW),
+            vec![Action::Stop {
+                vm: "a".into(),
+                token,
+                reason: StopReason::UnknownVm
+            }]
+        );
+    }
+
+    #[test]
+    fn leaves_alone_what_a_lagging_state_does_not_know_yet() {
+        let h = placed();
+        let ahead = h.state.applied_index() + 5;
+        // A VM this node has not applied yet, and a newer token of a known VM.
+        let vmms = [
+            vmm("later", ahead, VmmState::Running),
+            vmm("a", ahead, VmmState::Running),
+        ];
+        assert_eq!(run(&h, 1, &vmms, LEASE, NOW), vec![]);
+    }
+
+    fn snapshot_of(actions: &[Action]) -> Option<&SnapshotRequest> {
+        actions.iter().find_map(|a| match a {
+            Action::Snapshot(request) => Some(request),
+            _ => None,
+        })
+    }
+
+    #[test]
+    fn snapshots_when_due_diffs_between_full_ones() {
+        let mut h = placed();
+        let token = h.token("a");
+        let mut local = vmm("a", token, VmmState::Running);
+        local.since_ns = NOW;
+        // The interval (1 s) runs from the start.
+        assert_eq!(
+            snapshot_of(&run(&h, 1, &[local.clone()], LEASE, NOW + 999 * MS)),
+            None
+        );
+        let at = NOW + 1000 * MS;
+        let lease = Some(at + 400 * MS);
+        let mut ids = 0x100;
+        let mut kinds = Vec::new();
+        for _ in 0..9 {
+            let actions = run(&h, 1, &[local.clone()], lease, at);
+            let request = snapshot_of(&actions).expect("due").clone();
+            assert_eq!(request.path, format!("vms/a/{token}-{}", request.seq));
+            assert!(!request.final_for_migration);
+            // While it is in flight, no second one.
+            let mut busy = local.clone();
+            busy.snapshot_in_flight = true;
+            assert_eq!(snapshot_of(&run(&h, 1, &[busy], lease, at)), None);
+            // The VMM writes it; the record is committed.
+            ids += 1;
+            let record = snapshot_record(&request, ids, 0);
+            assert_eq!(
+                h.apply(Command::SnapshotCommitted(record)),
+                Outcome::Done,
+                "{request:?}"
+            );
+            kinds.push(request.kind);
+            local.last_snapshot_id = ids;
+            local.last_seq_used = request.seq;
+            local.last_snapshot_requested_ns = Some(at - 1000 * MS);
+        }
+        use SnapshotKind::{Diff, Full};
+        assert_eq!(
+            kinds,
+            vec![Full, Diff, Diff, Diff, Full, Diff, Diff, Diff, Full]
+        );
+        // Not due again right after one.
+        local.last_snapshot_requested_ns = Some(at);
+        assert_eq!(
+            snapshot_of(&run(&h, 1, &[local.clone()], lease, at + MS)),
+            None
+        );
+        // A VMM whose last snapshot is not the committed one (its record was lost):
+        // a full one, with a sequence past the one it used.
+        local.last_snapshot_requested_ns = None;
+        local.since_ns = NOW;
+        local.last_snapshot_id = 0xbad;
+        local.last_seq_used += 3;
+        let request = snapshot_of(&run(&h, 1, &[local.clone()], lease, at))
+            .unwrap()
+            .clone();
+        assert_eq!(request.kind, Full);
+        assert_eq!(request.seq, local.last_seq_used + 1);
+        // No snapshot of a fenced VMM, nor without a lease.
+        local.state = VmmState::Fenced;
+        assert_eq!(snapshot_of(&run(&h, 1, &[local.clone()], lease, at)), None);
+        local.state = VmmState::Running;
+        assert_eq!(run(&h, 1, &[local], None, at), vec![]);
+    }
+
+    #[test]
+    fn a_migrating_vm_is_paused_snapshotted_and_kept_paused() {
+        let mut h = placed();
+        let token = h.token("a");
+        h.ok(Command::MigrateVm {
+            vm: "a".into(),
+            target: Some(2),
+        });
+        let running = vmm("a", token, VmmState::Running);
+        let actions = run(&h, 1, &[running.clone()], LEASE, NOW);
+        assert_eq!(actions[0], renew("a", token));
+        assert_eq!(
+            actions[1],
+            Action::Pause {
+                vm: "a".into(),
+                token
+            }
+        );
+        let request = snapshot_of(&actions).unwrap().clone();
+        assert!(request.final_for_migration);
+        assert_eq!(actions.len(), 3);
+        // Paused, snapshot in flight: only renewals.
+        let mut paused = running.clone();
+        paused.state = VmmState::Paused;
+        paused.snapshot_in_flight = true;
+        assert_eq!(
+            run(&h, 1, &[paused.clone()], LEASE, NOW),
+            vec![renew("a", token)]
+        );
+        // Committed: ready; stays paused (no resume, no more snapshots).
+        h.ok(Command::SnapshotCommitted(snapshot_record(&request, 5, 0)));
+        paused.snapshot_in_flight = false;
+        paused.last_snapshot_id = 5;
+        assert_eq!(
+            run(&h, 1, &[paused.clone()], LEASE, NOW),
+            vec![renew("a", token)]
+        );
+        // The leader places it on host 2: host 1 stops its VMM, host 2 restores the
+        // final snapshot.
+        assert!(matches!(h.place("a", 2), Outcome::Placed { .. }));
+        assert_eq!(
+            run(&h, 1, &[paused.clone()], LEASE, NOW),
+            vec![Action::Stop {
+                vm: "a".into(),
+                token,
+                reason: StopReason::NotPlacedHere
+            }]
+        );
+        match &run(&h, 2, &[], LEASE, NOW)[..] {
+            [Action::Start { restore, .. }] => assert_eq!(restore.last(), Some(&request.path)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_paused_vm_without_a_migration_resumes() {
+        let h = placed();
+        let token = h.token("a");
+        let paused = vmm("a", token, VmmState::Paused);
+        assert_eq!(
+            run(&h, 1, &[paused], LEASE, NOW),
+            vec![
+                renew("a", token),
+                Action::Resume {
+                    vm: "a".into(),
+                    token
+                }
+            ]
+        );
     }
 }

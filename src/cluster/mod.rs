@@ -9,6 +9,6 @@ pub mod placement;
 pub mod state;
 
 #[cfg(test)]
-mod testkit;
+pub(crate) mod testkit;
 #[cfg(test)]
 mod tests;
