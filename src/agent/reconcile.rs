@@ -634,7 +634,7 @@ mod tests {
             target: Some(2),
         });
         let running = vmm("a", token, VmmState::Running);
-        let actions = run(&h, 1, &[running.clone()], LEASE, NOW);
+        let actions = run(&h, 1, std::slice::from_ref(&running), LEASE, NOW);
         assert_eq!(actions[0], renew("a", token));
         assert_eq!(
             actions[1],

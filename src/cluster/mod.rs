@@ -9,6 +9,8 @@ pub mod placement;
 pub mod state;
 
 #[cfg(test)]
+mod random_tests;
+#[cfg(test)]
 pub(crate) mod testkit;
 #[cfg(test)]
 mod tests;
