@@ -191,6 +191,22 @@ impl FailureDetector {
         )
     }
 
+    /// The `HostAlive` commands to propose at `now_ns`: dead hosts that acknowledged a
+    /// heartbeat of this leader recently enough that they could not be declared dead
+    /// now. Safe at any time: their VMs were moved under new tokens when they were
+    /// declared dead, and reconcile on the returning host stops its stale VMMs.
+    pub fn hosts_to_revive(&self, state: &ClusterState, now_ns: u64) -> Vec<Command> {
+        state
+            .hosts()
+            .filter(|host| host.state == HostState::Dead)
+            .filter(|host| {
+                self.last_ack_ns(host.id)
+                    .is_some_and(|ack| now_ns.saturating_sub(ack) < self.rules.leader_wait_ns)
+            })
+            .map(|host| Command::HostAlive { host: host.id })
+            .collect()
+    }
+
     /// Every known host's health, for `/status` and `/metrics`.
     pub fn health(&self, state: &ClusterState, now_ns: u64, phi_threshold: f64) -> Vec<HostHealth> {
         state
@@ -318,6 +334,16 @@ mod tests {
         assert!(detector
             .hosts_to_declare_dead(&state, 1, ack + wait)
             .is_empty());
+        // Host 3 acks again: it is revived (and only it; host 2 is alive already).
+        let back = ack + wait + 50 * MS;
+        assert!(detector.hosts_to_revive(&state, back).is_empty());
+        detector.on_ack(3, back);
+        assert_eq!(
+            detector.hosts_to_revive(&state, back + 10 * MS),
+            vec![Command::HostAlive { host: 3 }]
+        );
+        // An old ack does not revive it.
+        assert!(detector.hosts_to_revive(&state, back + wait).is_empty());
     }
 
     #[test]

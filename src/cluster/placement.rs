@@ -78,8 +78,8 @@ impl HostLoad {
     }
 }
 
-/// Place commands for every VM that needs a host (and every migration that is ready).
-pub fn plan_placements(state: &ClusterState) -> Plan {
+/// The load of every alive host (the only ones that take VMs).
+fn alive_loads(state: &ClusterState) -> Vec<HostLoad> {
     let mut loads: Vec<HostLoad> = state
         .hosts()
         .map(|host| HostLoad {
@@ -105,6 +105,12 @@ pub fn plan_placements(state: &ClusterState) -> Plan {
             .host(l.id)
             .is_some_and(|h| h.state == HostState::Alive)
     });
+    loads
+}
+
+/// Place commands for every VM that needs a host (and every migration that is ready).
+pub fn plan_placements(state: &ClusterState) -> Plan {
+    let mut loads = alive_loads(state);
 
     let mut queue: Vec<&Vm> = state
         .vms()
@@ -174,15 +180,20 @@ fn choose_host(loads: &[HostLoad], vm: &Vm, target: Option<HostId>) -> Option<us
 }
 
 /// The steps that empty draining hosts: a migration request for each VM still on one
-/// (its host then takes the final snapshot, and [`plan_placements`] moves it), and
-/// "drained" for a draining host with no VM left.
+/// (its host then pauses it and takes the final snapshot, and [`plan_placements`] moves
+/// it), and "drained" for a draining host with no VM left.
+///
+/// A migration pauses the VM until it is placed elsewhere, so it is requested only when
+/// some alive host has room for it now (not reserved: if the room is gone by the time
+/// the final snapshot is committed, the VM waits paused, listed in `Plan::waiting`).
 pub fn plan_drains(state: &ClusterState) -> Vec<Command> {
+    let loads = alive_loads(state);
     let mut commands = Vec::new();
     for host in state.hosts().filter(|h| h.state == HostState::Draining) {
         let mut any = false;
         for vm in state.vms_on(host.id) {
             any = true;
-            if vm.migration.is_none() {
+            if vm.migration.is_none() && choose_host(&loads, vm, None).is_some() {
                 commands.push(Command::MigrateVm {
                     vm: vm.id.clone(),
                     target: None,
@@ -399,6 +410,65 @@ mod tests {
         h.run_plan();
         assert_eq!(h.state.host(1).unwrap().state, HostState::Drained);
         assert_eq!(super::plan(&h.state), Plan::default());
+    }
+
+    #[test]
+    fn drain_requests_no_move_without_room_elsewhere() {
+        let mut h = Harness::new();
+        h.host(1, 4, 4);
+        h.host(2, 1, 4);
+        h.vm("big", 2048, 1, None);
+        h.vm("small", 512, 1, None);
+        assert!(matches!(h.place("big", 1), Outcome::Placed { .. }));
+        assert!(matches!(h.place("small", 1), Outcome::Placed { .. }));
+        h.ok(Command::DrainHost { host: 1 });
+        // Only "small" fits on host 2: "big" keeps running on the draining host.
+        assert_eq!(
+            super::plan(&h.state).commands,
+            vec![Command::MigrateVm {
+                vm: "small".into(),
+                target: None
+            }]
+        );
+        h.run_plan();
+        final_snapshots(&mut h);
+        h.run_plan();
+        assert_eq!(hosts_of(&h, &["big", "small"]), vec![Some(1), Some(2)]);
+        assert_eq!(h.state.host(1).unwrap().state, HostState::Draining);
+        // A host with room joins: the drain completes.
+        h.host(3, 4, 4);
+        h.run_plan();
+        final_snapshots(&mut h);
+        h.run_plan();
+        h.run_plan();
+        assert_eq!(h.host_of("big"), Some(3));
+        assert_eq!(h.state.host(1).unwrap().state, HostState::Drained);
+    }
+
+    #[test]
+    fn a_ready_migration_without_room_waits_visibly_on_its_source() {
+        let mut h = Harness::new();
+        h.host(1, 4, 4);
+        h.host(2, 4, 4);
+        h.vm("a", 2048, 1, None);
+        h.vm("b", 3072, 1, None);
+        assert!(matches!(h.place("a", 1), Outcome::Placed { .. }));
+        assert!(matches!(h.place("b", 2), Outcome::Placed { .. }));
+        h.ok(Command::MigrateVm {
+            vm: "a".into(),
+            target: None,
+        });
+        final_snapshots(&mut h);
+        let plan = super::plan(&h.state);
+        assert!(plan.commands.is_empty(), "{plan:?}");
+        assert_eq!(
+            plan.waiting,
+            vec![(
+                "a".into(),
+                "no live host has room for 2048 MiB and 1 vCPUs".into()
+            )]
+        );
+        assert_eq!(h.host_of("a"), Some(1));
     }
 
     #[test]
