@@ -334,7 +334,13 @@ impl ClusterState {
 
     fn apply_command(&mut self, index: u64, command: &Command) -> Result<Outcome> {
         match command {
-            Command::Kv(kv_command) => Ok(Outcome::Kv(self.kv.apply(index, kv_command))),
+            Command::Kv(kv_command) => Ok(Outcome::Kv(match self.kv.apply(index, kv_command) {
+                // Bounded like every reason kept in the dedup window (and its snapshot).
+                kv::Outcome::Rejected { reason } => kv::Outcome::Rejected {
+                    reason: truncate(reason, MAX_REASON_BYTES),
+                },
+                other => other,
+            })),
             Command::RegisterHost { host, capacity } => self.register_host(index, *host, *capacity),
             Command::CreateVm { vm, spec } => self.create_vm(index, vm, spec),
             Command::DeleteVm { vm } => {
