@@ -23,7 +23,7 @@
 //!   this host stops it).
 
 use crate::cluster::command::{Desired, HostId, SnapshotKind, SnapshotRecord, VmSpec};
-use crate::cluster::state::{snapshot_path, ClusterState, Vm};
+use crate::cluster::state::{snapshot_path, ClusterState, CommittedSnapshot, Vm};
 use crate::limits::MAX_SNAPSHOT_CHAIN;
 use vigil_kvm::control::VmmState;
 
@@ -43,8 +43,9 @@ pub struct LocalVmm {
     pub last_snapshot_id: u64,
     /// When this agent last asked it for a snapshot.
     pub last_snapshot_requested_ns: Option<u64>,
-    /// The highest snapshot sequence this agent used under `token` (committed or not),
-    /// so a path is never written twice.
+    /// The highest snapshot sequence used under `token` (committed or not), so a path
+    /// is not written twice. After an agent restart: the highest `<token>-<seq>`
+    /// directory found under `vms/<vm-id>/` for this token.
     pub last_seq_used: u64,
     /// A snapshot is being written or its record is being committed.
     pub snapshot_in_flight: bool,
@@ -53,13 +54,16 @@ pub struct LocalVmm {
 /// What this host must do.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Start `vigil vmm` for the VM: restore `restore` (paths relative to the shared
-    /// dir, full snapshot first, then diffs in order), or boot `spec` when empty.
+    /// Start `vigil vmm` for the VM: restore the committed chain `restore` (full
+    /// snapshot first, then diffs in order; paths relative to the shared dir), or boot
+    /// `spec` when empty. The starter checks that each directory's state file carries
+    /// the committed snapshot id: a directory rewritten by an attempt whose record never
+    /// committed is refused, not restored.
     Start {
         vm: String,
         token: u64,
         spec: VmSpec,
-        restore: Vec<String>,
+        restore: Vec<CommittedSnapshot>,
         lease_deadline_ns: u64,
     },
     /// Take over a VMM found running with the current token (connect, do not restart).
@@ -215,7 +219,7 @@ fn reconcile_vm(
                     vm: vm.id.clone(),
                     token: vm.token,
                     spec: vm.spec.clone(),
-                    restore: vm.chain.iter().map(|s| s.path.clone()).collect(),
+                    restore: vm.chain.clone(),
                     lease_deadline_ns: deadline,
                 });
             }
@@ -390,7 +394,10 @@ mod tests {
         assert!(matches!(h.place("a", 2), Outcome::Placed { .. }));
         match &run(&h, 2, &[], LEASE, NOW)[..] {
             [Action::Start { restore, token, .. }] => {
-                assert_eq!(restore, &vec![full.path, diff.path]);
+                let paths: Vec<&str> = restore.iter().map(|s| s.path.as_str()).collect();
+                assert_eq!(paths, vec![full.path.as_str(), diff.path.as_str()]);
+                let ids: Vec<u64> = restore.iter().map(|s| s.snapshot_id).collect();
+                assert_eq!(ids, vec![7, 8]);
                 assert_eq!(*token, h.token("a"));
             }
             other => panic!("{other:?}"),
@@ -674,7 +681,9 @@ mod tests {
             }]
         );
         match &run(&h, 2, &[], LEASE, NOW)[..] {
-            [Action::Start { restore, .. }] => assert_eq!(restore.last(), Some(&request.path)),
+            [Action::Start { restore, .. }] => {
+                assert_eq!(restore.last().map(|s| &s.path), Some(&request.path))
+            }
             other => panic!("{other:?}"),
         }
     }
