@@ -394,8 +394,9 @@ impl ClusterState {
     /// One VM's invariants (`deep`: also those fixed once validated: id, paths).
     fn check_vm(&self, vm: &Vm, deep: bool) -> std::result::Result<(), String> {
         let id = &vm.id;
-        if deep && check_name(id, "vm id", MAX_VM_ID_BYTES).is_err() {
-            return Err(format!("vm id {id:?} is invalid"));
+        if deep {
+            check_name(id, "vm id", MAX_VM_ID_BYTES).map_err(|r| r.message)?;
+            check_spec(&vm.spec).map_err(|r| format!("vm {id}: {}", r.message))?;
         }
         if vm.token > self.applied_index || vm.token < vm.created_index {
             return Err(format!(
@@ -567,41 +568,7 @@ impl ClusterState {
 
     fn create_vm(&mut self, index: u64, id: &str, spec: &VmSpec) -> Result<Outcome> {
         check_name(id, "vm id", MAX_VM_ID_BYTES)?;
-        if let Some(group) = &spec.anti_affinity {
-            check_name(group, "anti-affinity group", MAX_GROUP_BYTES)?;
-        }
-        let memory = spec.resources.memory_bytes;
-        if !(MIN_GUEST_MEMORY_BYTES..=MAX_GUEST_MEMORY_BYTES).contains(&memory) || memory % MIB != 0
-        {
-            return reject(
-                RejectCode::Invalid,
-                format!(
-                    "memory of {memory} bytes: must be whole MiB within {MIN_GUEST_MEMORY_BYTES}..={MAX_GUEST_MEMORY_BYTES}"
-                ),
-            );
-        }
-        let vcpus = spec.resources.vcpus;
-        if vcpus == 0 || vcpus as usize > MAX_VCPUS {
-            return reject(
-                RejectCode::Invalid,
-                format!("{vcpus} vCPUs: must be 1..={MAX_VCPUS}"),
-            );
-        }
-        if spec.touch_percent > 100 {
-            return reject(
-                RejectCode::Invalid,
-                format!("touch share {}%: must be 0..=100", spec.touch_percent),
-            );
-        }
-        if spec.full_every == 0 || spec.full_every as usize > MAX_SNAPSHOT_CHAIN {
-            return reject(
-                RejectCode::Invalid,
-                format!(
-                    "a full snapshot every {}: must be 1..={MAX_SNAPSHOT_CHAIN}",
-                    spec.full_every
-                ),
-            );
-        }
+        check_spec(spec)?;
         if self.vms.contains_key(id) {
             return reject(RejectCode::VmExists, format!("vm {id:?} exists"));
         }
@@ -1020,6 +987,7 @@ impl ClusterState {
             {
                 return Err(invalid_at("vm.id", at, "vm ids must ascend"));
             }
+            let spec_at = r.offset();
             let resources = Resources {
                 memory_bytes: r.u64("vm.memory_bytes")?,
                 vcpus: r.u32("vm.vcpus")?,
@@ -1031,6 +999,8 @@ impl ClusterState {
                 full_every: r.u32("vm.full_every")?,
                 anti_affinity: command::get_optional_str(r, "vm.anti_affinity", MAX_GROUP_BYTES)?,
             };
+            // Checked here, before any sum over VMs is taken.
+            check_spec(&spec).map_err(|r| invalid_at("vm.spec", spec_at, r.message))?;
             let at = r.offset();
             let desired = match r.u8("vm.desired")? {
                 1 => Desired::Running,
@@ -1201,6 +1171,45 @@ fn unplace(vm: &mut Vm, loads: &mut BTreeMap<HostId, Resources>, index: u64, rea
     vm.host = None;
     vm.migration = None;
     vm.waiting = truncate(reason.to_string(), MAX_REASON_BYTES);
+}
+
+/// What a VM spec must be (checked on create, and on decoding a state).
+fn check_spec(spec: &VmSpec) -> Result<()> {
+    if let Some(group) = &spec.anti_affinity {
+        check_name(group, "anti-affinity group", MAX_GROUP_BYTES)?;
+    }
+    let memory = spec.resources.memory_bytes;
+    if !(MIN_GUEST_MEMORY_BYTES..=MAX_GUEST_MEMORY_BYTES).contains(&memory) || memory % MIB != 0 {
+        return reject(
+            RejectCode::Invalid,
+            format!(
+                "memory of {memory} bytes: must be whole MiB within {MIN_GUEST_MEMORY_BYTES}..={MAX_GUEST_MEMORY_BYTES}"
+            ),
+        );
+    }
+    let vcpus = spec.resources.vcpus;
+    if vcpus == 0 || vcpus as usize > MAX_VCPUS {
+        return reject(
+            RejectCode::Invalid,
+            format!("{vcpus} vCPUs: must be 1..={MAX_VCPUS}"),
+        );
+    }
+    if spec.touch_percent > 100 {
+        return reject(
+            RejectCode::Invalid,
+            format!("touch share {}%: must be 0..=100", spec.touch_percent),
+        );
+    }
+    if spec.full_every == 0 || spec.full_every as usize > MAX_SNAPSHOT_CHAIN {
+        return reject(
+            RejectCode::Invalid,
+            format!(
+                "a full snapshot every {}: must be 1..={MAX_SNAPSHOT_CHAIN}",
+                spec.full_every
+            ),
+        );
+    }
+    Ok(())
 }
 
 /// Names that become path components: 1..=max of `[A-Za-z0-9._-]`, starting with a

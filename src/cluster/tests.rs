@@ -759,4 +759,14 @@ fn decoder_refuses_a_consistent_looking_but_broken_state() {
     let error = ClusterState::decode(&bytes).unwrap_err();
     assert_eq!(error.field, "state");
     assert!(error.to_string().contains("over capacity"), "{error}");
+    // A VM spec out of bounds (here: memory that would overflow a host's load sum) is
+    // refused where it is read, before anything is summed.
+    let mut bytes = h.state.to_bytes();
+    let host_record = 8 + 8 + 4 + 1 + 8 + 4; // id, memory, vcpus, state, index, reason ""
+    let vm_memory_at = 1 + 8 + 4 + host_record + 4 + 4 + 1; // vm count, id "a"
+    bytes[vm_memory_at..vm_memory_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    let error = ClusterState::decode(&bytes).unwrap_err();
+    assert_eq!(error.field, "vm.spec");
+    assert_eq!(error.offset, vm_memory_at);
+    assert!(error.to_string().contains("memory of"), "{error}");
 }
