@@ -29,6 +29,7 @@
 //! |      |                  | taken_at_ms u64                                           |
 //! | 20   | migrate vm       | vm, target?                                               |
 //! | 21   | vm waiting       | vm, reason                                                |
+//! | 22   | cancel migration | vm                                                        |
 //!
 //! Decoding is strict and never panics: lengths are bounded before anything is
 //! allocated, tags must be known, and no byte may trail. A committed entry that does not
@@ -173,6 +174,10 @@ pub enum Command {
         vm: String,
         reason: String,
     },
+    /// Calls off a migration that has not been placed yet: the VM resumes on its host.
+    CancelMigration {
+        vm: String,
+    },
 }
 
 const KIND_KV_PUT: u8 = 1;
@@ -189,6 +194,7 @@ const KIND_HOST_DRAINED: u8 = 18;
 const KIND_SNAPSHOT_COMMITTED: u8 = 19;
 const KIND_MIGRATE_VM: u8 = 20;
 const KIND_VM_WAITING: u8 = 21;
+const KIND_CANCEL_MIGRATION: u8 = 22;
 
 impl Command {
     /// The command's name, for logs and rejections.
@@ -208,6 +214,7 @@ impl Command {
             Command::SnapshotCommitted(_) => "snapshot committed",
             Command::MigrateVm { .. } => "migrate vm",
             Command::VmWaiting { .. } => "vm waiting",
+            Command::CancelMigration { .. } => "cancel migration",
         }
     }
 
@@ -306,6 +313,10 @@ impl Command {
                 header(out, KIND_VM_WAITING);
                 codec::put_bytes(out, vm.as_bytes());
                 codec::put_bytes(out, reason.as_bytes());
+            }
+            Command::CancelMigration { vm } => {
+                header(out, KIND_CANCEL_MIGRATION);
+                codec::put_bytes(out, vm.as_bytes());
             }
         }
     }
@@ -449,6 +460,9 @@ impl Command {
             KIND_VM_WAITING => Command::VmWaiting {
                 vm: vm_id(r, "vm_waiting.vm")?,
                 reason: r.str("vm_waiting.reason", MAX_REASON_BYTES)?.to_string(),
+            },
+            KIND_CANCEL_MIGRATION => Command::CancelMigration {
+                vm: vm_id(r, "cancel_migration.vm")?,
             },
             other => {
                 return Err(DecodeError {
@@ -615,6 +629,7 @@ mod tests {
                 vm: "a".into(),
                 reason: "no room".into(),
             },
+            Command::CancelMigration { vm: "a".into() },
         ]
     }
 

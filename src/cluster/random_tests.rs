@@ -139,6 +139,7 @@ fn random_command(rng: &mut Rng, state: &ClusterState) -> Command {
             vm: vm_name(rng),
             target: rng.chance(50).then_some(host),
         },
+        13 if rng.chance(30) => Command::CancelMigration { vm: vm_name(rng) },
         13 => Command::VmWaiting {
             vm: vm_name(rng),
             reason: "busy".into(),

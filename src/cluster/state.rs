@@ -495,6 +495,17 @@ impl ClusterState {
             Command::HostDrained { host } => self.host_drained(index, *host),
             Command::SnapshotCommitted(record) => self.snapshot_committed(index, record),
             Command::MigrateVm { vm, target } => self.migrate(index, vm, *target),
+            Command::CancelMigration { vm } => {
+                let vm = self.vm_mut(vm)?;
+                if vm.migration.is_none() {
+                    return reject(
+                        RejectCode::WrongState,
+                        format!("vm {} has no migration to cancel", vm.id),
+                    );
+                }
+                vm.migration = None;
+                Ok(Outcome::Done)
+            }
             Command::VmWaiting { vm, reason } => {
                 let vm = self.vm_mut(vm)?;
                 if !vm.needs_placement() {
@@ -1141,7 +1152,8 @@ fn command_vm(command: &Command) -> Option<&str> {
         | Command::SetDesired { vm, .. }
         | Command::PlaceVm { vm, .. }
         | Command::MigrateVm { vm, .. }
-        | Command::VmWaiting { vm, .. } => Some(vm),
+        | Command::VmWaiting { vm, .. }
+        | Command::CancelMigration { vm } => Some(vm),
         Command::SnapshotCommitted(record) => Some(&record.vm),
         _ => None,
     }

@@ -530,6 +530,31 @@ fn migration_waits_for_the_final_snapshot() {
     assert!(h.token("web") > before);
     assert_eq!(h.host_of("web"), Some(2));
     assert_eq!(h.state.vm("web").unwrap().migration, None);
+    // A migration that cannot complete is called off: the VM stays (and resumes).
+    h.ok(Command::MigrateVm {
+        vm: "web".into(),
+        target: None,
+    });
+    let mut record = h.next_snapshot("web", SnapshotKind::Diff, 3);
+    record.final_for_migration = true;
+    h.ok(Command::SnapshotCommitted(record));
+    h.ok(Command::CancelMigration { vm: "web".into() });
+    assert_eq!(h.state.vm("web").unwrap().migration, None);
+    let t = h.token("web");
+    assert_eq!(
+        h.rejected(Command::PlaceVm {
+            vm: "web".into(),
+            host: 1,
+            expected_token: t
+        })
+        .0,
+        RejectCode::WrongState,
+        "without a migration a running VM does not move"
+    );
+    assert_eq!(
+        h.rejected(Command::CancelMigration { vm: "web".into() }).0,
+        RejectCode::WrongState
+    );
     // The source host dying mid-migration cancels it.
     h.ok(Command::MigrateVm {
         vm: "web".into(),
