@@ -19,7 +19,8 @@
 //! - VMs are placed oldest-waiting first (lower token, then id).
 //! - A migrating VM is placed only once its source committed its final snapshot; its
 //!   requested target is used when it has room, otherwise the rules above (never the
-//!   source).
+//!   source). If no host has room then, the migration is called off (the VM resumes
+//!   where it is) instead of leaving the VM paused.
 
 use std::collections::BTreeMap;
 
@@ -146,6 +147,13 @@ pub fn plan_placements(state: &ClusterState) -> Plan {
                         reason: reason.clone(),
                     });
                 }
+                if vm.host.is_some() {
+                    // A ready migration with nowhere to go: call it off rather than
+                    // keep the VM paused; it resumes on its host (a drain asks again
+                    // once some host has room).
+                    plan.commands
+                        .push(Command::CancelMigration { vm: vm.id.clone() });
+                }
                 plan.waiting.push((vm.id.clone(), reason));
             }
         }
@@ -185,7 +193,7 @@ fn choose_host(loads: &[HostLoad], vm: &Vm, target: Option<HostId>) -> Option<us
 ///
 /// A migration pauses the VM until it is placed elsewhere, so it is requested only when
 /// some alive host has room for it now (not reserved: if the room is gone by the time
-/// the final snapshot is committed, the VM waits paused, listed in `Plan::waiting`).
+/// the final snapshot is committed, the migration is called off and asked again later).
 pub fn plan_drains(state: &ClusterState) -> Vec<Command> {
     let loads = alive_loads(state);
     let mut commands = Vec::new();
@@ -446,7 +454,7 @@ mod tests {
     }
 
     #[test]
-    fn a_ready_migration_without_room_waits_visibly_on_its_source() {
+    fn a_ready_migration_without_room_is_called_off() {
         let mut h = Harness::new();
         h.host(1, 4, 4);
         h.host(2, 4, 4);
@@ -459,8 +467,11 @@ mod tests {
             target: None,
         });
         final_snapshots(&mut h);
-        let plan = super::plan(&h.state);
-        assert!(plan.commands.is_empty(), "{plan:?}");
+        let plan = h.run_plan();
+        assert_eq!(
+            plan.commands,
+            vec![Command::CancelMigration { vm: "a".into() }]
+        );
         assert_eq!(
             plan.waiting,
             vec![(
@@ -469,6 +480,7 @@ mod tests {
             )]
         );
         assert_eq!(h.host_of("a"), Some(1));
+        assert_eq!(h.state.vm("a").unwrap().migration, None);
     }
 
     #[test]
