@@ -103,6 +103,20 @@ pub const MIN_GUEST_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 pub const MAX_GUEST_MEMORY_BYTES: u64 = 64 * 1024 * 1024 * 1024;
 /// vCPUs of one guest.
 pub const MAX_VCPUS: usize = 32;
+/// Hosts known to the cluster state (every member can run VMs).
+pub const MAX_HOSTS: usize = MAX_MEMBERS;
+/// Longest VM id (it names a directory on shared storage: `vms/<vm-id>/`).
+pub const MAX_VM_ID_BYTES: usize = 64;
+/// Longest anti-affinity group name.
+pub const MAX_GROUP_BYTES: usize = 64;
+/// Longest reason carried by a command or kept with a rejected outcome.
+pub const MAX_REASON_BYTES: usize = 256;
+/// Snapshots in one restore chain (one full, then diffs); a longer chain needs a full one.
+pub const MAX_SNAPSHOT_CHAIN: usize = 16;
+/// Longest snapshot path relative to the shared dir: `vms/<vm-id>/<token>-<seq>`.
+pub const MAX_SNAPSHOT_PATH_BYTES: usize = 4 + MAX_VM_ID_BYTES + 1 + 20 + 1 + 20;
+/// Inter-arrival samples of heartbeat acknowledgements kept per host (phi accrual).
+pub const PHI_WINDOW: usize = 64;
 /// Largest frame on a `vigil vmm` control socket, header included (requests are small:
 /// the largest is a snapshot request carrying a path).
 pub const MAX_VMM_CONTROL_FRAME_BYTES: usize = 8 * 1024;
@@ -189,6 +203,20 @@ const _: () = assert!(
 );
 const _: () = assert!(IO_BUFFER_BYTES <= u32::MAX as usize && IO_BUFFER_BYTES >= 4096);
 const _: () = assert!(IO_COMPLETIONS_PER_WAIT <= IO_MAX_IN_FLIGHT);
+const _: () = assert!(MAX_HOSTS >= MAX_MEMBERS, "every member is a host");
+const _: () = assert!(
+    MAX_SNAPSHOT_CHAIN >= 2,
+    "a chain holds a full snapshot and a diff"
+);
+const _: () = assert!(
+    MAX_SNAPSHOT_PATH_BYTES + 64 <= 4096,
+    "a snapshot path fits PATH_MAX under the shared dir's own path"
+);
+const _: () = assert!(
+    4 * MAX_VM_ID_BYTES + MAX_SNAPSHOT_PATH_BYTES + MAX_REASON_BYTES + 1024 <= MAX_ENTRY_BYTES,
+    "every cluster command fits one log entry"
+);
+const _: () = assert!(PHI_WINDOW >= 2, "phi needs a mean and a deviation");
 
 #[cfg(test)]
 mod tests {

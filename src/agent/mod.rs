@@ -1,4 +1,7 @@
-//! Per-host logic: the host lease, and (with the host-failure work) reconciling
-//! committed placements with the VMMs running here.
+//! Per-host logic: the host lease (`lease`), the leader's failure detection
+//! (`failure`), and reconciling committed placements with the VMMs running here
+//! (`reconcile`). All pure: the event loop feeds in clock readings and what it found.
 
+pub mod failure;
 pub mod lease;
+pub mod reconcile;

@@ -5,13 +5,17 @@
 //! means "only if the key does not exist". Applying a command never fails: a command
 //! that cannot be applied (limits, conflicts) yields an [`Outcome`] that says why, the
 //! same on every node.
+//!
+//! Retried requests are answered by the cluster state's one dedup window
+//! ([`super::dedup::DedupWindow`]), shared by every command; the store itself applies
+//! whatever it is given.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::BTreeMap;
 
-use super::command::{KvCommand, RequestId};
+use super::command::KvCommand;
 use crate::codec::{self, DecodeError, Reader};
 use crate::limits::{
-    MAX_DEDUP_REQUESTS, MAX_KV_KEYS, MAX_KV_KEY_BYTES, MAX_KV_TOTAL_BYTES, MAX_KV_VALUE_BYTES,
+    MAX_KV_KEYS, MAX_KV_KEY_BYTES, MAX_KV_TOTAL_BYTES, MAX_KV_VALUE_BYTES, MAX_REASON_BYTES,
 };
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,10 +51,6 @@ pub struct KvStore {
     entries: BTreeMap<String, KvEntry>,
     /// Key and value bytes held, against MAX_KV_TOTAL_BYTES.
     bytes_used: usize,
-    /// Outcomes of the latest requests, so a retried request is answered, not re-applied.
-    recent: HashMap<u64, Outcome>,
-    /// Apply order of `recent`, oldest first (evicted first).
-    recent_order: VecDeque<u64>,
 }
 
 impl KvStore {
@@ -75,17 +75,9 @@ impl KvStore {
         self.entries.range(from.to_string()..).take(limit)
     }
 
-    /// Applies `command`, committed at Raft `index`, once per request id.
-    pub fn apply(&mut self, index: u64, request: RequestId, command: &KvCommand) -> Outcome {
-        if request.0 != 0 {
-            if let Some(previous) = self.recent.get(&request.0) {
-                return previous.clone();
-            }
-        }
+    /// Applies `command`, committed at Raft `index` (deduplication is the caller's).
+    pub fn apply(&mut self, index: u64, command: &KvCommand) -> Outcome {
         let outcome = self.apply_new(index, command);
-        if request.0 != 0 {
-            self.remember(request, outcome.clone());
-        }
         self.check_invariants();
         outcome
     }
@@ -158,20 +150,9 @@ impl KvStore {
         Outcome::Stored { revision: index }
     }
 
-    fn remember(&mut self, request: RequestId, outcome: Outcome) {
-        if self.recent_order.len() == MAX_DEDUP_REQUESTS {
-            let oldest = self.recent_order.pop_front().expect("the window is full");
-            self.recent.remove(&oldest);
-        }
-        self.recent.insert(request.0, outcome);
-        self.recent_order.push_back(request.0);
-    }
-
     fn check_invariants(&self) {
         assert!(self.entries.len() <= MAX_KV_KEYS);
         assert!(self.bytes_used <= MAX_KV_TOTAL_BYTES);
-        assert_eq!(self.recent.len(), self.recent_order.len());
-        assert!(self.recent_order.len() <= MAX_DEDUP_REQUESTS);
     }
 
     /// Serialises the whole store (for Raft snapshots); deterministic for equal stores.
@@ -182,11 +163,6 @@ impl KvStore {
             codec::put_bytes(out, &entry.value);
             codec::put_u64(out, entry.create_revision);
             codec::put_u64(out, entry.mod_revision);
-        }
-        codec::put_u32(out, self.recent_order.len() as u32);
-        for id in &self.recent_order {
-            codec::put_u64(out, *id);
-            encode_outcome(&self.recent[id], out);
         }
     }
 
@@ -225,26 +201,12 @@ impl KvStore {
                 },
             );
         }
-        let recent = reader.u32("kv.recent_count")? as usize;
-        if recent > MAX_DEDUP_REQUESTS {
-            return Err(reader.invalid(
-                "kv.recent_count",
-                "more remembered requests than the window",
-            ));
-        }
-        for _ in 0..recent {
-            let id = reader.u64("kv.recent.id")?;
-            let outcome = decode_outcome(reader)?;
-            if id == 0 || store.recent.insert(id, outcome).is_some() {
-                return Err(reader.invalid("kv.recent.id", "request id zero or repeated"));
-            }
-            store.recent_order.push_back(id);
-        }
         Ok(store)
     }
 }
 
-fn encode_outcome(outcome: &Outcome, out: &mut Vec<u8>) {
+/// Writes an outcome (the dedup window keeps them in snapshots).
+pub fn encode_outcome(outcome: &Outcome, out: &mut Vec<u8>) {
     match outcome {
         Outcome::Stored { revision } => {
             codec::put_u8(out, 1);
@@ -266,10 +228,8 @@ fn encode_outcome(outcome: &Outcome, out: &mut Vec<u8>) {
     }
 }
 
-/// Longest rejection reason kept in a snapshot.
-const MAX_REASON_BYTES: usize = 1024;
-
-fn decode_outcome(reader: &mut Reader<'_>) -> Result<Outcome, DecodeError> {
+/// Reads what [`encode_outcome`] wrote.
+pub fn decode_outcome(reader: &mut Reader<'_>) -> Result<Outcome, DecodeError> {
     let at = reader.offset();
     Ok(match reader.u8("kv.outcome")? {
         1 => Outcome::Stored {
@@ -313,53 +273,34 @@ mod tests {
     fn revisions_and_compare_and_set() {
         let mut kv = KvStore::new();
         assert_eq!(
-            kv.apply(5, RequestId(0), &put("a", b"1", None)),
+            kv.apply(5, &put("a", b"1", None)),
             Outcome::Stored { revision: 5 }
         );
         assert_eq!(
-            kv.apply(6, RequestId(0), &put("a", b"2", Some(4))),
+            kv.apply(6, &put("a", b"2", Some(4))),
             Outcome::Conflict { current: 5 }
         );
         assert_eq!(
-            kv.apply(7, RequestId(0), &put("a", b"2", Some(5))),
+            kv.apply(7, &put("a", b"2", Some(5))),
             Outcome::Stored { revision: 7 }
         );
         assert_eq!(kv.get("a").unwrap().create_revision, 5);
         assert_eq!(kv.get("a").unwrap().value, b"2");
         assert_eq!(
-            kv.apply(8, RequestId(0), &put("b", b"x", Some(0))),
+            kv.apply(8, &put("b", b"x", Some(0))),
             Outcome::Stored { revision: 8 }
         );
         assert_eq!(
-            kv.apply(9, RequestId(0), &put("b", b"y", Some(0))),
+            kv.apply(9, &put("b", b"y", Some(0))),
             Outcome::Conflict { current: 8 }
         );
         let delete = KvCommand::Delete {
             key: "a".into(),
             if_revision: None,
         };
-        assert_eq!(
-            kv.apply(10, RequestId(0), &delete),
-            Outcome::Deleted { revision: 10 }
-        );
-        assert_eq!(kv.apply(11, RequestId(0), &delete), Outcome::NotFound);
+        assert_eq!(kv.apply(10, &delete), Outcome::Deleted { revision: 10 });
+        assert_eq!(kv.apply(11, &delete), Outcome::NotFound);
         assert_eq!(kv.len(), 1);
-    }
-
-    #[test]
-    fn a_retried_request_is_answered_not_reapplied() {
-        let mut kv = KvStore::new();
-        let id = RequestId(42);
-        assert_eq!(
-            kv.apply(3, id, &put("k", b"v", Some(0))),
-            Outcome::Stored { revision: 3 }
-        );
-        // The retry commits again at a later index but must not write again.
-        assert_eq!(
-            kv.apply(4, id, &put("k", b"v", Some(0))),
-            Outcome::Stored { revision: 3 }
-        );
-        assert_eq!(kv.get("k").unwrap().mod_revision, 3);
     }
 
     #[test]
@@ -367,11 +308,11 @@ mod tests {
         let mut kv = KvStore::new();
         let big = vec![0u8; MAX_KV_VALUE_BYTES + 1];
         assert!(matches!(
-            kv.apply(1, RequestId(0), &put("k", &big, None)),
+            kv.apply(1, &put("k", &big, None)),
             Outcome::Rejected { .. }
         ));
         assert!(matches!(
-            kv.apply(2, RequestId(0), &put("", b"v", None)),
+            kv.apply(2, &put("", b"v", None)),
             Outcome::Rejected { .. }
         ));
         assert!(kv.is_empty());
@@ -381,11 +322,7 @@ mod tests {
     fn snapshot_round_trip_and_rejects_garbage() {
         let mut kv = KvStore::new();
         for i in 1..50u64 {
-            kv.apply(
-                i,
-                RequestId(i * 7),
-                &put(&format!("key{}", i % 13), &i.to_le_bytes(), None),
-            );
+            kv.apply(i, &put(&format!("key{}", i % 13), &i.to_le_bytes(), None));
         }
         let mut bytes = Vec::new();
         kv.encode(&mut bytes);
