@@ -5,3 +5,5 @@
 
 pub mod limits;
 pub mod logging;
+pub mod raft;
+pub mod sim;

@@ -33,6 +33,11 @@ pub const MAX_INFLIGHT_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_PENDING_PROPOSALS: usize = 4096;
 /// Linearizable reads waiting for their ReadIndex round.
 pub const MAX_PENDING_READS: usize = 4096;
+/// Raft log entries held in memory after the last snapshot; the leader refuses
+/// proposals when full, until the state machine takes a snapshot and the log is compacted.
+pub const RAFT_LOG_CAPACITY: usize = 16 * 1024;
+/// Compact the log once this many applied entries follow the last snapshot.
+pub const RAFT_COMPACT_AFTER_ENTRIES: usize = 8 * 1024;
 /// One chunk of an InstallSnapshot transfer.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 512 * 1024;
 
@@ -89,6 +94,10 @@ const _: () = assert!(
     "one entry fits one append"
 );
 const _: () = assert!(MAX_APPEND_BYTES <= MAX_INFLIGHT_BYTES);
+const _: () = assert!(
+    RAFT_COMPACT_AFTER_ENTRIES + 2 * MAX_ENTRIES_PER_APPEND <= RAFT_LOG_CAPACITY,
+    "compaction leaves room for appends in flight"
+);
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES + 4096 <= MAX_FRAME_BYTES);
 const _: () = assert!(
     MAX_APPEND_BYTES + 4096 <= MAX_FRAME_BYTES,

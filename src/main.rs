@@ -11,7 +11,11 @@ struct Command {
     run: fn(Vec<OsString>) -> ExitCode,
 }
 
-const COMMANDS: &[Command] = &[];
+const COMMANDS: &[Command] = &[Command {
+    name: "sim",
+    summary: "deterministic Raft simulation with faults and safety checks",
+    run: vigil::sim::cli::main,
+}];
 
 fn usage() -> String {
     let mut text = String::from(
