@@ -145,6 +145,7 @@ pub struct Raft {
     cfg: Config,
     rng: Rng,
     now: Nanos,
+    started: bool,
     term: Term,
     vote: NodeId,
     role: Role,
@@ -214,6 +215,7 @@ impl Raft {
         let mut raft = Raft {
             rng: Rng::new(cfg.seed ^ cfg.id.wrapping_mul(0x9e37_79b9)),
             now: 0,
+            started: false,
             term: recovered.hard_state.term,
             vote: recovered.hard_state.vote,
             role: Role::Follower,
@@ -628,9 +630,9 @@ impl Raft {
             } => {
                 let can_vote =
                     self.vote == m.from || (self.vote == 0 && self.leader == 0 && self.role != Role::Leader);
-                let granted = can_vote
-                    && self.membership.is_voter(self.cfg.id)
-                    && self.log_ok(last_index, last_term);
+                // Votes are granted without consulting this node's own membership
+                // (Raft thesis §4.1); candidates count only their voters' votes.
+                let granted = can_vote && self.log_ok(last_index, last_term);
                 if granted {
                     self.vote = m.from;
                     self.hard_state_changed();
@@ -732,6 +734,13 @@ impl Raft {
     // ---- Roles -------------------------------------------------------------------------
 
     fn advance_clock(&mut self, now: Nanos) {
+        if !self.started {
+            // The first input tells the core what time it is: timers start from it.
+            self.started = true;
+            self.now = now;
+            self.reset_election_deadline();
+            self.last_leader_contact = now;
+        }
         if now > self.now {
             self.now = now;
         }
@@ -1173,9 +1182,16 @@ impl Raft {
                     }
                 }
                 self.maybe_commit();
+                // Committing may have changed the membership or the role.
+                let Some(i) = self.progress_slot(from).filter(|_| self.role == Role::Leader) else {
+                    return;
+                };
                 if from == self.transfer_target && self.progress[i].match_index == last {
                     self.send(from, Body::TimeoutNow, false);
                 }
+                self.send_append(i, false);
+                self.release_reads();
+                return;
             } else if p.state == ProgressState::Probe {
                 p.paused = false;
             }

@@ -3,7 +3,7 @@
 
 use super::check::Checker;
 use super::disk::SimDisk;
-use super::kv::{KvState, Op, OpResult, KEYS};
+use super::kv::{KvState, Op, OpResult, CHECKED_KEYS, KEYS};
 use super::linearizability::{HistoryOp, INFINITY};
 use crate::raft::rng::Rng;
 use crate::raft::{
@@ -50,6 +50,8 @@ pub struct SimConfig {
     pub election_timeout: Nanos,
     pub max_history: usize,
     pub bugs: Bugs,
+    /// Print every event to stderr (debugging a seed).
+    pub verbose: bool,
 }
 
 impl SimConfig {
@@ -80,6 +82,7 @@ impl SimConfig {
             election_timeout: 100 * MS,
             max_history: 600,
             bugs: Bugs::default(),
+            verbose: std::env::var_os("VIGIL_SIM_VERBOSE").is_some(),
         }
     }
 }
@@ -634,6 +637,15 @@ impl World {
 
     fn handle(&mut self, ev: Ev) {
         self.events += 1;
+        if self.cfg.verbose {
+            let roles: Vec<String> = (0..self.nodes.len())
+                .map(|n| match self.raft(n) {
+                    Some(r) => format!("{}:{:?}/t{}/c{}/l{}", n + 1, r.role(), r.term(), r.commit_index(), r.last_index()),
+                    None => format!("{}:down", n + 1),
+                })
+                .collect();
+            eprintln!("{:>10} {:?} | {}", self.now, ev, roles.join(" "));
+        }
         match ev {
             Ev::Deliver { to, msg, payload } => {
                 self.trace = mix(self.trace, self.now ^ (to as u64) << 1);
@@ -713,8 +725,16 @@ impl World {
             retry(self, None);
             return;
         }
-        let key = self.rng.below(KEYS as u64) as u8;
+        let over_budget = self.history.len() >= self.cfg.max_history;
+        let key = self.rng.below(CHECKED_KEYS as u64) as u8;
         let op = match self.rng.below(10) {
+            _ if over_budget => {
+                self.next_value += 1;
+                Op::Put {
+                    key: (KEYS - 1) as u8,
+                    value: self.next_value,
+                }
+            }
             0..=3 => {
                 self.next_value += 1;
                 Op::Put {
@@ -734,7 +754,6 @@ impl World {
                 }
             }
         };
-        let over_budget = self.history.len() >= self.cfg.max_history;
         let live = self.nodes[n].live.as_mut().expect("checked");
         let result = match op {
             Op::Get { .. } => {
@@ -867,7 +886,8 @@ impl World {
         let m = *live.raft.membership();
         let pick = self.rng.below(total as u64) + 1;
         let change = if m.voters.contains(pick) {
-            if m.voters.len() > 3 || (m.voters.len() == 3 && self.rng.chance(0.3)) {
+            // Three voters at least: the fault model may keep one down for good.
+            if m.voters.len() > 3 {
                 if self.rng.chance(0.5) {
                     ConfChange::Demote(pick)
                 } else {
@@ -945,9 +965,14 @@ impl World {
 
     fn finish(&mut self) -> RunReport {
         self.full_check();
+        if self.cfg.verbose {
+            for h in &self.history {
+                eprintln!("history {h:?}");
+            }
+        }
         let mut lin = "skipped";
         if self.checker.violation.is_none() && self.stop_when.is_none() {
-            match super::linearizability::check(&self.history, KEYS) {
+            match super::linearizability::check(&self.history, CHECKED_KEYS) {
                 super::linearizability::Verdict::Ok => lin = "ok",
                 super::linearizability::Verdict::Unknown => lin = "unknown",
                 super::linearizability::Verdict::Violation(v) => {
