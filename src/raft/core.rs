@@ -22,11 +22,17 @@ pub struct Bugs {
     pub commit_old_term_by_count: bool,
     /// Send votes and append acknowledgements before they are durable.
     pub ack_before_persist: bool,
+    /// A follower takes the leader's commit index up to its own last index, not only
+    /// up to the last entry known to match the leader's log.
+    pub follower_commit_unchecked: bool,
 }
 
 impl Bugs {
     pub fn any(&self) -> bool {
-        self.vote_without_log_check || self.commit_old_term_by_count || self.ack_before_persist
+        self.vote_without_log_check
+            || self.commit_old_term_by_count
+            || self.ack_before_persist
+            || self.follower_commit_unchecked
     }
 }
 
@@ -1197,11 +1203,13 @@ impl Raft {
             }
         } else {
             // `index` is the rejected prev_index.
-            let stale = match p.state {
-                ProgressState::Replicate => index <= p.match_index,
-                ProgressState::Probe => index + 1 != p.next_index,
-                ProgressState::Snapshot => true,
-            };
+            // A follower never lacks entries it acknowledged: such a rejection is old.
+            let stale = index <= p.match_index
+                || match p.state {
+                    ProgressState::Replicate => false,
+                    ProgressState::Probe => index + 1 != p.next_index,
+                    ProgressState::Snapshot => true,
+                };
             if stale || index == 0 && hint_index == 0 {
                 self.release_reads();
                 return;
@@ -1215,8 +1223,16 @@ impl Raft {
                 hint_index
             };
             next = next.min(index).max(p.match_index + 1).max(1);
+            let unchanged = p.state == ProgressState::Probe && next == p.next_index;
             p.become_probe();
             p.next_index = next;
+            if unchanged {
+                // No progress from this answer: wait for the next heartbeat rather than
+                // resend at once (duplicated answers would otherwise multiply).
+                p.paused = true;
+                self.release_reads();
+                return;
+            }
         }
         self.send_append(i, false);
         self.release_reads();
@@ -1432,7 +1448,11 @@ impl Raft {
             }
             last_new = idx;
         }
-        let new_commit = leader_commit.min(last_new);
+        let new_commit = if self.cfg.bugs.follower_commit_unchecked {
+            leader_commit.min(self.log.last_index())
+        } else {
+            leader_commit.min(last_new)
+        };
         if new_commit > self.commit {
             self.commit = new_commit;
             self.hard_state_changed();

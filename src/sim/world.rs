@@ -64,8 +64,8 @@ impl SimConfig {
             observers: rng.below(3) as usize,
             clients: 3,
             fault_time: 3_000 * MS,
-            quiet_time: 2_000 * MS,
-            liveness_bound: 1_500 * MS,
+            quiet_time: 4_000 * MS,
+            liveness_bound: 3_000 * MS,
             link: LinkModel {
                 min_delay: MS / 2,
                 jitter: (1 + rng.below(5)) * MS,
@@ -76,7 +76,8 @@ impl SimConfig {
             faults: true,
             disk_faults: true,
             membership_changes: true,
-            sync_latency: (MS / 10, 2 * MS),
+            // Fast and slow disks.
+            sync_latency: [(MS / 10, 2 * MS), (MS, 15 * MS)][rng.below(2) as usize],
             compact_every: 48 + rng.below(64),
             heartbeat: 20 * MS,
             election_timeout: 100 * MS,
@@ -457,15 +458,15 @@ impl World {
         let Some(live) = node.live.as_mut() else {
             return;
         };
+        if live.raft.outputs().install_snapshot {
+            self.snapshots_installed += 1;
+        }
         let mut outbox = Outbox {
             out: &mut self.outbox,
         };
         live.driver
             .collect(&mut live.raft, &mut node.disk, &mut outbox, &mut live.kv)
             .expect("sim disk does not fail writes");
-        if live.raft.outputs().install_snapshot {
-            self.snapshots_installed += 1;
-        }
         if !live.sync_pending {
             if live.driver.needs_sync() {
                 live.sync_pending = true;
