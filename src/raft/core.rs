@@ -25,6 +25,8 @@ pub struct Bugs {
     /// A follower takes the leader's commit index up to its own last index, not only
     /// up to the last entry known to match the leader's log.
     pub follower_commit_unchecked: bool,
+    /// Grant a vote even when this node already voted for another candidate in the term.
+    pub vote_twice: bool,
 }
 
 impl Bugs {
@@ -33,6 +35,7 @@ impl Bugs {
             || self.commit_old_term_by_count
             || self.ack_before_persist
             || self.follower_commit_unchecked
+            || self.vote_twice
     }
 }
 
@@ -634,8 +637,9 @@ impl Raft {
                 last_term,
                 ..
             } => {
-                let can_vote =
-                    self.vote == m.from || (self.vote == 0 && self.leader == 0 && self.role != Role::Leader);
+                let can_vote = self.vote == m.from
+                    || (self.vote == 0 && self.leader == 0 && self.role != Role::Leader)
+                    || (self.cfg.bugs.vote_twice && self.role != Role::Leader);
                 // Votes are granted without consulting this node's own membership
                 // (Raft thesis §4.1); candidates count only their voters' votes.
                 let granted = can_vote && self.log_ok(last_index, last_term);

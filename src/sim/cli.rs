@@ -17,7 +17,7 @@ Usage: vigil sim [--seed S | --seeds N [--start S]] [--bug NAME] [--no-faults]
   --seeds N         run seeds start..start+N; reports seeds/s and simulated s per wall s
   --start S         first seed for --seeds (default 0)
   --bug NAME        plant a bug (vote-without-log-check, commit-old-term,
-                    ack-before-persist, follower-commit-unchecked)
+                    ack-before-persist, follower-commit-unchecked, vote-twice)
   --no-faults       no network, crash or disk faults
   --election-bench  measure election convergence (leader lost -> new leader commits)
   --runs N          elections measured by --election-bench (default 200)
@@ -33,6 +33,7 @@ fn bug_from_name(name: &str) -> Option<Bugs> {
         "commit-old-term" => b.commit_old_term_by_count = true,
         "ack-before-persist" => b.ack_before_persist = true,
         "follower-commit-unchecked" => b.follower_commit_unchecked = true,
+        "vote-twice" => b.vote_twice = true,
         _ => return None,
     }
     Some(b)
