@@ -420,6 +420,16 @@ impl Raft {
         }
     }
 
+    /// Starts an election now, as if the election timer had fired (etcd's MsgHup):
+    /// for tests and for operators bootstrapping a cluster. Ignored by leaders and
+    /// non-voters.
+    pub fn campaign_now(&mut self, now: Nanos) {
+        self.advance_clock(now);
+        if self.role != Role::Leader && self.membership.is_voter(self.cfg.id) {
+            self.campaign(self.cfg.pre_vote, false);
+        }
+    }
+
     /// Proposes a command; returns the index and term it was appended at.
     pub fn propose(&mut self, now: Nanos, data: &[u8]) -> Result<(Index, Term), RaftError> {
         self.advance_clock(now);

@@ -189,6 +189,30 @@ impl Cluster {
         }
     }
 
+    /// Delivers only the first queued message; returns it.
+    pub fn deliver_one(&mut self) -> Option<Message> {
+        let (m, p) = self.queue.pop_front()?;
+        let (from, to) = ((m.from - 1) as usize, (m.to - 1) as usize);
+        if to >= self.nodes.len() || self.cut[from][to] {
+            return Some(m);
+        }
+        self.delivered.push(m);
+        let payload = match &p {
+            OwnedPayload::None => Payload::None,
+            OwnedPayload::Entries(e) => Payload::Entries(EntriesView::from_slice(e)),
+            OwnedPayload::Chunk(c) => Payload::Chunk(c),
+        };
+        let now = self.now;
+        self.nodes[to].raft.step(now, &m, payload);
+        self.flush(to);
+        Some(m)
+    }
+
+    /// Drops queued messages matching `f`.
+    pub fn drop_where(&mut self, f: impl Fn(&Message) -> bool) {
+        self.queue.retain(|(m, _)| !f(m));
+    }
+
     /// Advances time by `dt` and ticks every node.
     pub fn advance(&mut self, dt: Nanos) {
         self.now += dt;
@@ -211,9 +235,8 @@ impl Cluster {
     /// Makes `id` campaign now (its election timer fires) and delivers everything.
     pub fn campaign(&mut self, id: NodeId) {
         let i = (id - 1) as usize;
-        // Past any deadline of this node, without moving the others' clocks.
-        let t = self.now + 10_000 * MS;
-        self.nodes[i].raft.tick(t);
+        let now = self.now;
+        self.nodes[i].raft.campaign_now(now);
         self.flush(i);
         self.deliver_all();
     }
