@@ -183,11 +183,20 @@ fn steady_state_commits_do_not_allocate() {
     let proposed = run(&mut nodes, 10_000, true);
     let allocations = ALLOCATIONS.load(Ordering::Relaxed);
     let leader = nodes.iter().position(|n| n.raft.is_leader()).unwrap();
-    assert_eq!(leader, leader_before, "leadership must stay put for the measurement");
+    assert_eq!(
+        leader, leader_before,
+        "leadership must stay put for the measurement"
+    );
     assert!(nodes[leader].raft.commit_index() >= commit_before + 10_000);
     assert_eq!(proposed, 10_000);
     for n in &nodes {
-        assert!(n.sm.applied >= 16_000 - 8, "every node applied the proposals");
+        assert!(
+            n.sm.applied >= 16_000 - 8,
+            "every node applied the proposals"
+        );
     }
-    assert_eq!(allocations, 0, "allocations in the core during 10,000 commits");
+    assert_eq!(
+        allocations, 0,
+        "allocations in the core during 10,000 commits"
+    );
 }

@@ -68,7 +68,10 @@ fn votes_and_acks_wait_for_persistence_vote_requests_too() {
     let now = c.now;
     c.nodes[0].raft.campaign_now(now); // pre-vote round
     let out = c.nodes[0].raft.outputs();
-    assert!(out.messages.iter().all(|m| matches!(m.body, Body::PreVote { .. })));
+    assert!(out
+        .messages
+        .iter()
+        .all(|m| matches!(m.body, Body::PreVote { .. })));
     assert_eq!(out.messages.len(), 2);
     c.flush(0);
     c.deliver_all();
@@ -105,11 +108,19 @@ fn prevote_keeps_a_partitioned_node_from_raising_its_term() {
     for _ in 0..5 {
         c.campaign(3);
     }
-    assert_eq!(c.raft(3).term(), term, "pre-votes failed, so the term stays");
+    assert_eq!(
+        c.raft(3).term(),
+        term,
+        "pre-votes failed, so the term stays"
+    );
     c.heal();
     c.run_for(300 * MS);
     assert_eq!(c.leader(), Some(1));
-    assert_eq!(c.raft(1).term(), term, "the healed node did not disrupt the leader");
+    assert_eq!(
+        c.raft(1).term(),
+        term,
+        "the healed node did not disrupt the leader"
+    );
 }
 
 #[test]
@@ -129,14 +140,23 @@ fn check_quorum_makes_an_isolated_leader_step_down() {
     elect(&mut c, 1);
     c.isolate(1);
     c.run_for(90 * MS);
-    assert!(c.raft(1).is_leader(), "within one election timeout it stays");
+    assert!(
+        c.raft(1).is_leader(),
+        "within one election timeout it stays"
+    );
     c.run_for(200 * MS);
-    assert!(!c.raft(1).is_leader(), "no quorum contact for an election timeout");
+    assert!(
+        !c.raft(1).is_leader(),
+        "no quorum contact for an election timeout"
+    );
     let mut nocq = Cluster::new(3, 0, 0, |cfg| cfg.check_quorum = false);
     elect(&mut nocq, 1);
     nocq.isolate(1);
     nocq.run_for(500 * MS);
-    assert!(nocq.raft(1).is_leader(), "without CheckQuorum the leader stays");
+    assert!(
+        nocq.raft(1).is_leader(),
+        "without CheckQuorum the leader stays"
+    );
 }
 
 #[test]
@@ -148,7 +168,11 @@ fn followers_with_a_live_leader_ignore_vote_requests() {
     c.cut[0][2] = true;
     c.campaign(3);
     assert_eq!(c.raft(3).term(), term + 1);
-    assert_eq!(c.raft(2).term(), term, "node 2 heard the leader recently: vote ignored");
+    assert_eq!(
+        c.raft(2).term(),
+        term,
+        "node 2 heard the leader recently: vote ignored"
+    );
     assert_eq!(c.leader(), Some(1));
 }
 
@@ -187,7 +211,8 @@ fn a_new_leader_commits_old_entries_only_with_an_entry_of_its_term() {
         c.delivered.clear();
         c.advance(25 * MS);
         let mut guard = 0;
-        while c.raft(1).peer_progress(2).unwrap().0 < x || c.raft(1).peer_progress(3).unwrap().0 < x {
+        while c.raft(1).peer_progress(2).unwrap().0 < x || c.raft(1).peer_progress(3).unwrap().0 < x
+        {
             guard += 1;
             assert!(guard < 1000);
             if c.deliver_one().is_none() {
@@ -202,12 +227,19 @@ fn a_new_leader_commits_old_entries_only_with_an_entry_of_its_term() {
             });
         }
         if bug {
-            assert_eq!(c.raft(1).commit_index(), x, "the planted bug commits by counting");
+            assert_eq!(
+                c.raft(1).commit_index(),
+                x,
+                "the planted bug commits by counting"
+            );
         } else {
             assert!(
                 c.raft(1).commit_index() < x,
                 "an old-term entry must not commit by counting: x={x} noop={noop} {:?}",
-                c.delivered.iter().map(|m| (m.from, m.to, m.body)).collect::<Vec<_>>()
+                c.delivered
+                    .iter()
+                    .map(|m| (m.from, m.to, m.body))
+                    .collect::<Vec<_>>()
             );
         }
         c.run_for(100 * MS);
@@ -268,7 +300,10 @@ fn appends_in_flight_to_one_follower_are_bounded() {
         .iter()
         .filter(|m| m.to == 3 && matches!(m.body, Body::Append { count: 1.., .. }))
         .count();
-    assert_eq!(to3, 4, "exactly the in-flight window reaches the silent follower");
+    assert_eq!(
+        to3, 4,
+        "exactly the in-flight window reaches the silent follower"
+    );
     let to2 = c
         .delivered
         .iter()
@@ -352,7 +387,11 @@ fn observers_replicate_but_never_vote_campaign_or_count() {
     let (i, _) = c.propose(1, b"b").unwrap();
     c.run_for(50 * MS);
     assert!(c.raft(1).commit_index() < i);
-    assert_eq!(c.raft(4).last_index(), i, "the observer still receives the log");
+    assert_eq!(
+        c.raft(4).last_index(),
+        i,
+        "the observer still receives the log"
+    );
     // And candidates do not count an observer's vote.
     let mut d = Cluster::new(3, 1, 0, |_| {});
     d.isolate(2);
@@ -366,19 +405,31 @@ fn membership_changes_one_at_a_time() {
     let mut c = Cluster::new(3, 0, 2, |_| {});
     elect(&mut c, 1);
     let now = c.now;
-    let (i, _) = c.node(1).raft.change_membership(now, ConfChange::AddObserver(4)).unwrap();
+    let (i, _) = c
+        .node(1)
+        .raft
+        .change_membership(now, ConfChange::AddObserver(4))
+        .unwrap();
     // Takes effect when appended; the next change waits for the commit.
     assert!(c.raft(1).membership().observers.contains(4));
     assert_eq!(
-        c.node(1).raft.change_membership(now, ConfChange::Promote(4)),
+        c.node(1)
+            .raft
+            .change_membership(now, ConfChange::Promote(4)),
         Err(RaftError::ChangePending)
     );
     c.flush(0);
     c.run_for(100 * MS);
     assert!(c.raft(1).commit_index() >= i);
-    assert!(c.raft(4).membership().observers.contains(4), "the new node learned its role");
+    assert!(
+        c.raft(4).membership().observers.contains(4),
+        "the new node learned its role"
+    );
     let now = c.now;
-    c.node(1).raft.change_membership(now, ConfChange::Promote(4)).unwrap();
+    c.node(1)
+        .raft
+        .change_membership(now, ConfChange::Promote(4))
+        .unwrap();
     c.flush(0);
     c.run_for(100 * MS);
     assert_eq!(c.raft(1).membership().voters.len(), 4);
@@ -394,22 +445,33 @@ fn membership_changes_one_at_a_time() {
     // Invalid changes are refused.
     let now = c.now;
     assert_eq!(
-        c.node(1).raft.change_membership(now, ConfChange::Promote(9)),
+        c.node(1)
+            .raft
+            .change_membership(now, ConfChange::Promote(9)),
         Err(RaftError::InvalidChange)
     );
     // Demote, then remove.
-    c.node(1).raft.change_membership(now, ConfChange::Demote(4)).unwrap();
+    c.node(1)
+        .raft
+        .change_membership(now, ConfChange::Demote(4))
+        .unwrap();
     c.flush(0);
     c.run_for(100 * MS);
     assert!(c.raft(2).membership().observers.contains(4));
     let now = c.now;
-    c.node(1).raft.change_membership(now, ConfChange::Remove(4)).unwrap();
+    c.node(1)
+        .raft
+        .change_membership(now, ConfChange::Remove(4))
+        .unwrap();
     c.flush(0);
     c.run_for(100 * MS);
     assert!(!c.raft(2).membership().is_member(4));
     // Replace voter 3 by node 5: add as observer, then Replace promotes and removes.
     let now = c.now;
-    c.node(1).raft.change_membership(now, ConfChange::AddObserver(5)).unwrap();
+    c.node(1)
+        .raft
+        .change_membership(now, ConfChange::AddObserver(5))
+        .unwrap();
     c.flush(0);
     c.run_for(100 * MS);
     let now = c.now;
@@ -429,8 +491,14 @@ fn a_leader_that_removes_itself_steps_down_after_the_commit() {
     let mut c = Cluster::new(3, 0, 0, |_| {});
     elect(&mut c, 1);
     let now = c.now;
-    c.node(1).raft.change_membership(now, ConfChange::Remove(1)).unwrap();
-    assert!(c.raft(1).is_leader(), "still leading until the change commits");
+    c.node(1)
+        .raft
+        .change_membership(now, ConfChange::Remove(1))
+        .unwrap();
+    assert!(
+        c.raft(1).is_leader(),
+        "still leading until the change commits"
+    );
     c.flush(0);
     c.run_for(50 * MS);
     assert!(!c.raft(1).is_leader());
@@ -493,10 +561,16 @@ fn read_index_needs_a_quorum_round_and_a_committed_entry_of_the_term() {
     assert_eq!(d.node(1).raft.read_index(now, 1), Err(RaftError::NotReady));
     c.run_for(50 * MS);
     let now = c.now;
-    assert_eq!(c.node(2).raft.read_index(now, 7), Err(RaftError::NotLeader { leader: 1 }));
+    assert_eq!(
+        c.node(2).raft.read_index(now, 7),
+        Err(RaftError::NotLeader { leader: 1 })
+    );
     c.node(1).raft.read_index(now, 7).unwrap();
     c.flush(0);
-    assert!(c.node(1).sm.reads.is_empty(), "not before a quorum answered");
+    assert!(
+        c.node(1).sm.reads.is_empty(),
+        "not before a quorum answered"
+    );
     c.deliver_all();
     assert_eq!(c.node(1).sm.reads.len(), 1);
     assert_eq!(c.node(1).sm.reads[0].id, 7);

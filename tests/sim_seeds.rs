@@ -72,7 +72,10 @@ fn planted_bug_votes_without_log_check_is_caught() {
         ..Bugs::default()
     };
     let found = first_violation(bugs, 300);
-    assert!(found.is_some(), "granting votes without the log check went unnoticed");
+    assert!(
+        found.is_some(),
+        "granting votes without the log check went unnoticed"
+    );
 }
 
 #[test]
@@ -82,7 +85,10 @@ fn planted_bug_vote_twice_is_caught() {
         ..Bugs::default()
     };
     let (_, v) = first_violation(bugs, 300).expect("double voting went unnoticed");
-    assert!(v.contains("election safety") || v.contains("safety") || v.contains("completeness"), "{v}");
+    assert!(
+        v.contains("election safety") || v.contains("safety") || v.contains("completeness"),
+        "{v}"
+    );
 }
 
 #[test]

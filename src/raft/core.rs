@@ -219,7 +219,10 @@ impl Raft {
             log.append(e.term, e.kind, &e.data);
         }
         let snapshot_index = log.snapshot_index();
-        let commit = recovered.hard_state.commit.clamp(snapshot_index, log.last_index());
+        let commit = recovered
+            .hard_state
+            .commit
+            .clamp(snapshot_index, log.last_index());
         let capacity = limits::MAX_MEMBERS * 4;
         let mut raft = Raft {
             rng: Rng::new(cfg.seed ^ cfg.id.wrapping_mul(0x9e37_79b9)),
@@ -367,7 +370,10 @@ impl Raft {
         if self.role != Role::Leader {
             return None;
         }
-        self.progress.iter().find(|p| p.id == peer).map(|p| p.last_ack_at)
+        self.progress
+            .iter()
+            .find(|p| p.id == peer)
+            .map(|p| p.last_ack_at)
     }
     /// Follower: when the last message from the current leader was received (a host's
     /// lease runs from the receipt of a heartbeat it acknowledged).
@@ -491,7 +497,10 @@ impl Raft {
                 if !self.membership.is_voter(old) || !self.membership.observers.contains(new) {
                     return Err(RaftError::InvalidChange);
                 }
-                (Self::apply_change(&self.membership, ConfChange::Promote(new))?, old)
+                (
+                    Self::apply_change(&self.membership, ConfChange::Promote(new))?,
+                    old,
+                )
             }
             other => (Self::apply_change(&self.membership, other)?, 0),
         };
@@ -550,7 +559,11 @@ impl Raft {
 
     /// The state machine applied everything up to `index`.
     pub fn applied_to(&mut self, index: Index) {
-        assert!(index <= self.commit, "applied {index} beyond commit {}", self.commit);
+        assert!(
+            index <= self.commit,
+            "applied {index} beyond commit {}",
+            self.commit
+        );
         if index > self.applied {
             self.applied = index;
         }
@@ -686,7 +699,11 @@ impl Raft {
                     _ => EntriesView::EMPTY,
                 };
                 if entries.len() != count as usize {
-                    log::warn!("append from {} with {} entries, header says {count}", m.from, entries.len());
+                    log::warn!(
+                        "append from {} with {} entries, header says {count}",
+                        m.from,
+                        entries.len()
+                    );
                     return;
                 }
                 self.handle_append(m.from, prev_index, prev_term, commit, entries, read_seq);
@@ -699,7 +716,9 @@ impl Raft {
                 read_seq,
             } => {
                 if self.role == Role::Leader {
-                    self.handle_append_resp(m.from, success, index, hint_index, hint_term, read_seq);
+                    self.handle_append_resp(
+                        m.from, success, index, hint_index, hint_term, read_seq,
+                    );
                 }
             }
             Body::Snapshot {
@@ -737,14 +756,17 @@ impl Raft {
         match m.body {
             Body::Append {
                 prev_index, count, ..
-            } if count > 0 => Payload::Entries(self.log.view(prev_index + 1, prev_index + count as u64)),
+            } if count > 0 => {
+                Payload::Entries(self.log.view(prev_index + 1, prev_index + count as u64))
+            }
             Body::Snapshot {
-                index,
-                offset,
-                len,
-                ..
+                index, offset, len, ..
             } => {
-                assert_eq!(index, self.log.snapshot_index(), "snapshot chunk of an old snapshot");
+                assert_eq!(
+                    index,
+                    self.log.snapshot_index(),
+                    "snapshot chunk of an old snapshot"
+                );
                 Payload::Chunk(&self.snapshot_data[offset as usize..offset as usize + len as usize])
             }
             _ => Payload::None,
@@ -781,7 +803,9 @@ impl Raft {
         }
         match self.role {
             Role::Leader => true,
-            _ => self.leader != 0 && self.now < self.last_leader_contact + self.cfg.election_timeout,
+            _ => {
+                self.leader != 0 && self.now < self.last_leader_contact + self.cfg.election_timeout
+            }
         }
     }
 
@@ -910,7 +934,10 @@ impl Raft {
         }
         self.heartbeat_deadline = self.now + self.cfg.heartbeat_interval;
         self.check_quorum_deadline = self.now + self.cfg.election_timeout;
-        assert!(self.log.free_slots() > 0, "log full at election; compaction is overdue");
+        assert!(
+            self.log.free_slots() > 0,
+            "log full at election; compaction is overdue"
+        );
         self.append_local(EntryKind::Noop, &[]);
         self.broadcast_append();
     }
@@ -970,7 +997,9 @@ impl Raft {
         let ok = match change {
             ConfChange::AddObserver(id) => !m.is_member(id) && m.observers.insert(id),
             ConfChange::Promote(id) => m.observers.remove(id) && m.voters.insert(id),
-            ConfChange::Demote(id) => m.voters.len() > 1 && m.voters.remove(id) && m.observers.insert(id),
+            ConfChange::Demote(id) => {
+                m.voters.len() > 1 && m.voters.remove(id) && m.observers.insert(id)
+            }
             ConfChange::Remove(id) => {
                 if m.voters.contains(id) {
                     m.voters.len() > 1 && m.voters.remove(id)
@@ -1064,9 +1093,10 @@ impl Raft {
                 ProgressState::Snapshot => return,
                 ProgressState::Probe if p.paused => return,
                 ProgressState::Replicate
-                    if p
-                        .inflights
-                        .is_full(self.cfg.max_inflight_appends, self.cfg.max_inflight_bytes as u64) =>
+                    if p.inflights.is_full(
+                        self.cfg.max_inflight_appends,
+                        self.cfg.max_inflight_bytes as u64,
+                    ) =>
                 {
                     return
                 }
@@ -1077,7 +1107,10 @@ impl Raft {
                 return;
             }
             let prev_index = p.next_index - 1;
-            let prev_term = self.log.term(prev_index).expect("next_index within the log");
+            let prev_term = self
+                .log
+                .term(prev_index)
+                .expect("next_index within the log");
             let last = self.log.last_index();
             let mut count = 0u64;
             let mut bytes = 0u64;
@@ -1203,7 +1236,10 @@ impl Raft {
                 }
                 self.maybe_commit();
                 // Committing may have changed the membership or the role.
-                let Some(i) = self.progress_slot(from).filter(|_| self.role == Role::Leader) else {
+                let Some(i) = self
+                    .progress_slot(from)
+                    .filter(|_| self.role == Role::Leader)
+                else {
                     return;
                 };
                 if from == self.transfer_target && self.progress[i].match_index == last {
@@ -1278,7 +1314,10 @@ impl Raft {
             matches[n] = if id == self.cfg.id {
                 self.persisted_index
             } else {
-                self.progress.iter().find(|p| p.id == id).map_or(0, |p| p.match_index)
+                self.progress
+                    .iter()
+                    .find(|p| p.id == id)
+                    .map_or(0, |p| p.match_index)
             };
             n += 1;
         }
@@ -1334,7 +1373,10 @@ impl Raft {
             times[n] = if id == self.cfg.id {
                 self.now
             } else {
-                self.progress.iter().find(|p| p.id == id).map_or(0, |p| p.last_ack_at)
+                self.progress
+                    .iter()
+                    .find(|p| p.id == id)
+                    .map_or(0, |p| p.last_ack_at)
             };
             n += 1;
         }
@@ -1563,17 +1605,33 @@ impl Raft {
             self.incoming_data.clear();
         }
         let expected = match self.incoming {
-            Some((i, t, n)) if i == index && t == term && n == total => self.incoming_data.len() as u64,
+            Some((i, t, n)) if i == index && t == term && n == total => {
+                self.incoming_data.len() as u64
+            }
             _ => 0,
         };
         if offset != expected || self.incoming.is_none() {
-            self.send(from, Body::SnapshotResp { index, next_offset: expected }, false);
+            self.send(
+                from,
+                Body::SnapshotResp {
+                    index,
+                    next_offset: expected,
+                },
+                false,
+            );
             return;
         }
         self.incoming_data.extend_from_slice(chunk);
         let have = self.incoming_data.len() as u64;
         if have < total {
-            self.send(from, Body::SnapshotResp { index, next_offset: have }, false);
+            self.send(
+                from,
+                Body::SnapshotResp {
+                    index,
+                    next_offset: have,
+                },
+                false,
+            );
             return;
         }
         self.incoming = None;
@@ -1581,7 +1639,14 @@ impl Raft {
             Ok((m, _)) => m,
             Err(e) => {
                 log::error!("snapshot from {from}: {e}");
-                self.send(from, Body::SnapshotResp { index, next_offset: 0 }, false);
+                self.send(
+                    from,
+                    Body::SnapshotResp {
+                        index,
+                        next_offset: 0,
+                    },
+                    false,
+                );
                 return;
             }
         };

@@ -101,7 +101,8 @@ impl Driver {
             transport.send(&m, raft.payload(&m));
         }
         let out = raft.outputs_mut();
-        self.after_sync.extend_from_slice(&out.messages_after_persist);
+        self.after_sync
+            .extend_from_slice(&out.messages_after_persist);
         for r in out.reads.iter() {
             self.reads.push_back(*r);
         }

@@ -68,7 +68,10 @@ impl RaftLog {
         if hi < lo {
             return EntriesView::EMPTY;
         }
-        assert!(lo > self.snapshot_index && hi <= self.last_index(), "view {lo}..={hi}");
+        assert!(
+            lo > self.snapshot_index && hi <= self.last_index(),
+            "view {lo}..={hi}"
+        );
         let start = (lo - self.snapshot_index - 1) as usize;
         let end = (hi - self.snapshot_index) as usize;
         EntriesView::from_deque(&self.entries, start, end)

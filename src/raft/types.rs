@@ -160,7 +160,12 @@ impl Membership {
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.push(self.voters.len() as u8);
         out.push(self.observers.len() as u8);
-        for id in self.voters.as_slice().iter().chain(self.observers.as_slice()) {
+        for id in self
+            .voters
+            .as_slice()
+            .iter()
+            .chain(self.observers.as_slice())
+        {
             out.extend_from_slice(&id.to_le_bytes());
         }
     }
@@ -368,7 +373,10 @@ pub enum ConfChange {
     Demote(NodeId),
     Remove(NodeId),
     /// Promote the observer `new`, then (after that commits) remove the voter `old`.
-    Replace { old: NodeId, new: NodeId },
+    Replace {
+        old: NodeId,
+        new: NodeId,
+    },
 }
 
 /// Why a request to the core was refused.

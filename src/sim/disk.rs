@@ -5,7 +5,9 @@
 //! lost a synced vote or acknowledgement must not rejoin as if nothing happened.
 
 use crate::raft::rng::Rng;
-use crate::raft::{EntriesView, Entry, EntryKind, HardState, Index, LogStorage, Recovered, SnapshotMeta};
+use crate::raft::{
+    EntriesView, Entry, EntryKind, HardState, Index, LogStorage, Recovered, SnapshotMeta,
+};
 
 const TAG_ENTRIES: u8 = 1;
 const TAG_HARD_STATE: u8 = 2;
@@ -104,7 +106,10 @@ impl SimDisk {
             if bytes.len() != 8 + len {
                 return Err(Corruption {
                     record: i,
-                    what: format!("length field {len} does not match {} bytes", bytes.len() - 8),
+                    what: format!(
+                        "length field {len} does not match {} bytes",
+                        bytes.len() - 8
+                    ),
                 });
             }
             let payload = &bytes[8..];
@@ -140,7 +145,9 @@ fn apply_record(rec: &mut Recovered, p: &[u8]) -> Result<(), String> {
             let count = u64_at(p, &mut off)?;
             let base = rec.snapshot.as_ref().map_or(0, |(m, _)| m.index);
             if from <= base {
-                return Err(format!("entries from {from} at or below the snapshot {base}"));
+                return Err(format!(
+                    "entries from {from} at or below the snapshot {base}"
+                ));
             }
             let keep = (from - base - 1) as usize;
             if keep > rec.entries.len() {
@@ -153,7 +160,10 @@ fn apply_record(rec: &mut Recovered, p: &[u8]) -> Result<(), String> {
                 let kind = *p.get(off).ok_or("truncated entry kind")?;
                 off += 1;
                 let len = u64_at(p, &mut off)? as usize;
-                let data = p.get(off..off + len).ok_or("truncated entry data")?.to_vec();
+                let data = p
+                    .get(off..off + len)
+                    .ok_or("truncated entry data")?
+                    .to_vec();
                 off += len;
                 let kind = EntryKind::from_u8(kind).ok_or("bad entry kind")?;
                 rec.entries.push(Entry {

@@ -180,7 +180,11 @@ mod tests {
             op: Op::Put { key: 0, value },
             call,
             ret,
-            result: if ret == INFINITY { None } else { Some(OpResult::Ok) },
+            result: if ret == INFINITY {
+                None
+            } else {
+                Some(OpResult::Ok)
+            },
         }
     }
     fn get(client: u32, value: u64, call: u64, ret: u64) -> HistoryOp {
@@ -195,7 +199,12 @@ mod tests {
 
     #[test]
     fn sequential_history_is_linearizable() {
-        let h = [put(1, 5, 0, 1), get(2, 5, 2, 3), put(1, 6, 4, 5), get(2, 6, 6, 7)];
+        let h = [
+            put(1, 5, 0, 1),
+            get(2, 5, 2, 3),
+            put(1, 6, 4, 5),
+            get(2, 6, 6, 7),
+        ];
         assert_eq!(check_key(&h), Verdict::Ok);
     }
 
@@ -207,15 +216,31 @@ mod tests {
 
     #[test]
     fn concurrent_ops_may_be_reordered() {
-        let h = [put(1, 5, 0, 10), get(2, 0, 1, 2), get(3, 5, 3, 4), put(4, 6, 5, 12), get(2, 5, 11, 13)];
+        let h = [
+            put(1, 5, 0, 10),
+            get(2, 0, 1, 2),
+            get(3, 5, 3, 4),
+            put(4, 6, 5, 12),
+            get(2, 5, 11, 13),
+        ];
         assert_eq!(check_key(&h), Verdict::Ok);
     }
 
     #[test]
     fn unknown_write_may_or_may_not_happen() {
-        let h = [put(1, 5, 0, 1), put(2, 7, 2, INFINITY), get(3, 5, 3, 4), get(3, 7, 5, 6)];
+        let h = [
+            put(1, 5, 0, 1),
+            put(2, 7, 2, INFINITY),
+            get(3, 5, 3, 4),
+            get(3, 7, 5, 6),
+        ];
         assert_eq!(check_key(&h), Verdict::Ok);
-        let h = [put(1, 5, 0, 1), put(2, 7, 2, INFINITY), get(3, 7, 3, 4), get(3, 5, 5, 6)];
+        let h = [
+            put(1, 5, 0, 1),
+            put(2, 7, 2, INFINITY),
+            get(3, 7, 3, 4),
+            get(3, 5, 5, 6),
+        ];
         assert!(matches!(check_key(&h), Verdict::Violation(_)));
     }
 
@@ -232,7 +257,10 @@ mod tests {
             ret,
             result: Some(OpResult::Cas(ok)),
         };
-        assert_eq!(check_key(&[put(1, 5, 0, 1), cas(true, 2, 3), get(2, 8, 4, 5)]), Verdict::Ok);
+        assert_eq!(
+            check_key(&[put(1, 5, 0, 1), cas(true, 2, 3), get(2, 8, 4, 5)]),
+            Verdict::Ok
+        );
         assert!(matches!(
             check_key(&[put(1, 5, 0, 1), cas(false, 2, 3)]),
             Verdict::Violation(_)

@@ -7,8 +7,8 @@ use super::kv::{KvState, Op, OpResult, CHECKED_KEYS, KEYS};
 use super::linearizability::{HistoryOp, INFINITY};
 use crate::raft::rng::Rng;
 use crate::raft::{
-    Body, Bugs, Config, ConfChange, Driver, Entry, Index, Membership, Message, Nanos, NodeId,
-    Payload, Raft, RaftError, Role, StateMachine, Term, Transport,
+    Bugs, ConfChange, Config, Driver, Entry, Index, Membership, Message, Nanos, NodeId, Payload,
+    Raft, RaftError, Role, StateMachine, Term, Transport,
 };
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -227,8 +227,6 @@ pub struct World {
     liveness_target: Option<(Nanos, Index)>,
     liveness_met: bool,
     pub snapshots_installed: u64,
-    /// Optional observer of leadership, for the election benchmark.
-    pub stop_when: Option<Box<dyn FnMut(&World) -> bool>>,
 }
 
 fn mix(h: u64, v: u64) -> u64 {
@@ -286,7 +284,6 @@ impl World {
             liveness_target: None,
             liveness_met: false,
             snapshots_installed: 0,
-            stop_when: None,
             nodes,
             cfg,
         };
@@ -398,7 +395,10 @@ impl World {
                 return;
             }
         };
-        let mut cfg = Config::new(self.nodes[n].id, self.cfg.seed.wrapping_add(self.nodes[n].epoch));
+        let mut cfg = Config::new(
+            self.nodes[n].id,
+            self.cfg.seed.wrapping_add(self.nodes[n].epoch),
+        );
         cfg.heartbeat_interval = self.cfg.heartbeat;
         cfg.election_timeout = self.cfg.election_timeout;
         cfg.bugs = self.cfg.bugs;
@@ -441,7 +441,11 @@ impl World {
         self.nodes[n].epoch += 1;
         self.checker.node_crashed(n);
         for c in 0..self.clients.len() {
-            if self.clients[c].pending.as_ref().is_some_and(|p| p.node == n) {
+            if self.clients[c]
+                .pending
+                .as_ref()
+                .is_some_and(|p| p.node == n)
+            {
                 // Outcome unknown: the history op keeps an infinite return time.
                 self.clients[c].pending = None;
                 let t = self.now + self.rng.below(20 * MS);
@@ -497,7 +501,9 @@ impl World {
         // Compaction policy: keep the in-memory log short.
         let raft = &live.raft;
         let applied = raft.applied_index();
-        if applied >= raft.first_index() + self.cfg.compact_every && raft.persisted_index() >= applied {
+        if applied >= raft.first_index() + self.cfg.compact_every
+            && raft.persisted_index() >= applied
+        {
             self.snap_buf.clear();
             live.kv.encode(&mut self.snap_buf);
             live.raft.compact(applied, &self.snap_buf);
@@ -522,7 +528,10 @@ impl World {
     fn flush_outbox(&mut self, n: usize) {
         let msgs = std::mem::take(&mut self.outbox);
         for (m, p) in msgs {
-            self.trace = mix(self.trace, m.to ^ (m.term << 8) ^ (m.body.name().len() as u64) << 4);
+            self.trace = mix(
+                self.trace,
+                m.to ^ (m.term << 8) ^ (m.body.name().len() as u64) << 4,
+            );
             let to = (m.to - 1) as usize;
             if to >= self.nodes.len() || self.blocked[n][to] {
                 continue;
@@ -530,7 +539,11 @@ impl World {
             if self.rng.chance(self.cfg.link.loss) {
                 continue;
             }
-            let copies = if self.rng.chance(self.cfg.link.duplicate) { 2 } else { 1 };
+            let copies = if self.rng.chance(self.cfg.link.duplicate) {
+                2
+            } else {
+                1
+            };
             for _ in 0..copies {
                 let mut d = self.cfg.link.min_delay + self.rng.below(self.cfg.link.jitter + 1);
                 if self.rng.chance(self.cfg.link.straggle) {
@@ -575,7 +588,9 @@ impl World {
             for c in 0..self.clients.len() {
                 let done = match &self.clients[c].pending {
                     Some(p) if p.node == n => match p.wait {
-                        Wait::Entry { index, term } if index == a.index => Some((p.hist, term == a.term)),
+                        Wait::Entry { index, term } if index == a.index => {
+                            Some((p.hist, term == a.term))
+                        }
                         _ => None,
                     },
                     _ => None,
@@ -629,7 +644,8 @@ impl World {
         if let Some((deadline, target)) = self.liveness_target {
             if !self.liveness_met && live.raft.commit_index() > target {
                 self.liveness_met = true;
-                self.checker.liveness_latency = Some(self.now - (deadline - self.cfg.liveness_bound));
+                self.checker.liveness_latency =
+                    Some(self.now - (deadline - self.cfg.liveness_bound));
             }
         }
     }
@@ -641,7 +657,14 @@ impl World {
         if self.cfg.verbose {
             let roles: Vec<String> = (0..self.nodes.len())
                 .map(|n| match self.raft(n) {
-                    Some(r) => format!("{}:{:?}/t{}/c{}/l{}", n + 1, r.role(), r.term(), r.commit_index(), r.last_index()),
+                    Some(r) => format!(
+                        "{}:{:?}/t{}/c{}/l{}",
+                        n + 1,
+                        r.role(),
+                        r.term(),
+                        r.commit_index(),
+                        r.last_index()
+                    ),
                     None => format!("{}:down", n + 1),
                 })
                 .collect();
@@ -656,7 +679,9 @@ impl World {
                 };
                 let p = match &payload {
                     OwnedPayload::None => Payload::None,
-                    OwnedPayload::Entries(e) => Payload::Entries(crate::raft::EntriesView::from_slice(e)),
+                    OwnedPayload::Entries(e) => {
+                        Payload::Entries(crate::raft::EntriesView::from_slice(e))
+                    }
                     OwnedPayload::Chunk(c) => Payload::Chunk(c),
                 };
                 live.raft.step(local, &msg, p);
@@ -686,7 +711,11 @@ impl World {
             }
             Ev::Client(c) => self.client_step(c),
             Ev::ClientTimeout { client, hist } => {
-                if self.clients[client].pending.as_ref().is_some_and(|p| p.hist == hist) {
+                if self.clients[client]
+                    .pending
+                    .as_ref()
+                    .is_some_and(|p| p.hist == hist)
+                {
                     self.clients[client].pending = None;
                     self.clients[client].guess = self.rng.below(self.nodes.len() as u64) as usize;
                     let t = self.now + self.rng.below(10 * MS);
@@ -717,7 +746,8 @@ impl World {
         }
         let n = self.clients[c].guess;
         let retry = |w: &mut World, guess: Option<usize>| {
-            w.clients[c].guess = guess.unwrap_or_else(|| w.rng.below(w.nodes.len() as u64) as usize);
+            w.clients[c].guess =
+                guess.unwrap_or_else(|| w.rng.below(w.nodes.len() as u64) as usize);
             let t = w.now + MS + w.rng.below(10 * MS);
             w.push(t, Ev::Client(c));
         };
@@ -747,7 +777,11 @@ impl World {
             _ => {
                 self.next_value += 1;
                 // Expect a recent value to make successful CAS likely.
-                let expected = if self.rng.chance(0.3) { 0 } else { self.next_value - 1 - self.rng.below(4).min(self.next_value - 1) };
+                let expected = if self.rng.chance(0.3) {
+                    0
+                } else {
+                    self.next_value - 1 - self.rng.below(4).min(self.next_value - 1)
+                };
                 Op::Cas {
                     key,
                     expected,
@@ -880,7 +914,12 @@ impl World {
     /// remove/add-back of one node, keeping at least 3 voters.
     fn membership_fault(&mut self) {
         let total = self.nodes.len();
-        let Some(l) = (0..total).find(|&n| self.nodes[n].live.as_ref().is_some_and(|l| l.raft.is_leader())) else {
+        let Some(l) = (0..total).find(|&n| {
+            self.nodes[n]
+                .live
+                .as_ref()
+                .is_some_and(|l| l.raft.is_leader())
+        }) else {
             return;
         };
         let live = self.nodes[l].live.as_ref().unwrap();
@@ -943,13 +982,6 @@ impl World {
             if self.checker.violation.is_some() {
                 break;
             }
-            if let Some(mut f) = self.stop_when.take() {
-                let stop = f(self);
-                self.stop_when = Some(f);
-                if stop {
-                    break;
-                }
-            }
         }
         self.finish()
     }
@@ -972,7 +1004,7 @@ impl World {
             }
         }
         let mut lin = "skipped";
-        if self.checker.violation.is_none() && self.stop_when.is_none() {
+        if self.checker.violation.is_none() {
             match super::linearizability::check(&self.history, CHECKED_KEYS) {
                 super::linearizability::Verdict::Ok => lin = "ok",
                 super::linearizability::Verdict::Unknown => lin = "unknown",
@@ -1047,8 +1079,5 @@ impl World {
             }
         }
         false
-    }
-    pub fn is_body_vote(b: &Body) -> bool {
-        matches!(b, Body::Vote { .. })
     }
 }

@@ -32,7 +32,10 @@ impl LogStorage for MemStorage {
         let base = self.snapshot.as_ref().map_or(0, |(m, _)| m.index);
         let drop = (meta.index - base) as usize;
         if drop <= self.entries.len()
-            && self.entries.get(drop.wrapping_sub(1)).is_some_and(|e| e.term == meta.term)
+            && self
+                .entries
+                .get(drop.wrapping_sub(1))
+                .is_some_and(|e| e.term == meta.term)
         {
             self.entries.drain(..drop);
         } else {
