@@ -654,3 +654,27 @@ fn membership_encoding_round_trips_and_rejects_garbage() {
     assert!(Membership::new(&[1, 1], &[]).is_none());
     assert!(Membership::new(&[1], &[1]).is_none());
 }
+
+#[test]
+fn sixty_four_observers_follow_three_voters() {
+    let mut c = Cluster::new(3, 64, 0, |_| {});
+    elect(&mut c, 1);
+    for k in 0..20u32 {
+        c.propose(1, &k.to_le_bytes()).unwrap();
+    }
+    c.run_for(100 * MS);
+    for id in 4..=67 {
+        assert_eq!(c.node(id).sm.applied.len(), 20, "observer {id}");
+        assert_eq!(c.raft(id).role(), Role::Follower);
+    }
+    assert_eq!(c.raft(1).membership().observers.len(), 64);
+    // Promote one observer (the quorum becomes 3 of 4).
+    let now = c.now;
+    c.node(1)
+        .raft
+        .change_membership(now, ConfChange::Promote(40))
+        .unwrap();
+    c.flush(0);
+    c.run_for(100 * MS);
+    assert!(c.raft(67).membership().is_voter(40));
+}

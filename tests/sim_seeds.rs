@@ -43,6 +43,8 @@ fn runs_exercise_faults_snapshots_and_clients() {
     let mut corrupt = 0;
     let mut committed = 0;
     let mut ops = 0;
+    let mut changes = 0;
+    let mut transfers = 0;
     for seed in 0..40 {
         let r = run(SimConfig::new(seed));
         assert!(r.violation.is_none());
@@ -50,10 +52,14 @@ fn runs_exercise_faults_snapshots_and_clients() {
         corrupt += r.corrupt_nodes;
         committed += r.committed;
         ops += r.history_ops;
+        changes += r.membership_changes;
+        transfers += r.transfers;
         assert_ne!(r.linearizability, "violation");
     }
     assert!(snapshots > 0, "no InstallSnapshot in 40 seeds");
     assert!(corrupt > 0, "no corrupted disk detected in 40 seeds");
+    assert!(changes > 0, "no membership change in 40 seeds");
+    assert!(transfers > 0, "no leadership transfer in 40 seeds");
     assert!(committed > 40 * 100 && ops > 40 * 100);
 }
 

@@ -76,7 +76,7 @@ fn fault_text(f: &Fault) -> String {
 /// One JSON line describing a run.
 pub fn report_json(r: &RunReport, wall_s: f64) -> String {
     let mut s = format!(
-        "{{\"seed\":{},\"ok\":{},\"trace_hash\":\"{:016x}\",\"sim_s\":{:.3},\"wall_s\":{:.4},\"events\":{},\"committed\":{},\"leaders\":{},\"history_ops\":{},\"linearizability\":\"{}\",\"snapshots_installed\":{},\"corrupt_nodes\":{}",
+        "{{\"seed\":{},\"ok\":{},\"trace_hash\":\"{:016x}\",\"sim_s\":{:.3},\"wall_s\":{:.4},\"events\":{},\"committed\":{},\"leaders\":{},\"history_ops\":{},\"linearizability\":\"{}\",\"snapshots_installed\":{},\"corrupt_nodes\":{},\"membership_changes\":{},\"transfers\":{}",
         r.seed,
         r.violation.is_none(),
         r.trace_hash,
@@ -88,7 +88,9 @@ pub fn report_json(r: &RunReport, wall_s: f64) -> String {
         r.history_ops,
         r.linearizability,
         r.snapshots_installed,
-        r.corrupt_nodes
+        r.corrupt_nodes,
+        r.membership_changes,
+        r.transfers
     );
     if let Some(v) = &r.violation {
         let _ = write!(s, ",\"violation\":{}", json_str(v));
@@ -249,7 +251,8 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-fn election_bench(runs: usize) {
+/// Prints the election convergence distribution for 3 and 5 voters as JSON lines.
+pub fn election_bench(runs: usize) {
     for voters in [3usize, 5] {
         let mut samples = Vec::with_capacity(runs);
         for s in 0..runs as u64 {

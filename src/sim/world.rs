@@ -201,6 +201,9 @@ pub struct RunReport {
     pub schedule: Vec<(Nanos, Fault)>,
     pub snapshots_installed: u64,
     pub corrupt_nodes: usize,
+    /// Membership changes and leadership transfers the leader accepted.
+    pub membership_changes: u64,
+    pub transfers: u64,
 }
 
 pub struct World {
@@ -227,6 +230,8 @@ pub struct World {
     liveness_target: Option<(Nanos, Index)>,
     liveness_met: bool,
     pub snapshots_installed: u64,
+    membership_changes: u64,
+    transfers: u64,
 }
 
 fn mix(h: u64, v: u64) -> u64 {
@@ -284,6 +289,8 @@ impl World {
             liveness_target: None,
             liveness_met: false,
             snapshots_installed: 0,
+            membership_changes: 0,
+            transfers: 0,
             nodes,
             cfg,
         };
@@ -884,7 +891,9 @@ impl World {
                     let local = self.local(n, self.now);
                     if let Some(live) = self.nodes[n].live.as_mut() {
                         if live.raft.is_leader() {
-                            let _ = live.raft.transfer_leadership(local, 0);
+                            if live.raft.transfer_leadership(local, 0).is_ok() {
+                                self.transfers += 1;
+                            }
                             self.after_input(n);
                             break;
                         }
@@ -957,7 +966,9 @@ impl World {
         };
         let local = self.local(l, self.now);
         if let Some(live) = self.nodes[l].live.as_mut() {
-            let _ = live.raft.change_membership(local, change);
+            if live.raft.change_membership(local, change).is_ok() {
+                self.membership_changes += 1;
+            }
             self.after_input(l);
         }
     }
@@ -1039,6 +1050,8 @@ impl World {
             schedule: self.schedule.clone(),
             snapshots_installed: self.snapshots_installed,
             corrupt_nodes: self.nodes.iter().filter(|n| n.corrupt).count(),
+            membership_changes: self.membership_changes,
+            transfers: self.transfers,
         }
     }
 
