@@ -678,3 +678,32 @@ fn sixty_four_observers_follow_three_voters() {
     c.run_for(100 * MS);
     assert!(c.raft(67).membership().is_voter(40));
 }
+
+#[test]
+fn a_node_removed_by_an_uncommitted_change_can_still_break_a_deadlock() {
+    let mut c = Cluster::new(4, 0, 0, |_| {});
+    elect(&mut c, 4);
+    // Node 4 appends its own removal, which nobody receives; node 1 is gone for good.
+    c.isolate(4);
+    let now = c.now;
+    c.node(4).raft.change_membership(now, ConfChange::Remove(4)).unwrap();
+    c.flush(3);
+    c.isolate(1);
+    c.run_for(300 * MS);
+    assert!(!c.raft(4).is_leader(), "CheckQuorum");
+    assert!(!c.raft(4).membership().is_voter(4));
+    // Nodes 2 and 3 need node 4's vote (3 of {1,2,3,4}); node 4 has the longer log, so
+    // only node 4 can be elected: by 2 and 3, the voters of its latest configuration.
+    for id in 2..=4 {
+        for other in 2..=4 {
+            c.cut[id - 1][other - 1] = false;
+        }
+    }
+    c.run_for(2_000 * MS);
+    let l = c.leader().expect("a leader despite the uncommitted removal");
+    let (i, _) = c.propose(l, b"progress").unwrap();
+    c.run_for(100 * MS);
+    assert!(c.raft(l).commit_index() >= i);
+    assert!(!c.raft(2).membership().is_member(4), "the removal committed");
+    assert_ne!(c.leader(), Some(4), "and the removed node stepped down");
+}

@@ -161,6 +161,8 @@ fn run_cli(args: Vec<OsString>) -> Result<ExitCode, String> {
     let wall = Instant::now();
     let mut sim_nanos = 0u128;
     let mut failed = 0u64;
+    let mut lin_unknown = 0u64;
+    let mut events = 0u64;
     for s in first..first + count {
         let mut cfg = SimConfig::new(s);
         cfg.bugs = bugs;
@@ -168,6 +170,10 @@ fn run_cli(args: Vec<OsString>) -> Result<ExitCode, String> {
         let t0 = Instant::now();
         let r = super::run(cfg);
         sim_nanos += r.sim_nanos as u128;
+        events += r.events;
+        if r.linearizability == "unknown" {
+            lin_unknown += 1;
+        }
         if r.violation.is_some() || count == 1 {
             println!("{}", report_json(&r, t0.elapsed().as_secs_f64()));
         }
@@ -184,9 +190,10 @@ fn run_cli(args: Vec<OsString>) -> Result<ExitCode, String> {
     let secs = wall.elapsed().as_secs_f64();
     if count > 1 {
         println!(
-            "{{\"bench\":\"sim\",\"case\":\"seeds\",\"seeds\":{count},\"failed\":{failed},\"wall_s\":{secs:.3},\"seeds_per_s\":{:.2},\"sim_s_per_wall_s\":{:.2}}}",
+            "{{\"bench\":\"sim\",\"case\":\"seeds\",\"seeds\":{count},\"failed\":{failed},\"linearizability_unknown\":{lin_unknown},\"wall_s\":{secs:.3},\"seeds_per_s\":{:.2},\"sim_s_per_wall_s\":{:.2},\"events_per_s\":{:.0}}}",
             count as f64 / secs,
-            sim_nanos as f64 / 1e9 / secs
+            sim_nanos as f64 / 1e9 / secs,
+            events as f64 / secs
         );
     }
     Ok(if failed > 0 {
