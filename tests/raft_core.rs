@@ -595,6 +595,9 @@ fn lease_information_tracks_acks_and_leader_contact() {
     assert!(ack2 > t0);
     let contact = c.raft(2).last_leader_contact().unwrap();
     assert!(contact > t0);
+    // The lease starts no later than a quorum's receipt of the heartbeat it counts.
+    let receipts = [2, 3].map(|id| c.raft(id).last_leader_contact().unwrap());
+    assert!(receipts.iter().any(|&r| r >= q), "{q} vs {receipts:?}");
     assert_eq!(c.raft(2).quorum_contact(), None);
     // One follower silent: its last ack stops, the quorum contact goes on.
     c.isolate(3);
@@ -686,7 +689,10 @@ fn a_node_removed_by_an_uncommitted_change_can_still_break_a_deadlock() {
     // Node 4 appends its own removal, which nobody receives; node 1 is gone for good.
     c.isolate(4);
     let now = c.now;
-    c.node(4).raft.change_membership(now, ConfChange::Remove(4)).unwrap();
+    c.node(4)
+        .raft
+        .change_membership(now, ConfChange::Remove(4))
+        .unwrap();
     c.flush(3);
     c.isolate(1);
     c.run_for(300 * MS);
@@ -700,10 +706,57 @@ fn a_node_removed_by_an_uncommitted_change_can_still_break_a_deadlock() {
         }
     }
     c.run_for(2_000 * MS);
-    let l = c.leader().expect("a leader despite the uncommitted removal");
+    let l = c
+        .leader()
+        .expect("a leader despite the uncommitted removal");
     let (i, _) = c.propose(l, b"progress").unwrap();
     c.run_for(100 * MS);
     assert!(c.raft(l).commit_index() >= i);
-    assert!(!c.raft(2).membership().is_member(4), "the removal committed");
+    assert!(
+        !c.raft(2).membership().is_member(4),
+        "the removal committed"
+    );
     assert_ne!(c.leader(), Some(4), "and the removed node stepped down");
+}
+
+#[test]
+fn a_restarted_node_waits_an_election_timeout_before_voting() {
+    let mut c = Cluster::new(3, 0, 0, |_| {});
+    elect(&mut c, 1);
+    let m = Membership::new(&[1, 2, 3], &[]).unwrap();
+    let n = c.node(2);
+    let rec = Recovered {
+        hard_state: n.storage.hard_state,
+        snapshot: None,
+        entries: n.storage.entries.clone(),
+    };
+    let mut r = Raft::new(config(2), m, rec).unwrap();
+    let term = r.term();
+    let vote = |term| Message {
+        from: 3,
+        to: 2,
+        term,
+        body: Body::Vote {
+            last_index: 100,
+            last_term: 100,
+            transfer: false,
+        },
+    };
+    let t0 = c.now;
+    r.tick(t0);
+    r.step(t0 + MS, &vote(term + 1), Payload::None);
+    assert_eq!(
+        r.term(),
+        term,
+        "ignored: it may have acknowledged a heartbeat it forgot"
+    );
+    assert!(r.outputs().messages_after_persist.is_empty());
+    r.step(t0 + 101 * MS, &vote(term + 1), Payload::None);
+    assert_eq!(r.term(), term + 1);
+    assert_eq!(r.vote(), 3);
+    // The leader's lease is void once it has sent TimeoutNow.
+    assert!(c.raft(1).quorum_contact().is_some());
+    let now = c.now;
+    c.node(1).raft.transfer_leadership(now, 2).unwrap();
+    assert_eq!(c.raft(1).quorum_contact(), None);
 }

@@ -138,6 +138,9 @@ impl Outputs {
     }
 }
 
+/// Heartbeat rounds remembered for the leader-lease computation.
+const ROUND_HISTORY: usize = 64;
+
 #[derive(Clone, Copy, Debug)]
 struct PendingRead {
     id: u64,
@@ -155,6 +158,10 @@ pub struct Raft {
     rng: Rng,
     now: Nanos,
     started: bool,
+    /// No votes before this time (one election timeout after start).
+    vote_fence_until: Nanos,
+    /// This leader sent TimeoutNow in its term: it holds no lease any more.
+    lease_void: bool,
     term: Term,
     vote: NodeId,
     role: Role,
@@ -181,7 +188,11 @@ pub struct Raft {
     transfer_deadline: Nanos,
     /// Replace: the voter to remove once the promotion of its replacement commits.
     replace_remove: NodeId,
+    /// Heartbeat rounds: every Append carries the current round; a round starts with
+    /// each heartbeat broadcast and each ReadIndex request. Answers echo it.
     read_seq: u64,
+    /// When recent rounds started: (round, time), indexed by round modulo the length.
+    round_started: [(u64, Nanos); ROUND_HISTORY],
     pending_reads: VecDeque<PendingRead>,
     out: Outputs,
 }
@@ -228,6 +239,8 @@ impl Raft {
             rng: Rng::new(cfg.seed ^ cfg.id.wrapping_mul(0x9e37_79b9)),
             now: 0,
             started: false,
+            vote_fence_until: 0,
+            lease_void: false,
             term: recovered.hard_state.term,
             vote: recovered.hard_state.vote,
             role: Role::Follower,
@@ -251,6 +264,7 @@ impl Raft {
             transfer_deadline: 0,
             replace_remove: 0,
             read_seq: 0,
+            round_started: [(0, 0); ROUND_HISTORY],
             pending_reads: VecDeque::with_capacity(cfg.max_pending_reads),
             out: Outputs::new(capacity),
             log,
@@ -357,15 +371,24 @@ impl Raft {
             _ => self.election_deadline,
         }
     }
-    /// Leader: the time since which a quorum of voters is known to have accepted this
-    /// leader (the start of the leader's lease). None unless leader.
+    /// Leader: the start of the leader's lease: the latest time T such that a quorum of
+    /// voters (this node included) answered a heartbeat round that started at or after
+    /// T. Measured from the round's start (not the answer's receipt), so the followers'
+    /// receipt of that heartbeat is never earlier than T. None unless leader.
+    ///
+    /// None as well once this leader has sent TimeoutNow in its term: the target's
+    /// election bypasses leader stickiness, so no lease holds for the rest of the term.
+    /// A lease based on this must end before `quorum_contact + election_timeout *
+    /// (1 - 2 eps)` on this node's clock (followers ignore votes for one election
+    /// timeout, on their own clocks, after the heartbeat they acknowledged).
     pub fn quorum_contact(&self) -> Option<Nanos> {
-        if self.role != Role::Leader {
+        if self.role != Role::Leader || self.lease_void || self.transfer_target != 0 {
             return None;
         }
         Some(self.quorum_contact_time())
     }
-    /// Leader: when the last response from `peer` (in this term) was received.
+    /// Leader: when the last response from `peer` (in this term) was received (the
+    /// leader may declare a host dead only L(1 + eps) after this).
     pub fn peer_last_ack(&self, peer: NodeId) -> Option<Nanos> {
         if self.role != Role::Leader {
             return None;
@@ -460,7 +483,7 @@ impl Raft {
         if self.pending_reads.len() >= self.cfg.max_pending_reads {
             return Err(RaftError::TooManyReads);
         }
-        self.read_seq += 1;
+        self.start_round();
         self.pending_reads.push_back(PendingRead {
             id,
             index: self.commit,
@@ -540,6 +563,7 @@ impl Raft {
         self.transfer_deadline = now + self.cfg.election_timeout;
         let pi = self.progress_slot(target).expect("voters have progress");
         if self.progress[pi].match_index == self.log.last_index() {
+            self.lease_void = true;
             self.send(target, Body::TimeoutNow, false);
         } else {
             self.send_append(pi, false);
@@ -780,6 +804,7 @@ impl Raft {
             // The first input tells the core what time it is: timers start from it.
             self.started = true;
             self.now = now;
+            self.vote_fence_until = now + self.cfg.election_timeout;
             self.reset_election_deadline();
             self.last_leader_contact = now;
         }
@@ -800,6 +825,11 @@ impl Raft {
     fn in_lease(&self) -> bool {
         if !self.cfg.check_quorum {
             return false;
+        }
+        // After a restart this node may have acknowledged a heartbeat it no longer
+        // remembers: it waits one election timeout before it votes (leader leases).
+        if self.now < self.vote_fence_until {
+            return true;
         }
         match self.role {
             Role::Leader => true,
@@ -937,6 +967,7 @@ impl Raft {
         assert!(self.role == Role::Candidate);
         self.role = Role::Leader;
         self.leader = self.cfg.id;
+        self.lease_void = false;
         self.out.leader_changed = true;
         self.transfer_target = 0;
         self.replace_remove = 0;
@@ -945,6 +976,8 @@ impl Raft {
         self.rebuild_progress();
         for p in &mut self.progress {
             p.last_ack_at = self.now;
+            // A grace period of one election timeout before CheckQuorum can fire.
+            p.acked_round_started_at = self.now;
         }
         self.heartbeat_deadline = self.now + self.cfg.heartbeat_interval;
         self.check_quorum_deadline = self.now + self.cfg.election_timeout;
@@ -1050,7 +1083,14 @@ impl Raft {
         self.maybe_commit();
     }
 
+    fn start_round(&mut self) {
+        self.read_seq += 1;
+        self.round_started[(self.read_seq % ROUND_HISTORY as u64) as usize] =
+            (self.read_seq, self.now);
+    }
+
     fn broadcast_heartbeat(&mut self) {
+        self.start_round();
         let now = self.now;
         for i in 0..self.progress.len() {
             let p = &mut self.progress[i];
@@ -1234,11 +1274,18 @@ impl Raft {
         let p = &mut self.progress[i];
         p.last_ack_at = now;
         p.acked_read_seq = p.acked_read_seq.max(read_seq);
+        let (round, started) = self.round_started[(read_seq % ROUND_HISTORY as u64) as usize];
+        if round == read_seq && read_seq != 0 {
+            p.acked_round_started_at = p.acked_round_started_at.max(started);
+        }
         if success {
             if index > p.match_index {
                 if index > last {
                     // Only possible with a planted bug (or a follower that lies).
-                    assert!(self.cfg.bugs.any(), "ack of {index} beyond the leader's log {last}");
+                    assert!(
+                        self.cfg.bugs.any(),
+                        "ack of {index} beyond the leader's log {last}"
+                    );
                     return;
                 }
                 p.match_index = index;
@@ -1261,6 +1308,7 @@ impl Raft {
                     return;
                 };
                 if from == self.transfer_target && self.progress[i].match_index == last {
+                    self.lease_void = true;
                     self.send(from, Body::TimeoutNow, false);
                 }
                 self.send_append(i, false);
@@ -1394,7 +1442,7 @@ impl Raft {
                 self.progress
                     .iter()
                     .find(|p| p.id == id)
-                    .map_or(0, |p| p.last_ack_at)
+                    .map_or(0, |p| p.acked_round_started_at)
             };
             n += 1;
         }

@@ -80,6 +80,8 @@ pub struct Progress {
     pub inflights: Inflights,
     /// When the last response of the current term arrived (leader's clock).
     pub last_ack_at: Nanos,
+    /// The start of the latest heartbeat round this follower answered (leader lease).
+    pub acked_round_started_at: Nanos,
     /// When `match_index` last advanced.
     pub last_progress_at: Nanos,
     /// The highest ReadIndex round this follower has answered.
@@ -100,6 +102,7 @@ impl Progress {
             paused: false,
             inflights: Inflights::default(),
             last_ack_at: now,
+            acked_round_started_at: now,
             last_progress_at: now,
             acked_read_seq: 0,
             snapshot_index: 0,

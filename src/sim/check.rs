@@ -24,6 +24,10 @@ pub struct Checker {
     committed: Vec<Option<Known>>,
     applied: Vec<Option<(Term, u64)>>,
     pub liveness_latency: Option<Nanos>,
+    /// Per node: the latest lease it could claim (term, start, end), global time.
+    leases: Vec<Option<(Term, Nanos, Nanos)>>,
+    /// When each term's leader was first seen (global time).
+    elected_at: BTreeMap<Term, Nanos>,
 }
 
 fn slot<T: Clone>(v: &mut Vec<Option<T>>, i: Index) -> &mut Option<T> {
@@ -50,6 +54,7 @@ impl Checker {
             self.leader_tip.resize(n + 1, None);
             self.last_commit.resize(n + 1, 0);
             self.was_leader_in.resize(n + 1, 0);
+            self.leases.resize(n + 1, None);
         }
     }
 
@@ -63,8 +68,54 @@ impl Checker {
         self.last_commit[n] = 0;
     }
 
+    /// Node `n` crashed at `now`: its lease claim ends there.
+    pub fn crashed_at(&mut self, n: usize, now: Nanos) {
+        self.lease_none(n, now);
+    }
+
+    /// Leader `n` of `term` may claim a lease over `[start, end)`: no leader of a later
+    /// term may have been elected inside it.
+    pub fn lease(&mut self, n: usize, term: Term, start: Nanos, end: Nanos) {
+        self.grow(n);
+        self.leases[n] = Some((term, start, end));
+        let clash = self
+            .elected_at
+            .range(term + 1..)
+            .find(|(_, &t)| start <= t && t < end)
+            .map(|(&t2, &at)| (t2, at));
+        if let Some((t2, at)) = clash {
+            self.fail(format!(
+                "leader lease: node {} of term {term} holds a lease over [{start}, {end}) ns but term {t2} elected a leader at {at} ns",
+                n + 1
+            ));
+        }
+    }
+
+    /// Node `n` claims no lease from `now` on (it stepped down or voided it).
+    pub fn lease_none(&mut self, n: usize, now: Nanos) {
+        self.grow(n);
+        if let Some((_, start, end)) = &mut self.leases[n] {
+            *end = (*end).min(now).max(*start);
+        }
+    }
+
+    fn elected(&mut self, n: usize, term: Term, now: Nanos) {
+        self.elected_at.entry(term).or_insert(now);
+        for (m, l) in self.leases.clone().into_iter().enumerate() {
+            if let Some((t, start, end)) = l {
+                if m != n && t < term && start <= now && now < end {
+                    self.fail(format!(
+                        "leader lease: node {} elected for term {term} at {now} ns inside the lease [{start}, {end}) ns of node {} (term {t})",
+                        n + 1,
+                        m + 1
+                    ));
+                }
+            }
+        }
+    }
+
     /// Checks node `n` after an event.
-    pub fn observe(&mut self, n: usize, raft: &Raft, _now: Nanos) {
+    pub fn observe(&mut self, n: usize, raft: &Raft, now: Nanos) {
         self.grow(n);
         let term = raft.term();
         if raft.role() == Role::Leader {
@@ -83,6 +134,7 @@ impl Checker {
             if self.was_leader_in[n] != term {
                 self.was_leader_in[n] = term;
                 self.leader_completeness(n, raft);
+                self.elected(n, term, now);
             }
             if let Some((t, idx, idx_term)) = self.leader_tip[n] {
                 if t == term {

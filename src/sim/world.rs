@@ -447,6 +447,7 @@ impl World {
         self.nodes[n].disk.crash(&mut rng);
         self.nodes[n].epoch += 1;
         self.checker.node_crashed(n);
+        self.checker.crashed_at(n, self.now);
         for c in 0..self.clients.len() {
             if self.clients[c]
                 .pending
@@ -648,6 +649,21 @@ impl World {
             return;
         };
         self.checker.observe(n, &live.raft, self.now);
+        if live.raft.is_leader() {
+            // The lease a leader may claim (see `Raft::quorum_contact`), in global time.
+            let term = live.raft.term();
+            match live.raft.quorum_contact() {
+                Some(q) => {
+                    let et = self.cfg.election_timeout;
+                    let start = self.global(n, q);
+                    let end = self.global(n, q + et - et * 3 / 100);
+                    self.checker.lease(n, term, start, end);
+                }
+                None => self.checker.lease_none(n, self.now),
+            }
+        } else {
+            self.checker.lease_none(n, self.now);
+        }
         if let Some((deadline, target)) = self.liveness_target {
             if !self.liveness_met && live.raft.commit_index() > target {
                 self.liveness_met = true;

@@ -151,6 +151,8 @@ impl Cluster {
             c.nodes[i].raft.tick(now);
             c.flush(i);
         }
+        // Nodes refuse votes for one election timeout after they start.
+        c.now += 100 * MS;
         c
     }
 
