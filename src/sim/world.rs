@@ -57,7 +57,7 @@ pub struct SimConfig {
 impl SimConfig {
     pub fn new(seed: u64) -> SimConfig {
         let mut rng = Rng::new(seed ^ 0xc0ff_ee00);
-        let voters = [3, 3, 5, 5, 3][rng.below(5) as usize];
+        let voters = [3, 3, 5, 5, 7][rng.below(5) as usize];
         SimConfig {
             seed,
             voters,
