@@ -125,6 +125,10 @@ impl<const N: usize> IdList<N> {
 }
 
 /// Voters and non-voting observers.
+///
+/// Node ids are never reused for a node that lost its disk: a stale configuration
+/// elsewhere may still count that id's votes, and a wiped node does not remember the
+/// votes it gave. A replacement host gets a new id.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Membership {
     pub voters: IdList<{ crate::limits::MAX_VOTERS }>,

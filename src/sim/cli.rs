@@ -216,6 +216,7 @@ pub fn election_convergence(seed: u64, voters: usize) -> Option<Nanos> {
     let mut cfg = SimConfig::new(seed);
     cfg.voters = voters;
     cfg.observers = 0;
+    cfg.spares = 0;
     cfg.faults = false;
     cfg.clients = 0;
     cfg.link.min_delay = MS;

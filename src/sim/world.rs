@@ -32,6 +32,8 @@ pub struct SimConfig {
     pub seed: u64,
     pub voters: usize,
     pub observers: usize,
+    /// Nodes outside the initial membership, added later as observers.
+    pub spares: usize,
     pub clients: usize,
     /// Faults happen in `[0, fault_time)`; then everything heals.
     pub fault_time: Nanos,
@@ -62,6 +64,7 @@ impl SimConfig {
             seed,
             voters,
             observers: rng.below(3) as usize,
+            spares: rng.below(2) as usize,
             clients: 3,
             fault_time: 3_000 * MS,
             quiet_time: 4_000 * MS,
@@ -241,9 +244,10 @@ fn mix(h: u64, v: u64) -> u64 {
 impl World {
     pub fn new(cfg: SimConfig) -> World {
         let mut rng = Rng::new(cfg.seed);
-        let total = cfg.voters + cfg.observers;
+        let members = cfg.voters + cfg.observers;
+        let total = members + cfg.spares;
         let voters: Vec<NodeId> = (1..=cfg.voters as u64).collect();
-        let observers: Vec<NodeId> = (cfg.voters as u64 + 1..=total as u64).collect();
+        let observers: Vec<NodeId> = (cfg.voters as u64 + 1..=members as u64).collect();
         let initial = Membership::new(&voters, &observers).expect("valid membership");
         let mut nodes = Vec::new();
         for i in 0..total {
@@ -258,7 +262,7 @@ impl World {
                 offset,
                 epoch: 0,
                 next_tick: u64::MAX,
-                founding: true,
+                founding: i < members,
             });
         }
         let clients = (0..cfg.clients)
@@ -970,14 +974,10 @@ impl World {
                 return;
             }
         } else {
-            // Removed earlier: it comes back as an observer with a fresh, empty disk
-            // (a removed server's old state must not be reused).
-            let n = (pick - 1) as usize;
-            self.crash_node(n);
-            self.nodes[n].disk = SimDisk::new();
-            self.nodes[n].corrupt = false;
-            self.nodes[n].founding = false;
-            self.start_node(n);
+            // Removed earlier: it comes back as an observer, with its disk. (A node id
+            // must never come back with an empty disk: a stale configuration may still
+            // count its votes, and it would not remember them. The simulator found
+            // exactly that double vote when it wiped re-added nodes.)
             ConfChange::AddObserver(pick)
         };
         let local = self.local(l, self.now);
