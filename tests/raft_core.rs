@@ -760,3 +760,58 @@ fn a_restarted_node_waits_an_election_timeout_before_voting() {
     c.node(1).raft.transfer_leadership(now, 2).unwrap();
     assert_eq!(c.raft(1).quorum_contact(), None);
 }
+
+#[test]
+fn in_flight_bytes_are_bounded_too() {
+    let mut c = Cluster::new(3, 0, 0, |cfg| {
+        cfg.max_entries_per_append = 1;
+        cfg.max_inflight_appends = 64;
+        cfg.max_inflight_bytes = 1000;
+    });
+    elect(&mut c, 1);
+    c.cut[2][0] = true; // node 3's answers are lost
+    c.delivered.clear();
+    for _ in 0..20 {
+        c.propose(1, &[0u8; 300]).unwrap();
+        c.deliver_all();
+    }
+    let to3 = c
+        .delivered
+        .iter()
+        .filter(|m| m.to == 3 && matches!(m.body, Body::Append { count: 1.., .. }))
+        .count();
+    // 300-byte entries (plus framing): the window closes once 1000 bytes are out.
+    assert!((3..=4).contains(&to3), "{to3} appends in flight");
+}
+
+#[test]
+fn lost_snapshot_chunks_are_sent_again() {
+    let mut c = Cluster::new(3, 0, 0, |cfg| cfg.snapshot_chunk_bytes = 8);
+    elect(&mut c, 1);
+    c.isolate(3);
+    for k in 0..10u32 {
+        c.propose(1, &k.to_le_bytes()).unwrap();
+    }
+    c.run_for(50 * MS);
+    let applied = c.raft(1).applied_index();
+    c.node(1).raft.compact(applied, &[7u8; 40]);
+    c.flush(0);
+    c.heal();
+    // Drop every third snapshot chunk for a while.
+    let mut n = 0;
+    for _ in 0..200 {
+        c.advance(5 * MS);
+        while let Some((m, _)) = c.queue.front() {
+            if matches!(m.body, Body::Snapshot { .. }) {
+                n += 1;
+                if n % 3 == 0 {
+                    c.queue.pop_front();
+                    continue;
+                }
+            }
+            c.deliver_one();
+        }
+    }
+    assert_eq!(c.node(3).sm.restored, vec![vec![7u8; 40]]);
+    assert_eq!(c.raft(3).commit_index(), c.raft(1).commit_index());
+}
