@@ -815,3 +815,23 @@ fn lost_snapshot_chunks_are_sent_again() {
     assert_eq!(c.node(3).sm.restored, vec![vec![7u8; 40]]);
     assert_eq!(c.raft(3).commit_index(), c.raft(1).commit_index());
 }
+
+#[test]
+fn a_new_leader_has_no_lease_until_a_quorum_answers_a_heartbeat() {
+    let mut c = Cluster::new(3, 0, 0, |_| {});
+    let now = c.now;
+    c.nodes[0].raft.campaign_now(now);
+    c.flush(0);
+    while !c.raft(1).is_leader() {
+        c.deliver_one().expect("election messages");
+    }
+    assert_eq!(c.raft(1).quorum_contact(), None, "votes are no lease");
+    let elected = c.now;
+    c.advance(MS);
+    c.deliver_all();
+    let q = c
+        .raft(1)
+        .quorum_contact()
+        .expect("answers to the first appends");
+    assert!(q >= elected);
+}

@@ -42,7 +42,13 @@ fn many_seeds_report_rates_as_json() {
     assert_eq!(field(last, "seeds"), Some("20"));
     assert_eq!(field(last, "failed"), Some("0"));
     assert!(field(last, "seeds_per_s").unwrap().parse::<f64>().unwrap() > 0.0);
-    assert!(field(last, "sim_s_per_wall_s").unwrap().parse::<f64>().unwrap() > 0.0);
+    assert!(
+        field(last, "sim_s_per_wall_s")
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            > 0.0
+    );
 }
 
 #[test]

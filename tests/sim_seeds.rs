@@ -108,3 +108,13 @@ fn planted_bug_ack_before_persist_is_caught() {
         "acknowledging before the sync went unnoticed"
     );
 }
+
+#[test]
+fn planted_bug_lease_from_election_is_caught() {
+    let bugs = Bugs {
+        lease_from_election: true,
+        ..Bugs::default()
+    };
+    let (_, v) = first_violation(bugs, 400).expect("a lease without answers went unnoticed");
+    assert!(v.contains("leader lease"), "{v}");
+}

@@ -27,6 +27,8 @@ pub struct Bugs {
     pub follower_commit_unchecked: bool,
     /// Grant a vote even when this node already voted for another candidate in the term.
     pub vote_twice: bool,
+    /// Start the leader's lease at its election instead of at answered heartbeats.
+    pub lease_from_election: bool,
 }
 
 impl Bugs {
@@ -36,6 +38,7 @@ impl Bugs {
             || self.ack_before_persist
             || self.follower_commit_unchecked
             || self.vote_twice
+            || self.lease_from_election
     }
 }
 
@@ -385,7 +388,7 @@ impl Raft {
         if self.role != Role::Leader || self.lease_void || self.transfer_target != 0 {
             return None;
         }
-        Some(self.quorum_contact_time())
+        Some(self.quorum_contact_time()).filter(|&t| t != 0)
     }
     /// Leader: when the last response from `peer` (in this term) was received (the
     /// leader may declare a host dead only L(1 + eps) after this).
@@ -427,7 +430,8 @@ impl Raft {
                 }
                 if self.cfg.check_quorum && now >= self.check_quorum_deadline {
                     self.check_quorum_deadline = now + self.cfg.election_timeout;
-                    if self.quorum_contact_time() + self.cfg.election_timeout < now {
+                    // CheckQuorum: answers received within the last election timeout.
+                    if self.quorum_time(|p| p.last_ack_at) + self.cfg.election_timeout < now {
                         log::debug!("{} steps down: no quorum contact", self.cfg.id);
                         self.become_follower(self.term, 0);
                         return;
@@ -833,9 +837,9 @@ impl Raft {
         }
         match self.role {
             Role::Leader => true,
-            _ => {
-                self.leader != 0 && self.now < self.last_leader_contact + self.cfg.election_timeout
-            }
+            // Measured from the last message of any leader, even if a higher term has
+            // since cleared `leader` (the promise behind the old leader's lease stands).
+            _ => self.now < self.last_leader_contact + self.cfg.election_timeout,
         }
     }
 
@@ -975,9 +979,15 @@ impl Raft {
         self.progress.clear();
         self.rebuild_progress();
         for p in &mut self.progress {
+            // A grace period of one election timeout before CheckQuorum can fire; no
+            // lease until a quorum has answered a heartbeat round of this term (a vote
+            // is not a promise to ignore other candidates later).
             p.last_ack_at = self.now;
-            // A grace period of one election timeout before CheckQuorum can fire.
-            p.acked_round_started_at = self.now;
+            p.acked_round_started_at = if self.cfg.bugs.lease_from_election {
+                self.now
+            } else {
+                0
+            };
         }
         self.heartbeat_deadline = self.now + self.cfg.heartbeat_interval;
         self.check_quorum_deadline = self.now + self.cfg.election_timeout;
@@ -986,6 +996,8 @@ impl Raft {
             "log full at election; compaction is overdue"
         );
         self.append_local(EntryKind::Noop, &[]);
+        // The first appends open a heartbeat round: their answers start the lease.
+        self.start_round();
         self.broadcast_append();
     }
 
@@ -1432,17 +1444,20 @@ impl Raft {
         }
     }
 
+    /// The lease start: see `quorum_contact`. Zero until a quorum answered a round.
     fn quorum_contact_time(&self) -> Nanos {
+        self.quorum_time(|p| p.acked_round_started_at)
+    }
+
+    /// The q-th latest of `time(progress)` over the voters (this node counting `now`).
+    fn quorum_time(&self, time: impl Fn(&Progress) -> Nanos) -> Nanos {
         let mut times = [0 as Nanos; limits::MAX_VOTERS];
         let mut n = 0;
         for &id in self.membership.voters.as_slice() {
             times[n] = if id == self.cfg.id {
                 self.now
             } else {
-                self.progress
-                    .iter()
-                    .find(|p| p.id == id)
-                    .map_or(0, |p| p.acked_round_started_at)
+                self.progress.iter().find(|p| p.id == id).map_or(0, &time)
             };
             n += 1;
         }

@@ -102,7 +102,7 @@ impl Progress {
             paused: false,
             inflights: Inflights::default(),
             last_ack_at: now,
-            acked_round_started_at: now,
+            acked_round_started_at: 0,
             last_progress_at: now,
             acked_read_seq: 0,
             snapshot_index: 0,

@@ -17,7 +17,8 @@ Usage: vigil sim [--seed S | --seeds N [--start S]] [--bug NAME] [--no-faults]
   --seeds N         run seeds start..start+N; reports seeds/s and simulated s per wall s
   --start S         first seed for --seeds (default 0)
   --bug NAME        plant a bug (vote-without-log-check, commit-old-term,
-                    ack-before-persist, follower-commit-unchecked, vote-twice)
+                    ack-before-persist, follower-commit-unchecked, vote-twice,
+                    lease-from-election)
   --no-faults       no network, crash or disk faults
   --election-bench  measure election convergence (leader lost -> new leader commits)
   --runs N          elections measured by --election-bench (default 200)
@@ -34,6 +35,7 @@ fn bug_from_name(name: &str) -> Option<Bugs> {
         "ack-before-persist" => b.ack_before_persist = true,
         "follower-commit-unchecked" => b.follower_commit_unchecked = true,
         "vote-twice" => b.vote_twice = true,
+        "lease-from-election" => b.lease_from_election = true,
         _ => return None,
     }
     Some(b)
@@ -221,6 +223,7 @@ pub fn election_convergence(seed: u64, voters: usize) -> Option<Nanos> {
     cfg.clients = 0;
     cfg.link.min_delay = MS;
     cfg.link.jitter = 0;
+    cfg.uniform_links = true;
     cfg.link.loss = 0.0;
     cfg.link.duplicate = 0.0;
     cfg.link.straggle = 0.0;

@@ -42,6 +42,8 @@ pub struct SimConfig {
     /// After the heal, a new entry must commit within this time.
     pub liveness_bound: Nanos,
     pub link: LinkModel,
+    /// Every link exactly `link` (otherwise each link varies around it).
+    pub uniform_links: bool,
     pub faults: bool,
     pub disk_faults: bool,
     pub membership_changes: bool,
@@ -76,6 +78,7 @@ impl SimConfig {
                 duplicate: [0.0, 0.01, 0.05][rng.below(3) as usize],
                 straggle: [0.0, 0.01][rng.below(2) as usize],
             },
+            uniform_links: false,
             faults: true,
             disk_faults: true,
             membership_changes: true,
@@ -219,6 +222,8 @@ pub struct World {
     free: Vec<usize>,
     pub nodes: Vec<SimNode>,
     blocked: Vec<Vec<bool>>,
+    /// Per link (from, to): minimum delay and jitter (uniform extra delay).
+    delays: Vec<Vec<(Nanos, Nanos)>>,
     clients: Vec<Client>,
     pub history: Vec<HistoryOp>,
     next_value: u64,
@@ -271,6 +276,20 @@ impl World {
                 pending: None,
             })
             .collect();
+        // Each link gets its own delay distribution around the configured one: the
+        // minimum scaled by 1..3x, the jitter by 0.5..2x.
+        let mut delays = vec![vec![(0, 0); total]; total];
+        for row in delays.iter_mut() {
+            for d in row.iter_mut() {
+                *d = if cfg.uniform_links {
+                    (cfg.link.min_delay, cfg.link.jitter)
+                } else {
+                    let min = cfg.link.min_delay * (100 + rng.below(201)) / 100;
+                    let jitter = cfg.link.jitter * (50 + rng.below(151)) / 100;
+                    (min, jitter)
+                };
+            }
+        }
         let mut w = World {
             rng,
             now: 0,
@@ -279,6 +298,7 @@ impl World {
             slab: Vec::new(),
             free: Vec::new(),
             blocked: vec![vec![false; total]; total],
+            delays,
             clients,
             history: Vec::new(),
             next_value: 1,
@@ -557,7 +577,8 @@ impl World {
                 1
             };
             for _ in 0..copies {
-                let mut d = self.cfg.link.min_delay + self.rng.below(self.cfg.link.jitter + 1);
+                let (min, jitter) = self.delays[n][to];
+                let mut d = min + self.rng.below(jitter + 1);
                 if self.rng.chance(self.cfg.link.straggle) {
                     d += self.rng.below(200 * MS);
                 }
