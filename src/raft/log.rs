@@ -149,3 +149,53 @@ impl RaftLog {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn terms(v: EntriesView<'_>) -> Vec<(Index, Term)> {
+        v.iter().map(|e| (e.index, e.term)).collect()
+    }
+
+    #[test]
+    fn views_cross_the_ring_boundary() {
+        let mut log = RaftLog::new(8);
+        for i in 1..=8 {
+            log.append(1, EntryKind::Normal, &[i as u8]);
+        }
+        log.compact_to(5);
+        for _ in 0..4 {
+            log.append(2, EntryKind::Normal, b"x");
+        }
+        // Entries 6..=12 now wrap around the end of the ring buffer.
+        assert_eq!(log.first_index(), 6);
+        assert_eq!(log.last_index(), 12);
+        let v = log.view(7, 11);
+        assert_eq!(terms(v), vec![(7, 1), (8, 1), (9, 2), (10, 2), (11, 2)]);
+        assert_eq!(v.get(2).index, 9);
+        assert_eq!(log.term(5), Some(1), "the snapshot's last term is known");
+        assert_eq!(log.term(4), None);
+        assert_eq!(log.term(13), None);
+    }
+
+    #[test]
+    fn truncation_and_term_searches() {
+        let mut log = RaftLog::new(16);
+        for t in [1, 1, 2, 2, 2, 4, 4] {
+            log.append(t, EntryKind::Normal, b"");
+        }
+        assert_eq!(log.first_index_of_term_run(5), 3);
+        assert_eq!(log.last_index_of_term(2, 7), Some(5));
+        assert_eq!(log.last_index_of_term(3, 7), None);
+        log.truncate_from(4);
+        assert_eq!(log.last_index(), 3);
+        assert_eq!(log.last_term(), 2);
+        // Recycled buffers are reused.
+        log.append(5, EntryKind::Normal, b"abc");
+        assert_eq!(log.entry(4).data, b"abc");
+        log.reset(20, 7);
+        assert!(log.is_empty());
+        assert_eq!((log.first_index(), log.last_term()), (21, 7));
+    }
+}
