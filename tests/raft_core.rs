@@ -561,10 +561,6 @@ fn read_index_needs_a_quorum_round_and_a_committed_entry_of_the_term() {
     assert_eq!(d.node(1).raft.read_index(now, 1), Err(RaftError::NotReady));
     c.run_for(50 * MS);
     let now = c.now;
-    assert_eq!(
-        c.node(2).raft.read_index(now, 7),
-        Err(RaftError::NotLeader { leader: 1 })
-    );
     c.node(1).raft.read_index(now, 7).unwrap();
     c.flush(0);
     assert!(
@@ -834,4 +830,43 @@ fn a_new_leader_has_no_lease_until_a_quorum_answers_a_heartbeat() {
         .quorum_contact()
         .expect("answers to the first appends");
     assert!(q >= elected);
+}
+
+#[test]
+fn followers_serve_reads_through_the_leaders_read_index() {
+    let mut c = Cluster::new(3, 1, 0, |_| {});
+    elect(&mut c, 1);
+    let (i, _) = c.propose(1, b"w").unwrap();
+    c.deliver_all();
+    assert!(
+        c.raft(1).commit_index() >= i,
+        "the write completed before the read"
+    );
+    let now = c.now;
+    c.node(2).raft.read_index(now, 11).unwrap();
+    c.flush(1);
+    let m = c.queue.back().unwrap().0;
+    assert_eq!(
+        (m.to, m.body),
+        (1, Body::ReadIndex { id: 11 }),
+        "asked the leader"
+    );
+    c.run_for(100 * MS);
+    assert_eq!(c.node(2).sm.reads.len(), 1);
+    assert_eq!(c.node(2).sm.reads[0].id, 11);
+    assert!(c.node(2).sm.reads[0].index >= i);
+    assert!(c.raft(2).applied_index() >= c.node(2).sm.reads[0].index);
+    assert_eq!(c.node(2).sm.applied.last().unwrap().2, b"w".to_vec());
+    // An observer reads the same way; a node without a known leader cannot.
+    let now = c.now;
+    c.node(4).raft.read_index(now, 12).unwrap();
+    c.flush(3);
+    c.run_for(20 * MS);
+    assert_eq!(c.node(4).sm.reads.len(), 1);
+    let mut d = Cluster::new(3, 0, 0, |_| {});
+    let now = d.now;
+    assert_eq!(
+        d.node(2).raft.read_index(now, 1),
+        Err(RaftError::NotLeader { leader: 0 })
+    );
 }

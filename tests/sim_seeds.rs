@@ -118,3 +118,13 @@ fn planted_bug_lease_from_election_is_caught() {
     let (_, v) = first_violation(bugs, 400).expect("a lease without answers went unnoticed");
     assert!(v.contains("leader lease"), "{v}");
 }
+
+#[test]
+fn planted_bug_stale_follower_reads_are_caught_by_the_linearizability_check() {
+    let bugs = Bugs {
+        follower_read_local: true,
+        ..Bugs::default()
+    };
+    let (_, v) = first_violation(bugs, 100).expect("stale follower reads went unnoticed");
+    assert!(v.contains("linearizability"), "{v}");
+}

@@ -29,6 +29,8 @@ pub struct Bugs {
     pub vote_twice: bool,
     /// Start the leader's lease at its election instead of at answered heartbeats.
     pub lease_from_election: bool,
+    /// A follower serves reads at its own commit index without asking the leader.
+    pub follower_read_local: bool,
 }
 
 impl Bugs {
@@ -39,6 +41,7 @@ impl Bugs {
             || self.follower_commit_unchecked
             || self.vote_twice
             || self.lease_from_election
+            || self.follower_read_local
     }
 }
 
@@ -147,6 +150,8 @@ const ROUND_HISTORY: usize = 64;
 #[derive(Clone, Copy, Debug)]
 struct PendingRead {
     id: u64,
+    /// The node that asked (this node for a local read).
+    from: NodeId,
     index: Index,
     seq: u64,
 }
@@ -473,9 +478,26 @@ impl Raft {
     }
 
     /// Starts a linearizable read; it is reported in `Outputs::reads` once a quorum has
-    /// confirmed this node's leadership.
+    /// confirmed the leader's leadership (on a follower: once the leader answered), with
+    /// the index the state machine must have applied before the read is served.
     pub fn read_index(&mut self, now: Nanos, id: u64) -> Result<(), RaftError> {
         self.advance_clock(now);
+        if self.role == Role::Follower && self.leader != 0 && self.cfg.bugs.follower_read_local {
+            let index = self.commit;
+            self.out.reads.push(ReadState { id, index });
+            return Ok(());
+        }
+        if self.role == Role::Follower && self.leader != 0 {
+            // A follower asks the leader; the answer arrives as a `ReadIndexResp` and is
+            // reported in `Outputs::reads` like a local one (or never: callers time out).
+            self.send(self.leader, Body::ReadIndex { id }, false);
+            return Ok(());
+        }
+        self.register_read(id, self.cfg.id)
+    }
+
+    /// Leader: queues a read for `from` (this node or a follower) behind a new round.
+    fn register_read(&mut self, id: u64, from: NodeId) -> Result<(), RaftError> {
         if self.role != Role::Leader {
             return Err(RaftError::NotLeader {
                 leader: self.leader,
@@ -490,6 +512,7 @@ impl Raft {
         self.start_round();
         self.pending_reads.push_back(PendingRead {
             id,
+            from,
             index: self.commit,
             seq: self.read_seq,
         });
@@ -769,6 +792,22 @@ impl Raft {
             Body::SnapshotResp { index, next_offset } => {
                 if self.role == Role::Leader {
                     self.handle_snapshot_resp(m.from, index, next_offset);
+                }
+            }
+            Body::ReadIndex { id } => {
+                if self.register_read(id, m.from).is_err() {
+                    let body = Body::ReadIndexResp {
+                        id,
+                        index: 0,
+                        ok: false,
+                    };
+                    self.send(m.from, body, false);
+                }
+            }
+            Body::ReadIndexResp { id, index, ok } => {
+                // Only from the leader this follower asked, in the same term.
+                if ok && self.role == Role::Follower && m.from == self.leader {
+                    self.out.reads.push(ReadState { id, index });
                 }
             }
             Body::TimeoutNow => {
@@ -1487,10 +1526,19 @@ impl Raft {
                 return;
             }
             self.pending_reads.pop_front();
-            self.out.reads.push(ReadState {
-                id: r.id,
-                index: r.index,
-            });
+            if r.from == self.cfg.id {
+                self.out.reads.push(ReadState {
+                    id: r.id,
+                    index: r.index,
+                });
+            } else {
+                let body = Body::ReadIndexResp {
+                    id: r.id,
+                    index: r.index,
+                    ok: true,
+                };
+                self.send(r.from, body, false);
+            }
         }
     }
 

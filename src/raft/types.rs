@@ -272,6 +272,17 @@ pub enum Body {
     },
     /// Leadership transfer: start an election now.
     TimeoutNow,
+    /// A follower asks the leader to confirm the linearizable read `id`.
+    ReadIndex {
+        id: u64,
+    },
+    /// The leader's answer: serve read `id` once `index` is applied; `ok == false` if
+    /// the leader cannot serve reads now.
+    ReadIndexResp {
+        id: u64,
+        index: Index,
+        ok: bool,
+    },
 }
 
 impl Body {
@@ -286,6 +297,8 @@ impl Body {
             Body::Snapshot { .. } => "Snapshot",
             Body::SnapshotResp { .. } => "SnapshotResp",
             Body::TimeoutNow => "TimeoutNow",
+            Body::ReadIndex { .. } => "ReadIndex",
+            Body::ReadIndexResp { .. } => "ReadIndexResp",
         }
     }
 }

@@ -18,7 +18,7 @@ Usage: vigil sim [--seed S | --seeds N [--start S]] [--bug NAME] [--no-faults]
   --start S         first seed for --seeds (default 0)
   --bug NAME        plant a bug (vote-without-log-check, commit-old-term,
                     ack-before-persist, follower-commit-unchecked, vote-twice,
-                    lease-from-election)
+                    lease-from-election, follower-read-local)
   --no-faults       no network, crash or disk faults
   --election-bench  measure election convergence (leader lost -> new leader commits)
   --runs N          elections measured by --election-bench (default 200)
@@ -36,6 +36,7 @@ fn bug_from_name(name: &str) -> Option<Bugs> {
         "follower-commit-unchecked" => b.follower_commit_unchecked = true,
         "vote-twice" => b.vote_twice = true,
         "lease-from-election" => b.lease_from_election = true,
+        "follower-read-local" => b.follower_read_local = true,
         _ => return None,
     }
     Some(b)

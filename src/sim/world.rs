@@ -792,20 +792,20 @@ impl World {
         if self.now >= end {
             return;
         }
-        let n = self.clients[c].guess;
+        let mut n = self.clients[c].guess;
         let retry = |w: &mut World, guess: Option<usize>| {
             w.clients[c].guess =
                 guess.unwrap_or_else(|| w.rng.below(w.nodes.len() as u64) as usize);
             let t = w.now + MS + w.rng.below(10 * MS);
             w.push(t, Ev::Client(c));
         };
-        let local = self.local(n, self.now);
         if self.nodes[n].live.is_none() {
             retry(self, None);
             return;
         }
         let over_budget = self.history.len() >= self.cfg.max_history;
         let key = self.rng.below(CHECKED_KEYS as u64) as u8;
+        let follower_read = self.rng.chance(0.3);
         let op = match self.rng.below(10) {
             _ if over_budget => {
                 self.next_value += 1;
@@ -837,6 +837,14 @@ impl World {
                 }
             }
         };
+        if matches!(op, Op::Get { .. }) && follower_read {
+            // Reads also go to any node: followers ask the leader for a read index.
+            let other = self.rng.below(self.nodes.len() as u64) as usize;
+            if self.nodes[other].live.is_some() {
+                n = other;
+            }
+        }
+        let local = self.local(n, self.now);
         let live = self.nodes[n].live.as_mut().expect("checked");
         let result = match op {
             Op::Get { .. } => {
