@@ -145,7 +145,7 @@ impl Outputs {
 }
 
 /// Heartbeat rounds remembered for the leader-lease computation.
-const ROUND_HISTORY: usize = 64;
+const ROUND_HISTORY: usize = limits::RAFT_LEASE_ROUNDS;
 
 #[derive(Clone, Copy, Debug)]
 struct PendingRead {
@@ -242,7 +242,7 @@ impl Raft {
             .hard_state
             .commit
             .clamp(snapshot_index, log.last_index());
-        let capacity = limits::MAX_MEMBERS * 4;
+        let capacity = limits::RAFT_OUTPUT_MESSAGES;
         let mut raft = Raft {
             rng: Rng::new(cfg.seed ^ cfg.id.wrapping_mul(0x9e37_79b9)),
             now: 0,
