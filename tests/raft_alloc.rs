@@ -90,6 +90,7 @@ impl StateMachine for CountingSm {
     }
     fn restore(&mut self, _: &[u8]) {}
     fn read_ready(&mut self, _: ReadState) {}
+    fn read_failed(&mut self, _: u64) {}
 }
 
 struct Node {

@@ -570,12 +570,18 @@ fn read_index_needs_a_quorum_round_and_a_committed_entry_of_the_term() {
     c.deliver_all();
     assert_eq!(c.node(1).sm.reads.len(), 1);
     assert_eq!(c.node(1).sm.reads[0].id, 7);
-    // An isolated leader cannot confirm its leadership.
+    // An isolated leader cannot confirm its leadership; the read fails when it steps
+    // down (CheckQuorum).
     c.isolate(1);
     let now = c.now;
     c.node(1).raft.read_index(now, 8).unwrap();
     c.flush(0);
     c.run_for(50 * MS);
+    assert_eq!(c.node(1).sm.reads.len(), 1);
+    assert!(c.node(1).sm.reads_failed.is_empty());
+    c.run_for(300 * MS);
+    assert!(!c.raft(1).is_leader());
+    assert_eq!(c.node(1).sm.reads_failed, vec![8]);
     assert_eq!(c.node(1).sm.reads.len(), 1);
 }
 
@@ -869,4 +875,32 @@ fn followers_serve_reads_through_the_leaders_read_index() {
         d.node(2).raft.read_index(now, 1),
         Err(RaftError::NotLeader { leader: 0 })
     );
+    // A leader that cannot serve reads yet (its no-op is not committed) refuses a
+    // follower's request, and the follower reports the read as failed.
+    d.nodes[0].raft.campaign_now(now);
+    d.flush(0);
+    while !d.raft(1).is_leader() {
+        d.deliver_one().expect("election messages");
+    }
+    d.queue.clear();
+    let term = d.raft(1).term();
+    let ask = Message {
+        from: 2,
+        to: 1,
+        term,
+        body: Body::ReadIndex { id: 5 },
+    };
+    d.nodes[0].raft.step(now, &ask, Payload::None);
+    let refusal = *d.raft(1).outputs().messages.last().unwrap();
+    assert_eq!(
+        refusal.body,
+        Body::ReadIndexResp {
+            id: 5,
+            index: 0,
+            ok: false
+        }
+    );
+    d.flush(0);
+    d.deliver_all();
+    assert_eq!(d.node(2).sm.reads_failed, vec![5]);
 }

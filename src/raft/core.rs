@@ -114,6 +114,8 @@ pub struct Outputs {
     pub install_snapshot: bool,
     /// Reads that may be served once the state machine has applied their index.
     pub reads: Vec<ReadState>,
+    /// Reads that will not be confirmed (leadership lost, or the leader refused).
+    pub reads_failed: Vec<u64>,
     /// The known leader or the role changed.
     pub leader_changed: bool,
 }
@@ -128,6 +130,7 @@ impl Outputs {
             snapshot: None,
             install_snapshot: false,
             reads: Vec::with_capacity(limits::MAX_PENDING_READS),
+            reads_failed: Vec::with_capacity(limits::MAX_PENDING_READS),
             leader_changed: false,
         }
     }
@@ -140,6 +143,7 @@ impl Outputs {
         self.snapshot = None;
         self.install_snapshot = false;
         self.reads.clear();
+        self.reads_failed.clear();
         self.leader_changed = false;
     }
 }
@@ -808,6 +812,8 @@ impl Raft {
                 // Only from the leader this follower asked, in the same term.
                 if ok && self.role == Role::Follower && m.from == self.leader {
                     self.out.reads.push(ReadState { id, index });
+                } else if !ok {
+                    self.out.reads_failed.push(id);
                 }
             }
             Body::TimeoutNow => {
@@ -917,11 +923,28 @@ impl Raft {
         self.leader = leader;
         self.transfer_target = 0;
         self.replace_remove = 0;
-        self.pending_reads.clear();
+        self.fail_pending_reads();
         if leader != 0 {
             self.last_leader_contact = self.now;
         }
         self.reset_election_deadline();
+    }
+
+    /// Reads waiting for a quorum round can no longer be confirmed: fail them (local
+    /// ones in `Outputs::reads_failed`, a follower's with a refusal).
+    fn fail_pending_reads(&mut self) {
+        while let Some(r) = self.pending_reads.pop_front() {
+            if r.from == self.cfg.id {
+                self.out.reads_failed.push(r.id);
+            } else {
+                let body = Body::ReadIndexResp {
+                    id: r.id,
+                    index: 0,
+                    ok: false,
+                };
+                self.send(r.from, body, false);
+            }
+        }
     }
 
     fn accept_leader(&mut self, from: NodeId) {

@@ -37,6 +37,8 @@ pub trait StateMachine {
     fn restore(&mut self, state: &[u8]);
     /// A linearizable read may now be served from the current state.
     fn read_ready(&mut self, read: ReadState);
+    /// The read `id` will not be confirmed: answer its client with an error.
+    fn read_failed(&mut self, id: u64);
 }
 
 /// Output handling state between the steps of one loop turn. Preallocated; no
@@ -105,6 +107,9 @@ impl Driver {
             .extend_from_slice(&out.messages_after_persist);
         for r in out.reads.iter() {
             self.reads.push_back(*r);
+        }
+        for &id in out.reads_failed.iter() {
+            sm.read_failed(id);
         }
         out.clear();
         Ok(())

@@ -91,6 +91,7 @@ pub struct KvState {
     pub last_applied: Index,
     pub applied: Vec<Applied>,
     pub reads_ready: Vec<ReadState>,
+    pub reads_failed: Vec<u64>,
 }
 
 impl KvState {
@@ -143,5 +144,8 @@ impl StateMachine for KvState {
     }
     fn read_ready(&mut self, read: ReadState) {
         self.reads_ready.push(read);
+    }
+    fn read_failed(&mut self, id: u64) {
+        self.reads_failed.push(id);
     }
 }

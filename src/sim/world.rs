@@ -615,6 +615,7 @@ impl World {
         };
         let applied = std::mem::take(&mut live.kv.applied);
         let reads = std::mem::take(&mut live.kv.reads_ready);
+        let failed = std::mem::take(&mut live.kv.reads_failed);
         let values = live.kv.values;
         for a in &applied {
             self.checker.applied(n, a.index, a.term, a.hash);
@@ -650,6 +651,16 @@ impl World {
                     let key = self.history[hist].op.key() as usize;
                     self.history[hist].ret = self.now;
                     self.history[hist].result = Some(OpResult::Value(values[key]));
+                    self.client_done(c);
+                }
+            }
+        }
+        for &id in &failed {
+            for c in 0..self.clients.len() {
+                let mine = matches!(&self.clients[c].pending,
+                    Some(p) if p.node == n && matches!(p.wait, Wait::Read { id: r } if r == id));
+                if mine {
+                    // Not served: the read has no effect and no result (left unknown).
                     self.client_done(c);
                 }
             }

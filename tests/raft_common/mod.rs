@@ -56,6 +56,7 @@ pub struct RecordingSm {
     pub applied: Vec<(Index, Term, Vec<u8>)>,
     pub reads: Vec<ReadState>,
     pub restored: Vec<Vec<u8>>,
+    pub reads_failed: Vec<u64>,
 }
 
 impl StateMachine for RecordingSm {
@@ -69,6 +70,9 @@ impl StateMachine for RecordingSm {
     }
     fn read_ready(&mut self, read: ReadState) {
         self.reads.push(read);
+    }
+    fn read_failed(&mut self, id: u64) {
+        self.reads_failed.push(id);
     }
 }
 
