@@ -5,6 +5,7 @@
 //! `io` (the event loop's I/O: io_uring or epoll, clock, timers, signals, children, sockets).
 
 pub mod agent;
+pub mod auth;
 pub mod cluster;
 pub mod codec;
 pub mod config;
