@@ -241,10 +241,14 @@ pub fn write_key_file(path: &Path, key: &ClusterKey, force: bool) -> Result<(), 
         if exists {
             let _ = std::fs::remove_file(&target);
         }
-        return Err(error(format!(
-            "cannot write the cluster key to {}: {e}",
-            target.display()
-        )));
+        return Err(error(if exists {
+            format!(
+                "cannot write the new key to the temporary file {}: {e}",
+                target.display()
+            )
+        } else {
+            format!("cannot write the cluster key file: {e}")
+        }));
     }
     if exists {
         std::fs::rename(&target, path).map_err(|e| {
