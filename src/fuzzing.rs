@@ -1,0 +1,252 @@
+//! Entry points of the fuzz targets (`fuzz/`, run with `tools/fuzz`).
+//!
+//! Each function takes arbitrary bytes, feeds them to one decoder of hostile input and
+//! checks what must hold for every input: no panic, and for input that decodes, that
+//! encoding it again gives back the same value. The cargo-fuzz targets call these, and
+//! `tests/fuzz_corpus.rs` replays every committed crash (`fuzz/regressions/<target>/`)
+//! and seed (`fuzz/seeds/<target>/`) through them on stable Rust, so a fixed crash stays
+//! fixed. A failed check panics: that is how a fuzzer learns about it.
+
+use std::path::Path;
+
+use crate::auth::handshake::{self, Handshake, Step};
+use crate::auth::{ClusterKey, KeyRing, Session};
+use crate::cluster::command::Command;
+use crate::cluster::kv::KvStore;
+use crate::codec::Reader;
+use crate::config::Config;
+use crate::control::http;
+use crate::limits;
+use crate::net::frame;
+
+/// A fuzz target: its name (the directory under `fuzz/`) and its entry point.
+pub struct Target {
+    pub name: &'static str,
+    pub run: fn(&[u8]),
+}
+
+/// Every target, in the order `tools/fuzz` runs them.
+pub const TARGETS: &[Target] = &[
+    Target {
+        name: "peer_frame",
+        run: peer_frame,
+    },
+    Target {
+        name: "handshake",
+        run: handshake,
+    },
+    Target {
+        name: "frame_mac",
+        run: frame_mac,
+    },
+    Target {
+        name: "http_request",
+        run: http_request,
+    },
+    Target {
+        name: "config",
+        run: config,
+    },
+    Target {
+        name: "cluster_command",
+        run: cluster_command,
+    },
+    Target {
+        name: "kv_snapshot",
+        run: kv_snapshot,
+    },
+    Target {
+        name: "vm_state",
+        run: vm_state,
+    },
+    Target {
+        name: "vmm_control",
+        run: vmm_control,
+    },
+];
+
+/// The peer frame decoder over a stream of frames: every frame found re-encodes to the
+/// bytes it was decoded from.
+pub fn peer_frame(data: &[u8]) {
+    let mut rest = data;
+    while let Ok(Some(found)) = frame::decode(rest) {
+        assert!(found.consumed >= frame::HEADER_BYTES && found.consumed <= rest.len());
+        let mut again = Vec::new();
+        frame::encode(found.kind, found.payload, &mut again);
+        assert_eq!(again, rest[..found.consumed], "frame does not re-encode");
+        rest = &rest[found.consumed..];
+    }
+    let _ = frame::decode_header(data);
+}
+
+fn fuzz_keys() -> KeyRing {
+    KeyRing::new(
+        ClusterKey::from_bytes([0x5a; 32]),
+        Some(ClusterKey::from_bytes([0xa5; 32])),
+    )
+}
+
+/// The handshake decoder, and both roles of the state machine fed the bytes as a peer's
+/// stream. The first byte picks the role.
+pub fn handshake(data: &[u8]) {
+    handshake_established(data);
+}
+
+/// [`handshake`], saying whether the bytes completed a handshake (the committed seeds
+/// do, so the fuzzer starts from the deepest path).
+pub fn handshake_established(data: &[u8]) -> bool {
+    if let Ok(Some((message, used))) = handshake::decode(data) {
+        assert!(used <= data.len());
+        let mut again = Vec::new();
+        message.encode(&mut again);
+        assert_eq!(again, data[..used], "handshake message does not re-encode");
+    }
+    let Some((&role, stream)) = data.split_first() else {
+        return false;
+    };
+    let keys = fuzz_keys();
+    let members = |id: u64| (1..=7).contains(&id);
+    let mut out = Vec::new();
+    let mut machine = if role & 1 == 0 {
+        Handshake::responder(&keys, 2, [0x22; 32])
+    } else {
+        Handshake::initiator(&keys, 1, 2, [0x11; 32], &mut out)
+    };
+    let mut at = 0;
+    // Feed the stream in pieces whose sizes come from the role byte, as reads would.
+    let piece = 1 + (role as usize >> 1);
+    let mut end = piece.min(stream.len());
+    loop {
+        let before = out.len();
+        match machine.receive(&stream[at..end], &members, &mut out) {
+            Ok(Step::NeedMore) => {
+                assert_eq!(out.len(), before, "nothing is sent while waiting");
+                if end == stream.len() {
+                    break;
+                }
+                end = (end + piece).min(stream.len());
+            }
+            Ok(Step::Continue { consumed }) => {
+                assert!(consumed > 0 && at + consumed <= end);
+                at += consumed;
+                end = end.max(at);
+            }
+            Ok(Step::Established(done)) => {
+                assert!(at + done.consumed <= end);
+                assert!(members(done.peer));
+                return true;
+            }
+            Err(_) => {
+                assert_eq!(out.len(), before, "nothing is sent on an error");
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// Opening arbitrary sealed frames: never panics, and a refused frame poisons the session.
+pub fn frame_mac(data: &[u8]) {
+    let mut session = Session::new(&[1; 32], &[2; 32]);
+    let mut peer = Session::new(&[2; 32], &[1; 32]);
+    let split = data.first().map_or(0, |&b| b as usize).min(data.len());
+    let (first, second) = data.split_at(split);
+    for piece in [first, second] {
+        let mut sealed = piece.to_vec();
+        peer.sealer.seal(&mut sealed, 0).unwrap();
+        assert_eq!(session.opener.open(&sealed).unwrap(), piece);
+    }
+    // Now the raw bytes as a forged frame: refused, and the session stays refused.
+    assert!(session.opener.open(data).is_err());
+    let mut sealed = first.to_vec();
+    peer.sealer.seal(&mut sealed, 0).unwrap();
+    assert!(session.opener.open(&sealed).is_err());
+}
+
+/// The control API's HTTP request parser over a stream of pipelined requests.
+pub fn http_request(data: &[u8]) {
+    let mut rest = data;
+    while let Ok(Some(request)) = http::parse_request(rest) {
+        assert!(request.consumed > 0 && request.consumed <= rest.len());
+        assert!(request.body.len() <= limits::MAX_CONTROL_BODY_BYTES);
+        assert!(request.path.starts_with('/'));
+        rest = &rest[request.consumed..];
+    }
+}
+
+/// The config loader (TOML subset and checks) over arbitrary text.
+pub fn config(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(config) = Config::parse(text, Path::new("fuzz.toml")) {
+        let _ = config.this_peer();
+    }
+}
+
+/// The cluster command decoder: a decoded command re-encodes to a command that decodes
+/// to the same value.
+pub fn cluster_command(data: &[u8]) {
+    if let Ok((request, command)) = Command::decode(data) {
+        let mut again = Vec::new();
+        command.encode(request, &mut again);
+        assert_eq!(
+            Command::decode(&again).as_ref(),
+            Ok(&(request, command)),
+            "command does not round-trip"
+        );
+    }
+}
+
+/// The metadata KV snapshot decoder, with the same round-trip check.
+pub fn kv_snapshot(data: &[u8]) {
+    let mut reader = Reader::new(data);
+    if let Ok(store) = KvStore::decode(&mut reader) {
+        let mut again = Vec::new();
+        store.encode(&mut again);
+        let mut reader = Reader::new(&again);
+        let decoded = KvStore::decode(&mut reader).expect("an encoded store decodes");
+        assert_eq!(reader.remaining(), 0);
+        assert!(decoded == store, "KV store does not round-trip");
+    }
+}
+
+/// The VM snapshot state-file parser: a decoded state encodes and decodes again to the
+/// same bytes.
+pub fn vm_state(data: &[u8]) {
+    if let Ok(state) = vigil_kvm::state::decode(data) {
+        let encoded = vigil_kvm::state::encode(&state);
+        let again = vigil_kvm::state::decode(&encoded).expect("an encoded state decodes");
+        assert_eq!(
+            vigil_kvm::state::encode(&again),
+            encoded,
+            "state does not round-trip"
+        );
+    }
+}
+
+/// The `vigil vmm` control protocol: frames, requests and replies.
+pub fn vmm_control(data: &[u8]) {
+    use vigil_kvm::control::{decode_frame, Reply, Request};
+    let max = limits::MAX_VMM_CONTROL_FRAME_BYTES;
+    let mut rest = data;
+    while let Ok(Some((found, used))) = decode_frame(rest, max) {
+        assert!(used <= rest.len() && used <= max);
+        if let Ok(request) = Request::decode(&found) {
+            let encoded = request.encode();
+            let (frame, _) = decode_frame(&encoded, usize::MAX).unwrap().unwrap();
+            assert_eq!(Request::decode(&frame).as_ref(), Ok(&request));
+        }
+        if let Ok(reply) = Reply::decode(&found) {
+            let encoded = reply.encode();
+            let (frame, _) = decode_frame(&encoded, usize::MAX).unwrap().unwrap();
+            let again = Reply::decode(&frame).unwrap();
+            // Error messages are cut at 1 KiB on encoding; everything else round-trips.
+            let truncated = matches!(&reply, Reply::Error { message, .. } if message.len() > 1024);
+            if !truncated {
+                assert_eq!(again, reply);
+            }
+        }
+        rest = &rest[used..];
+    }
+}
