@@ -212,8 +212,24 @@ pub fn kv_snapshot(data: &[u8]) {
 }
 
 /// The VM snapshot state-file parser: a decoded state encodes and decodes again to the
-/// same bytes.
+/// same bytes. The input is decoded as it is, and again with its lengths and CRCs
+/// fixed up, so that the fuzzer reaches the record parser behind the checksums.
 pub fn vm_state(data: &[u8]) {
+    use vigil_kvm::state::HEADER_LEN;
+    vm_state_once(data);
+    if data.len() >= HEADER_LEN {
+        let mut fixed = data.to_vec();
+        let body_len = (data.len() - HEADER_LEN) as u64;
+        fixed[16..24].copy_from_slice(&body_len.to_le_bytes());
+        let body_crc = crc32fast::hash(&fixed[HEADER_LEN..]);
+        fixed[24..28].copy_from_slice(&body_crc.to_le_bytes());
+        let header_crc = crc32fast::hash(&fixed[..28]);
+        fixed[28..32].copy_from_slice(&header_crc.to_le_bytes());
+        vm_state_once(&fixed);
+    }
+}
+
+fn vm_state_once(data: &[u8]) {
     if let Ok(state) = vigil_kvm::state::decode(data) {
         let encoded = vigil_kvm::state::encode(&state);
         let again = vigil_kvm::state::decode(&encoded).expect("an encoded state decodes");
@@ -225,8 +241,31 @@ pub fn vm_state(data: &[u8]) {
     }
 }
 
-/// The `vigil vmm` control protocol: frames, requests and replies.
+/// The `vigil vmm` control protocol: frames, requests and replies; decoded as they are
+/// and again with each frame's CRC fixed up, to reach the message decoders.
 pub fn vmm_control(data: &[u8]) {
+    use vigil_kvm::control::HEADER_LEN;
+    vmm_control_once(data);
+    let mut fixed = data.to_vec();
+    let mut at = 0;
+    while let Some(header) = fixed.get(at..at + HEADER_LEN) {
+        let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+        let Some(end) = (at + HEADER_LEN)
+            .checked_add(len)
+            .filter(|&e| e <= fixed.len())
+        else {
+            break;
+        };
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&fixed[at..at + 12]);
+        crc.update(&fixed[at + HEADER_LEN..end]);
+        fixed[at + 12..at + 16].copy_from_slice(&crc.finalize().to_le_bytes());
+        at = end;
+    }
+    vmm_control_once(&fixed);
+}
+
+fn vmm_control_once(data: &[u8]) {
     use vigil_kvm::control::{decode_frame, Reply, Request};
     let max = limits::MAX_VMM_CONTROL_FRAME_BYTES;
     let mut rest = data;
