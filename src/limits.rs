@@ -51,6 +51,14 @@ pub const WAL_SEGMENT_HEADER_BYTES: u64 = 4096;
 /// Bytes of framing around each record (header with its CRC, payload CRC).
 pub const WAL_RECORD_OVERHEAD_BYTES: u64 = 64;
 
+/// The WAL's sizes, as the vigil-wal crate takes them.
+pub const WAL_OPTIONS: vigil_wal::WalOptions = vigil_wal::WalOptions {
+    segment_bytes: WAL_SEGMENT_BYTES,
+    segment_header_bytes: WAL_SEGMENT_HEADER_BYTES,
+    max_entry_bytes: MAX_ENTRY_BYTES as u32,
+    first_index: 1,
+};
+
 // ---- Peer transport ------------------------------------------------------------------
 
 /// Largest frame on the peer wire, header included.
@@ -126,6 +134,27 @@ const _: () = assert!(
     "a record of the largest entry fits one segment"
 );
 const _: () = assert!(WAL_SEGMENT_BYTES % 4096 == 0 && WAL_SEGMENT_HEADER_BYTES % 4096 == 0);
+const _: () = assert!(
+    vigil_wal::format::MAX_RECORD_OVERHEAD as u64 <= WAL_RECORD_OVERHEAD_BYTES,
+    "the WAL format's framing fits the stated overhead"
+);
+const _: () = assert!(
+    vigil_wal::format::SEGMENT_HEADER_LEN as u64 <= WAL_SEGMENT_HEADER_BYTES,
+    "the segment header fits its reserved area"
+);
+const _: () = assert!(
+    WAL_SEGMENT_BYTES >= vigil_wal::format::MIN_SEGMENT_BYTES
+        && WAL_SEGMENT_BYTES <= vigil_wal::format::MAX_SEGMENT_BYTES,
+    "segment size within what the format can address"
+);
+const _: () = assert!(
+    (MAX_ENTRY_BYTES as u64)
+        + WAL_RECORD_OVERHEAD_BYTES
+        + vigil_wal::format::RECORD_HEADER_LEN as u64
+        <= WAL_SEGMENT_BYTES - WAL_SEGMENT_HEADER_BYTES,
+    "the largest record plus the seal record fit one segment (WalOptions::validate)"
+);
+const _: () = assert!(MAX_ENTRY_BYTES <= u32::MAX as usize);
 const _: () = assert!(MAX_CONTROL_BODY_BYTES >= MAX_KV_VALUE_BYTES);
 const _: () = assert!(MAX_KV_TOTAL_BYTES >= MAX_KV_VALUE_BYTES + MAX_KV_KEY_BYTES);
 const _: () = assert!(MIN_GUEST_MEMORY_BYTES <= MAX_GUEST_MEMORY_BYTES);
@@ -160,3 +189,11 @@ const _: () = assert!(
 );
 const _: () = assert!(IO_BUFFER_BYTES <= u32::MAX as usize && IO_BUFFER_BYTES >= 4096);
 const _: () = assert!(IO_COMPLETIONS_PER_WAIT <= IO_MAX_IN_FLIGHT);
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn wal_options_are_accepted_by_the_wal() {
+        super::WAL_OPTIONS.validate().unwrap();
+    }
+}
