@@ -138,7 +138,79 @@ mod seeds {
         commands(&mut out);
         vm_state(&mut out);
         vmm_control(&mut out);
+        wal_segment(&mut out);
         out
+    }
+
+    /// A segment with entries, a truncation, a torn record and a record after it that
+    /// claims the log was synced beyond the torn one (corruption, not a torn tail).
+    fn wal_segment(out: &mut Vec<Seed>) {
+        use vigil_wal::format::{self, RecordHeader, RecordKind, SegmentHeader};
+        let seq = 3;
+        let mut buf = vec![0u8; 4096];
+        format::encode_segment_header(
+            &mut buf,
+            &SegmentHeader {
+                seq,
+                first_index: 10,
+                segment_bytes: 4096,
+                data_offset: 64,
+            },
+        );
+        let mut at = 64;
+        for (kind, index, payload) in [
+            (RecordKind::Entry, 10, &b"put a"[..]),
+            (RecordKind::Entry, 11, &b"put b"[..]),
+            (RecordKind::Truncate, 11, &b""[..]),
+            (RecordKind::Entry, 11, &b"put c"[..]),
+            (RecordKind::Compact, 10, &b""[..]),
+        ] {
+            let header = RecordHeader {
+                kind,
+                index,
+                term: 2,
+                synced_to: format::position(seq, at as u64),
+            };
+            at += format::encode_record(&mut buf[at..], seq, &header, payload);
+        }
+        let mut sealed = buf.clone();
+        let header = RecordHeader {
+            kind: RecordKind::Seal,
+            index: 12,
+            term: 2,
+            synced_to: format::position(seq, at as u64),
+        };
+        format::encode_record(&mut sealed[at..], seq, &header, b"");
+        out.push(("wal_segment", "sealed".into(), sealed));
+
+        let torn = at;
+        at += format::encode_record(
+            &mut buf[at..],
+            seq,
+            &RecordHeader {
+                kind: RecordKind::Entry,
+                index: 12,
+                term: 2,
+                synced_to: format::position(seq, torn as u64),
+            },
+            b"torn entry",
+        );
+        buf[torn + 45] ^= 0xff;
+        format::encode_record(
+            &mut buf[at..],
+            seq,
+            &RecordHeader {
+                kind: RecordKind::Entry,
+                index: 13,
+                term: 2,
+                synced_to: format::position(seq, at as u64 + 100),
+            },
+            b"later",
+        );
+        let summary = format::scan_segment(&buf).expect("the seed's header is valid");
+        assert_eq!(summary.records, 5);
+        assert!(summary.after.max_synced_to.is_some());
+        out.push(("wal_segment", "torn-then-synced".into(), buf));
     }
 
     fn peer_frame(out: &mut Vec<Seed>) {
