@@ -403,7 +403,8 @@ pub enum Step {
     Continue { consumed: usize },
     /// The peer is authenticated. `consumed` bytes were the handshake; any bytes after
     /// them are the peer's first frames. Whatever was appended to `out` must be sent.
-    Established(Established),
+    /// (Boxed: it happens once per connection, and keeps `Step` small.)
+    Established(Box<Established>),
 }
 
 #[derive(Debug)]
@@ -525,12 +526,12 @@ impl Handshake {
                     });
                 }
                 let (key, session) = self.on_challenge(peer, challenge, is_member, out)?;
-                Ok(Step::Established(Established {
+                Ok(Step::Established(Box::new(Established {
                     consumed,
                     peer,
                     key,
                     session,
-                }))
+                })))
             }
             (State::AwaitProof { peer, key }, Message::Proof(proof)) => {
                 let mut mac = key.mac();
@@ -544,12 +545,12 @@ impl Handshake {
                     &derive(&key, LABEL_KEY_R_TO_I, &self.transcript),
                     &derive(&key, LABEL_KEY_I_TO_R, &self.transcript),
                 );
-                Ok(Step::Established(Established {
+                Ok(Step::Established(Box::new(Established {
                     consumed,
                     peer,
                     key: key.id(),
                     session,
-                }))
+                })))
             }
             (state, message) => Err(HandshakeError::Unexpected {
                 expected: match state {

@@ -60,7 +60,7 @@ fn run_with(
     match initiator.receive(&challenge, members, &mut proof) {
         Ok(Step::Established(done)) => {
             assert_eq!(done.consumed, challenge.len());
-            run.initiator = Ok(Some(done));
+            run.initiator = Ok(Some(*done));
         }
         Ok(other) => panic!("unexpected step {other:?}"),
         Err(e) => {
@@ -75,7 +75,7 @@ fn run_with(
     match responder.receive(&proof, members, &mut nothing) {
         Ok(Step::Established(done)) => {
             assert_eq!(done.consumed, proof.len());
-            run.responder = Ok(Some(done));
+            run.responder = Ok(Some(*done));
         }
         Ok(other) => panic!("unexpected step {other:?}"),
         Err(e) => run.responder = Err(e),
