@@ -5,10 +5,12 @@
 //! `io` (the event loop's I/O: io_uring or epoll, clock, timers, signals, children, sockets).
 
 pub mod agent;
+pub mod auth;
 pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod fuzzing;
 pub mod io;
 pub mod limits;
 pub mod logging;

@@ -73,6 +73,11 @@ pub const WAL_OPTIONS: vigil_wal::WalOptions = vigil_wal::WalOptions {
 pub const MAX_FRAME_BYTES: usize = MAX_APPEND_BYTES + 64 * 1024;
 /// Bytes queued for sending to one peer before the connection is dropped and redialled.
 pub const PEER_SEND_QUEUE_BYTES: usize = MAX_INFLIGHT_BYTES + 2 * MAX_FRAME_BYTES;
+/// A frame on an authenticated connection: the frame and its MAC tag.
+pub const MAX_SEALED_FRAME_BYTES: usize = MAX_FRAME_BYTES + crate::auth::TAG_BYTES;
+/// Accepted peer connections still in their handshake (not yet authenticated); further
+/// ones are closed at once, so strangers cannot hold more than this many slots.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
 
 // ---- Control API ---------------------------------------------------------------------
 
@@ -214,6 +219,22 @@ const _: () = assert!(
     "a receive and a send buffer for every peer and control connection"
 );
 const _: () = assert!(IO_BUFFER_BYTES <= u32::MAX as usize && IO_BUFFER_BYTES >= 4096);
+const _: () = assert!(
+    MAX_SEALED_FRAME_BYTES <= u32::MAX as usize,
+    "a sealed frame's length fits the frame header's u32"
+);
+const _: () = assert!(
+    crate::auth::handshake::MAX_MESSAGE_BYTES <= IO_BUFFER_BYTES,
+    "a whole handshake message fits one receive buffer"
+);
+const _: () = assert!(
+    MAX_PENDING_HANDSHAKES >= 2 * MAX_VOTERS,
+    "every voter can redial every other at once after a restart"
+);
+const _: () = assert!(
+    IO_BUFFER_COUNT >= 2 * (MAX_MEMBERS + MAX_CONTROL_CONNECTIONS) + MAX_PENDING_HANDSHAKES,
+    "a receive buffer for every pending handshake on top of the established connections"
+);
 const _: () = assert!(IO_COMPLETIONS_PER_WAIT <= IO_MAX_IN_FLIGHT);
 const _: () = assert!(MAX_HOSTS >= MAX_MEMBERS, "every member is a host");
 const _: () = assert!(

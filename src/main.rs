@@ -22,7 +22,75 @@ const COMMANDS: &[Command] = &[
         summary: "run one VM (built-in guest or a restored snapshot) with its control socket and lease watchdog",
         run: vmm,
     },
+    Command {
+        name: "keygen",
+        summary: "write a new cluster key file (32 random bytes, mode 0600)",
+        run: keygen,
+    },
 ];
+
+const KEYGEN_USAGE: &str = "\
+Usage: vigil keygen [--force] PATH
+
+Writes a new cluster key (32 bytes from getrandom) to PATH with mode 0600 and prints
+its key id. Every member of a cluster needs the same key file.
+
+Options:
+  --force     replace an existing file at PATH (the new key is written to a temporary
+              file and renamed over it)
+  -h, --help  print this help
+";
+
+/// `vigil keygen [--force] PATH`: writes a fresh cluster key file.
+fn keygen(args: Vec<OsString>) -> ExitCode {
+    use lexopt::prelude::*;
+    let mut parser = lexopt::Parser::from_args(args);
+    let mut force = false;
+    let mut path: Option<std::path::PathBuf> = None;
+    loop {
+        let arg = match parser.next() {
+            Ok(Some(arg)) => arg,
+            Ok(None) => break,
+            Err(e) => {
+                eprintln!("vigil keygen: {e}\n\n{KEYGEN_USAGE}");
+                return ExitCode::from(2);
+            }
+        };
+        match arg {
+            Long("force") => force = true,
+            Short('h') | Long("help") => {
+                print!("{KEYGEN_USAGE}");
+                return ExitCode::SUCCESS;
+            }
+            Value(value) if path.is_none() => path = Some(value.into()),
+            other => {
+                eprintln!("vigil keygen: {}\n\n{KEYGEN_USAGE}", other.unexpected());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let Some(path) = path else {
+        eprintln!("vigil keygen: PATH is missing\n\n{KEYGEN_USAGE}");
+        return ExitCode::from(2);
+    };
+    let key = match vigil::auth::ClusterKey::generate() {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("vigil keygen: cannot read random bytes (getrandom): {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match vigil::auth::write_key_file(&path, &key, force) {
+        Ok(()) => {
+            println!("wrote cluster key {} to {}", key.id(), path.display());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("vigil keygen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
 
 /// `vigil vmm`: the per-VM process; the logic lives in vigil-kvm, the bounds here.
 fn vmm(args: Vec<OsString>) -> ExitCode {
