@@ -315,15 +315,16 @@ role = "observer"
             let mut bytes = Vec::new();
             command.encode(RequestId(i as u64 + 1), &mut bytes);
             out.push(("cluster_command", format!("command-{i}"), bytes));
-            let Command::Kv(kv) = command;
-            store.apply(i as u64 + 1, RequestId(i as u64 + 1), kv);
+            if let Command::Kv(kv) = command {
+                store.apply(i as u64 + 1, kv);
+            }
         }
         let unconditional = KvCommand::Put {
             key: "a".into(),
             value: vec![],
             if_revision: None,
         };
-        store.apply(9, RequestId(9), &unconditional);
+        store.apply(9, &unconditional);
         let mut bytes = Vec::new();
         store.encode(&mut bytes);
         out.push(("kv_snapshot", "store".into(), bytes));
