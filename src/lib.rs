@@ -14,3 +14,5 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod raft;
+pub mod sim;

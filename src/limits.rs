@@ -39,6 +39,14 @@ pub const MAX_INFLIGHT_BYTES: usize = 8 * 1024 * 1024;
 pub const MAX_PENDING_PROPOSALS: usize = 4096;
 /// Linearizable reads waiting for their ReadIndex round.
 pub const MAX_PENDING_READS: usize = 4096;
+/// Raft log entries held in memory after the last snapshot; the leader refuses
+/// proposals when full, until the state machine takes a snapshot and the log is compacted.
+pub const RAFT_LOG_CAPACITY: usize = 16 * 1024;
+/// Messages one call into the Raft core may emit before its output buffer grows
+/// (a broadcast to every member, a few pipelined appends each).
+pub const RAFT_OUTPUT_MESSAGES: usize = MAX_MEMBERS * 4;
+/// Heartbeat rounds whose start times the leader remembers for its lease.
+pub const RAFT_LEASE_ROUNDS: usize = 64;
 /// One chunk of an InstallSnapshot transfer.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 512 * 1024;
 
@@ -136,6 +144,10 @@ const _: () = assert!(
     "one entry fits one append"
 );
 const _: () = assert!(MAX_APPEND_BYTES <= MAX_INFLIGHT_BYTES);
+const _: () = assert!(
+    4 * MAX_ENTRIES_PER_APPEND <= RAFT_LOG_CAPACITY,
+    "the in-memory log holds several full appends"
+);
 const _: () = assert!(SNAPSHOT_CHUNK_BYTES + 4096 <= MAX_FRAME_BYTES);
 const _: () = assert!(
     MAX_APPEND_BYTES + 4096 <= MAX_FRAME_BYTES,

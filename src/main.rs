@@ -11,11 +11,18 @@ struct Command {
     run: fn(Vec<OsString>) -> ExitCode,
 }
 
-const COMMANDS: &[Command] = &[Command {
-    name: "vmm",
-    summary: "run one VM (built-in guest or a restored snapshot) with its control socket and lease watchdog",
-    run: vmm,
-}];
+const COMMANDS: &[Command] = &[
+    Command {
+        name: "sim",
+        summary: "deterministic Raft simulation with faults and safety checks",
+        run: vigil::sim::cli::main,
+    },
+    Command {
+        name: "vmm",
+        summary: "run one VM (built-in guest or a restored snapshot) with its control socket and lease watchdog",
+        run: vmm,
+    },
+];
 
 /// `vigil vmm`: the per-VM process; the logic lives in vigil-kvm, the bounds here.
 fn vmm(args: Vec<OsString>) -> ExitCode {

@@ -1,0 +1,17 @@
+//! The deterministic simulator: real Raft nodes (core + driver) over a simulated
+//! network, disks and clocks, driven by one seed, with safety, linearizability and
+//! liveness checks. `vigil sim` runs it (see `cli`).
+
+pub mod check;
+pub mod cli;
+pub mod disk;
+pub mod kv;
+pub mod linearizability;
+pub mod world;
+
+pub use world::{RunReport, SimConfig, World};
+
+/// Runs one seed with the given configuration.
+pub fn run(cfg: SimConfig) -> RunReport {
+    World::new(cfg).run()
+}
