@@ -66,12 +66,12 @@ pub fn route(method: Method, path: &str) -> Result<Route, HttpError> {
             _ => return Err(HttpError::NotFound(path.to_string())),
         },
     };
-    let ok = match (&r, method) {
-        (Route::Status | Route::Metrics | Route::Events, Method::Get) => true,
-        (Route::Stepdown, Method::Post) => true,
-        (Route::Kv(_), Method::Get | Method::Put | Method::Delete) => true,
-        _ => false,
-    };
+    let ok = matches!(
+        (&r, method),
+        (Route::Status | Route::Metrics | Route::Events, Method::Get)
+            | (Route::Stepdown, Method::Post)
+            | (Route::Kv(_), Method::Get | Method::Put | Method::Delete)
+    );
     if !ok {
         return Err(not_allowed());
     }

@@ -205,7 +205,22 @@ impl LogStorage for Storage {
     }
 
     fn write_hard_state(&mut self, hs: &HardState) -> Result<(), StorageError> {
-        self.pending_hard_state = Some(*hs);
+        // Term and vote must be durable before a vote or an ack leaves; the commit index
+        // is only a hint (Raft relearns it), so a change of commit alone is not worth a
+        // second fsync per turn: it rides along with the next term/vote change. The
+        // recovery check "the log holds every committed entry" then uses an older
+        // commit index: weaker, never wrong.
+        let saved = self.pending_hard_state.unwrap_or_else(|| {
+            let h = self.hard_state.get();
+            HardState {
+                term: h.term,
+                vote: h.voted_for,
+                commit: h.commit,
+            }
+        });
+        if hs.term != saved.term || hs.vote != saved.vote {
+            self.pending_hard_state = Some(*hs);
+        }
         Ok(())
     }
 
