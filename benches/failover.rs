@@ -16,6 +16,9 @@ use support::{emit, stats, Etcd};
 
 const HEARTBEAT_MS: u64 = 20;
 const ELECTION_MS: u64 = 100;
+/// etcd holds a proposal while it has no leader; each put attempt gives up after this
+/// and retries (vigil answers `no_leader` at once, so it needs no such deadline).
+const PUT_ATTEMPT_MS: u64 = 50;
 
 fn args() -> (usize, usize) {
     let mut nodes = 3;
@@ -123,7 +126,7 @@ fn etcd_trial(e: &mut Etcd, sigstop: bool, trial: usize) -> Option<f64> {
     let written = loop {
         let via = survivors[k % survivors.len()];
         k += 1;
-        if let Ok(mut c) = e.connect(via) {
+        if let Ok(mut c) = e.connect_with_timeout(via, Duration::from_millis(PUT_ATTEMPT_MS)) {
             if Etcd::put(&mut c, &format!("failover-{trial}"), "x") {
                 break t0.elapsed();
             }

@@ -246,9 +246,16 @@ impl Etcd {
     }
 
     pub fn connect(&self, i: usize) -> std::io::Result<KeepAlive<TcpStream>> {
+        self.connect_with_timeout(i, Duration::from_secs(3))
+    }
+
+    /// A connection whose requests give up after `timeout` (failover trials retry on a
+    /// fresh connection, like a client with a short per-request deadline).
+    pub fn connect_with_timeout(&self, i: usize, timeout: Duration) -> std::io::Result<KeepAlive<TcpStream>> {
         let s = TcpStream::connect(("127.0.0.1", self.nodes[i].client_port))?;
         s.set_nodelay(true)?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))?;
+        s.set_read_timeout(Some(timeout))?;
+        s.set_write_timeout(Some(timeout))?;
         Ok(KeepAlive::new(s))
     }
 

@@ -120,8 +120,8 @@ struct Node {
     /// Proposal index -> waiting key (writes).
     writes: HashMap<Index, u64>,
     next_wait: u64,
-    /// Follower: forwarded request id -> local control connection.
-    forwarded: HashMap<u64, (u64, Instant)>,
+    /// Follower: forwarded request id -> (local control connection, the leader it went to).
+    forwarded: HashMap<u64, (u64, NodeId)>,
     next_forward: u64,
     /// Step-downs waiting for leadership to move: reply and deadline.
     stepdowns: Vec<(Reply, Instant)>,
@@ -437,6 +437,7 @@ impl Node {
                     self.collect()?;
                 }
                 PeerEvent::Lost(peer) => {
+                    self.fail_forwarded(|to| to == peer, now)?;
                     if peer == self.raft.leader() && self.raft.role() == Role::Follower {
                         log::info!(
                             "node {}: connection to leader {peer} lost; starting PreVote now",
@@ -747,7 +748,22 @@ impl Node {
                 now,
             );
         }
-        self.forwarded.insert(id, (conn, now));
+        self.forwarded.insert(id, (conn, leader));
+        Ok(())
+    }
+
+    /// Answers forwarded requests whose leader matches `gone` with a retryable error.
+    fn fail_forwarded(&mut self, gone: impl Fn(NodeId) -> bool, now: Instant) -> Result<(), String> {
+        let ids: Vec<u64> = self.forwarded.iter().filter(|(_, (_, to))| gone(*to)).map(|(&k, _)| k).collect();
+        for id in ids {
+            if let Some((conn, to)) = self.forwarded.remove(&id) {
+                let body = api::error_json(
+                    &format!("lost the leader {to} before it answered; a write may or may not have applied; retry with the same request_id"),
+                    "no_leader",
+                );
+                self.answer_then_next(Reply::Local(conn), 503, &body, now)?;
+            }
+        }
         Ok(())
     }
 
@@ -863,6 +879,9 @@ impl Node {
             );
         }
         self.last_leader = current;
+        // Requests forwarded to an earlier leader will not be answered by it.
+        let leader = current.0;
+        self.fail_forwarded(|to| to != leader, now)?;
         if !self.raft.is_leader() {
             // Writes this node proposed as leader may never commit in their term: answer
             // them as retryable (they may still commit; request ids make a retry safe).
