@@ -251,7 +251,11 @@ impl Etcd {
 
     /// A connection whose requests give up after `timeout` (failover trials retry on a
     /// fresh connection, like a client with a short per-request deadline).
-    pub fn connect_with_timeout(&self, i: usize, timeout: Duration) -> std::io::Result<KeepAlive<TcpStream>> {
+    pub fn connect_with_timeout(
+        &self,
+        i: usize,
+        timeout: Duration,
+    ) -> std::io::Result<KeepAlive<TcpStream>> {
         let s = TcpStream::connect(("127.0.0.1", self.nodes[i].client_port))?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(timeout))?;

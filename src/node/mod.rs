@@ -53,6 +53,9 @@ use storage::Storage;
 const TOKEN_LISTEN: u64 = 1 << 56;
 const TOKEN_CONTROL_LISTEN: u64 = 4 << 56;
 const TOKEN_SIGNAL: u64 = 6 << 56;
+/// The fast hint campaigns this long after the old leader's lease ran out on this node's
+/// clock, so the other voters (who heard its last message a little later) agree it ran out.
+const HINT_MARGIN_NS: Nanos = 2_000_000;
 
 /// Where an answer goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -135,6 +138,18 @@ struct Node {
     shutdown: bool,
     heartbeat: Duration,
     election_ns: Nanos,
+    /// A campaign planned because the connection to the leader dropped.
+    hint: Option<Hint>,
+    rng: u64,
+}
+
+/// The fast failover hint: campaign at `at` unless the leader `leader` was heard from
+/// after `contact` (the connection came back) or another leader appeared.
+#[derive(Clone, Copy, Debug)]
+struct Hint {
+    leader: NodeId,
+    contact: Nanos,
+    at: Nanos,
 }
 
 fn now_ns(now: Instant) -> Nanos {
@@ -307,6 +322,8 @@ impl Node {
             shutdown: false,
             heartbeat: Duration::from_millis(config.timing.heartbeat_ms),
             election_ns: config.timing.election_min_ms * 1_000_000,
+            hint: None,
+            rng: seed | 1,
         })
     }
 
@@ -333,6 +350,9 @@ impl Node {
             if let Some(d) = next_dial {
                 deadline = deadline.min(d);
             }
+            if let Some(h) = self.hint {
+                deadline = deadline.min(Instant::from_nanos(h.at));
+            }
             if pending_output {
                 deadline = deadline.min(now.saturating_add(Duration::from_millis(1)));
             }
@@ -345,6 +365,17 @@ impl Node {
                 self.on_completion(c, now)?;
             }
             self.handle_peer_events(now)?;
+            if let Some(h) = self.hint {
+                if now_ns(now) >= h.at {
+                    self.hint = None;
+                    let silent = self.raft.last_leader_contact() == Some(h.contact);
+                    let same = self.raft.leader() == h.leader || self.raft.leader() == 0;
+                    if silent && same && self.raft.role() == Role::Follower {
+                        self.raft.campaign_now(now_ns(now));
+                        self.collect()?;
+                    }
+                }
+            }
             if now_ns(now) >= self.raft.next_deadline() {
                 self.raft.tick(now_ns(now));
                 self.collect()?;
@@ -439,12 +470,28 @@ impl Node {
                 PeerEvent::Lost(peer) => {
                     self.fail_forwarded(|to| to == peer, now)?;
                     if peer == self.raft.leader() && self.raft.role() == Role::Follower {
-                        log::info!(
-                            "node {}: connection to leader {peer} lost; starting PreVote now",
-                            self.id
-                        );
-                        self.raft.campaign_now(now_ns(now));
-                        self.collect()?;
+                        // Voters honour the old leader's lease for an election timeout
+                        // after its last message (that keeps leader leases safe), so a
+                        // PreVote before then is refused. Campaign right when the lease
+                        // runs out, with a little jitter so that the survivors do not
+                        // split the vote, instead of waiting for a full random timeout.
+                        if let Some(contact) = self.raft.last_leader_contact() {
+                            self.rng ^= self.rng << 13;
+                            self.rng ^= self.rng >> 7;
+                            self.rng ^= self.rng << 17;
+                            let jitter = self.rng % (self.heartbeat.as_nanos() as u64).max(1);
+                            let at = contact + self.election_ns + HINT_MARGIN_NS + jitter;
+                            log::info!(
+                                "node {}: connection to leader {peer} lost; PreVote in {:.1} ms",
+                                self.id,
+                                at.saturating_sub(now_ns(now)) as f64 / 1e6
+                            );
+                            self.hint = Some(Hint {
+                                leader: peer,
+                                contact,
+                                at,
+                            });
+                        }
                     }
                 }
                 PeerEvent::ForwardRequest {
@@ -753,8 +800,17 @@ impl Node {
     }
 
     /// Answers forwarded requests whose leader matches `gone` with a retryable error.
-    fn fail_forwarded(&mut self, gone: impl Fn(NodeId) -> bool, now: Instant) -> Result<(), String> {
-        let ids: Vec<u64> = self.forwarded.iter().filter(|(_, (_, to))| gone(*to)).map(|(&k, _)| k).collect();
+    fn fail_forwarded(
+        &mut self,
+        gone: impl Fn(NodeId) -> bool,
+        now: Instant,
+    ) -> Result<(), String> {
+        let ids: Vec<u64> = self
+            .forwarded
+            .iter()
+            .filter(|(_, (_, to))| gone(*to))
+            .map(|(&k, _)| k)
+            .collect();
         for id in ids {
             if let Some((conn, to)) = self.forwarded.remove(&id) {
                 let body = api::error_json(
