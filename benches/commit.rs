@@ -107,6 +107,7 @@ fn main() {
     let leader = c.wait_leader();
     c.put_retry("warmup", "x");
     let socket = c.node(leader).socket.clone();
+    let term_before = c.status(leader).and_then(|s| s["term"].as_u64()).unwrap_or(0);
     eprintln!("vigil: sequential puts to leader {leader}");
     let seq = vigil_seq(&socket, puts);
     eprintln!("vigil: pipelined puts, {clients} clients, {seconds} s");
@@ -122,6 +123,10 @@ fn main() {
         })
     });
     let floor = fsync_floor(&c.dir, 1000);
+    // No election may happen under steady load: the leader and term are unchanged.
+    let after = c.status(leader);
+    let term_after = after.as_ref().and_then(|s| s["term"].as_u64()).unwrap_or(0);
+    let still_leader = after.is_some_and(|s| s["role"] == "leader");
     drop(c);
 
     let mut etcd_seq = None;
@@ -159,7 +164,11 @@ fn main() {
         eprintln!("etcd not installed: no baseline (tools/install-etcd)");
     }
     let floor = stats(&floor);
-    let extra = serde_json::json!({ "fsync_floor_p50_us": (floor.p50 * 10.0).round() / 10.0 });
+    let extra = serde_json::json!({
+        "fsync_floor_p50_us": (floor.p50 * 10.0).round() / 10.0,
+        "terms_during_run": term_after - term_before,
+        "leader_kept": still_leader,
+    });
     emit(
         "commit",
         "seq-put-3nodes",
