@@ -107,7 +107,10 @@ fn main() {
     let leader = c.wait_leader();
     c.put_retry("warmup", "x");
     let socket = c.node(leader).socket.clone();
-    let term_before = c.status(leader).and_then(|s| s["term"].as_u64()).unwrap_or(0);
+    let term_before = c
+        .status(leader)
+        .and_then(|s| s["term"].as_u64())
+        .unwrap_or(0);
     eprintln!("vigil: sequential puts to leader {leader}");
     let seq = vigil_seq(&socket, puts);
     eprintln!("vigil: pipelined puts, {clients} clients, {seconds} s");

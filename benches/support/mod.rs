@@ -128,12 +128,9 @@ impl<S: Read + Write> KeepAlive<S> {
     }
 }
 
+/// Ports below the ephemeral range (a restarted member's port cannot be taken meanwhile).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    crate::common::free_port()
 }
 
 pub fn etcd_available() -> bool {

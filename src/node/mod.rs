@@ -123,8 +123,9 @@ struct Node {
     /// Proposal index -> waiting key (writes).
     writes: HashMap<Index, u64>,
     next_wait: u64,
-    /// Follower: forwarded request id -> (local control connection, the leader it went to).
-    forwarded: HashMap<u64, (u64, NodeId)>,
+    /// Follower: forwarded request id -> (local control connection, the leader it went
+    /// to, whether it is a step-down (answered by the old leader after the change)).
+    forwarded: HashMap<u64, (u64, NodeId, bool)>,
     next_forward: u64,
     /// Step-downs waiting for leadership to move: reply and deadline.
     stepdowns: Vec<(Reply, Instant)>,
@@ -468,7 +469,7 @@ impl Node {
                     self.collect()?;
                 }
                 PeerEvent::Lost(peer) => {
-                    self.fail_forwarded(|to| to == peer, now)?;
+                    self.fail_forwarded(|to, _| to == peer, now)?;
                     if peer == self.raft.leader() && self.raft.role() == Role::Follower {
                         // Voters honour the old leader's lease for an election timeout
                         // after its last message (that keeps leader leases safe), so a
@@ -520,7 +521,7 @@ impl Node {
                     }
                 }
                 PeerEvent::ForwardResponse { id, status, body } => {
-                    if let Some((conn, _)) = self.forwarded.remove(&id) {
+                    if let Some((conn, _, _)) = self.forwarded.remove(&id) {
                         self.control
                             .respond(conn, status, "application/json", &body, false);
                         self.after_response(conn, now)?;
@@ -795,24 +796,25 @@ impl Node {
                 now,
             );
         }
-        self.forwarded.insert(id, (conn, leader));
+        let stepdown = path == "/leadership/stepdown";
+        self.forwarded.insert(id, (conn, leader, stepdown));
         Ok(())
     }
 
     /// Answers forwarded requests whose leader matches `gone` with a retryable error.
     fn fail_forwarded(
         &mut self,
-        gone: impl Fn(NodeId) -> bool,
+        gone: impl Fn(NodeId, bool) -> bool,
         now: Instant,
     ) -> Result<(), String> {
         let ids: Vec<u64> = self
             .forwarded
             .iter()
-            .filter(|(_, (_, to))| gone(*to))
+            .filter(|(_, (_, to, stepdown))| gone(*to, *stepdown))
             .map(|(&k, _)| k)
             .collect();
         for id in ids {
-            if let Some((conn, to)) = self.forwarded.remove(&id) {
+            if let Some((conn, to, _)) = self.forwarded.remove(&id) {
                 let body = api::error_json(
                     &format!("lost the leader {to} before it answered; a write may or may not have applied; retry with the same request_id"),
                     "no_leader",
@@ -937,7 +939,7 @@ impl Node {
         self.last_leader = current;
         // Requests forwarded to an earlier leader will not be answered by it.
         let leader = current.0;
-        self.fail_forwarded(|to| to != leader, now)?;
+        self.fail_forwarded(|to, stepdown| to != leader && !stepdown, now)?;
         if !self.raft.is_leader() {
             // Writes this node proposed as leader may never commit in their term: answer
             // them as retryable (they may still commit; request ids make a retry safe).
@@ -981,7 +983,7 @@ impl Node {
             let fwd: Vec<u64> = self
                 .forwarded
                 .iter()
-                .filter(|(_, (c, _))| *c == conn)
+                .filter(|(_, (c, _, _))| *c == conn)
                 .map(|(&k, _)| k)
                 .collect();
             for f in fwd {

@@ -1,9 +1,10 @@
 //! Cluster harness for tests with real `vigil agent` processes on 127.0.0.1.
 //!
 //! Every process is killed by PID when the [`Cluster`] is dropped (also when a test
-//! fails); every cluster has its own temp dir. Ports come from the OS (bind port 0, read
-//! it, close; an unlikely reuse by another process before the agent binds shows up as
-//! a start failure, not a wrong result). Conditions are polled with generous limits.
+//! fails); every cluster has its own temp dir. Ports are checked free by binding them,
+//! below the ephemeral range (see `free_port`); an unlikely reuse by another process
+//! before the agent binds shows up as a start failure, not a wrong result. Conditions
+//! are polled with generous limits.
 
 #![allow(dead_code)]
 
@@ -30,9 +31,20 @@ pub struct Cluster {
     pub io: String,
 }
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    l.local_addr().unwrap().port()
+/// A free port below the kernel's ephemeral range (32768 and up by default), so that a
+/// restarted node's port cannot have been taken meanwhile as the source port of some
+/// outgoing connection. Spread by process id and a counter, checked by binding.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let base = (std::process::id() as u64).wrapping_mul(7919);
+    loop {
+        let k = N.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + ((base + k * 13) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 pub fn unique_dir(name: &str) -> PathBuf {
