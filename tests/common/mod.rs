@@ -29,6 +29,58 @@ pub struct Cluster {
     pub dir: PathBuf,
     pub nodes: Vec<Node>,
     pub io: String,
+    /// With network namespaces: the hub namespace (a bridge) and one per node.
+    pub netns: Option<Netns>,
+}
+
+/// Node i runs in namespace `{prefix}n{i}` with address 10.200.0.{i} on a veth whose
+/// other end sits on a bridge in `{prefix}hub`.
+pub struct Netns {
+    pub prefix: String,
+}
+
+impl Netns {
+    pub fn node(&self, id: u64) -> String {
+        format!("{}n{id}", self.prefix)
+    }
+    pub fn hub(&self) -> String {
+        format!("{}hub", self.prefix)
+    }
+}
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run command");
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Whether this process may create network namespaces and run nft (root, tools present).
+pub fn netns_available() -> Result<(), String> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err("not root".into());
+    }
+    for tool in ["ip", "nft"] {
+        if Command::new(tool).arg("-V").output().is_err() {
+            return Err(format!("{tool} is not installed"));
+        }
+    }
+    let name = format!("vglprobe{}", std::process::id());
+    let ok = Command::new("ip")
+        .args(["netns", "add", &name])
+        .status()
+        .is_ok_and(|s| s.success());
+    let _ = Command::new("ip").args(["netns", "del", &name]).status();
+    if !ok {
+        return Err("cannot create network namespaces".into());
+    }
+    Ok(())
 }
 
 /// A free port below the kernel's ephemeral range (32768 and up by default), so that a
@@ -68,13 +120,68 @@ impl Cluster {
 
     /// `timing`: extra TOML for the `[timing]` table (may be empty).
     pub fn start_with(name: &str, n: usize, io: &str, timing: &str) -> Cluster {
+        Cluster::build(name, n, io, timing, None)
+    }
+
+    /// Each node in its own network namespace, all joined by a bridge (needs root; see
+    /// [`netns_available`]). Namespaces are deleted on drop.
+    pub fn start_netns(name: &str, n: usize, io: &str) -> Cluster {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static K: AtomicU64 = AtomicU64::new(0);
+        let ns = Netns {
+            prefix: format!(
+                "vgl{}x{}",
+                std::process::id(),
+                K.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        let hub = ns.hub();
+        sh(&["ip", "netns", "add", &hub]);
+        sh(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &hub, "link", "set", "br0", "up"]);
+        for i in 1..=n as u64 {
+            let node = ns.node(i);
+            let veth = format!("v{i}");
+            sh(&["ip", "netns", "add", &node]);
+            sh(&[
+                "ip", "-n", &hub, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
+                "netns", &node,
+            ]);
+            sh(&[
+                "ip", "-n", &hub, "link", "set", &veth, "master", "br0", "up",
+            ]);
+            sh(&[
+                "ip",
+                "-n",
+                &node,
+                "addr",
+                "add",
+                &format!("10.200.0.{i}/24"),
+                "dev",
+                "eth0",
+            ]);
+            sh(&["ip", "-n", &node, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
+        }
+        Cluster::build(name, n, io, "", Some(ns))
+    }
+
+    fn build(name: &str, n: usize, io: &str, timing: &str, netns: Option<Netns>) -> Cluster {
         let dir = unique_dir(name);
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let host = |i: usize| {
+            if netns.is_some() {
+                format!("10.200.0.{}", i + 1)
+            } else {
+                "127.0.0.1".to_string()
+            }
+        };
         let mut peers = String::new();
         for (i, p) in ports.iter().enumerate() {
             peers.push_str(&format!(
-                "[[peers]]\nid = {}\naddress = \"127.0.0.1:{p}\"\nrole = \"voter\"\n\n",
-                i + 1
+                "[[peers]]\nid = {}\naddress = \"{}:{p}\"\nrole = \"voter\"\n\n",
+                i + 1,
+                host(i)
             ));
         }
         let mut nodes = Vec::new();
@@ -90,7 +197,8 @@ impl Cluster {
                 format!("[timing]\n{timing}\n")
             };
             let config = format!(
-                "node_id = {id}\nlisten = \"127.0.0.1:{p}\"\ndata_dir = \"{}\"\nshared_dir = \"{}\"\ncontrol_socket = \"{}\"\n\n{timing_table}{peers}",
+                "node_id = {id}\nlisten = \"{}:{p}\"\ndata_dir = \"{}\"\nshared_dir = \"{}\"\ncontrol_socket = \"{}\"\n\n{timing_table}{peers}",
+                host(i),
                 ndir.join("data").display(),
                 ndir.join("shared").display(),
                 socket.display()
@@ -107,6 +215,7 @@ impl Cluster {
             });
         }
         let mut c = Cluster {
+            netns,
             dir,
             nodes,
             io: io.to_string(),
@@ -124,7 +233,21 @@ impl Cluster {
             .append(true)
             .open(node.dir.join("log"))
             .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs the agent in place: the child's PID is the agent's.
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args([
+                    "netns",
+                    "exec",
+                    &ns.node(node.id),
+                    env!("CARGO_BIN_EXE_vigil"),
+                ]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_vigil")),
+        };
+        let child = cmd
             .arg("agent")
             .arg("--config")
             .arg(&node.config)
@@ -341,6 +464,16 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
         }
+        if let Some(ns) = &self.netns {
+            for n in &self.nodes {
+                let _ = Command::new("ip")
+                    .args(["netns", "del", &ns.node(n.id)])
+                    .status();
+            }
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns.hub()])
+                .status();
+        }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
@@ -364,4 +497,70 @@ pub fn uring_available() -> bool {
 
 pub fn exists(p: &Path) -> bool {
     p.exists()
+}
+
+impl Cluster {
+    /// Drops every packet between node `id` and the nodes in `from` (nft in `id`'s
+    /// namespace, both directions), plus `loss_percent` random loss on all its traffic.
+    pub fn nft_rules(&self, id: u64, cut: &[u64], loss_percent: u32) {
+        let ns = self.netns.as_ref().expect("a netns cluster").node(id);
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "vigil_fault",
+            ])
+            .output();
+        let mut input = String::new();
+        let mut output = String::new();
+        if !cut.is_empty() {
+            let set: Vec<String> = cut.iter().map(|i| format!("10.200.0.{i}")).collect();
+            input.push_str(&format!("ip saddr {{ {} }} drop; ", set.join(", ")));
+            output.push_str(&format!("ip daddr {{ {} }} drop; ", set.join(", ")));
+        }
+        if loss_percent > 0 {
+            input.push_str(&format!(
+                "ip saddr 10.200.0.0/24 numgen random mod 100 < {loss_percent} drop; "
+            ));
+            output.push_str(&format!(
+                "ip daddr 10.200.0.0/24 numgen random mod 100 < {loss_percent} drop; "
+            ));
+        }
+        let script = format!(
+            "table inet vigil_fault {{\n chain input {{ type filter hook input priority 0; policy accept; {input}}}\n chain output {{ type filter hook output priority 0; policy accept; {output}}}\n}}\n"
+        );
+        let path = self.dir.join(format!("nft-{id}.nft"));
+        std::fs::write(&path, script).unwrap();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "nft",
+            "-f",
+            path.to_str().unwrap(),
+        ]);
+    }
+
+    /// Removes the fault rules of node `id`.
+    pub fn nft_heal(&self, id: u64) {
+        let ns = self.netns.as_ref().expect("a netns cluster").node(id);
+        let _ = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "nft",
+                "delete",
+                "table",
+                "inet",
+                "vigil_fault",
+            ])
+            .output();
+    }
 }
