@@ -371,3 +371,44 @@ fn slow_and_hostile_control_clients_do_not_stall_the_node() {
     assert_eq!(c.get_retry(leader, "alive").as_deref(), Some("yes"));
     drop(hanging);
 }
+
+#[test]
+fn members_demote_promote_remove() {
+    let c = Cluster::start("members", 3, "auto");
+    let leader = c.wait_leader();
+    let others: Vec<u64> = c.alive().into_iter().filter(|&i| i != leader).collect();
+    let (via, target) = (others[0], others[1]);
+    let cl = c.client(via);
+    let role_of = |id: u64| -> Option<String> {
+        let r = c.client(leader).request("GET", "/members", None).unwrap();
+        let v = r.json().unwrap();
+        v["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["node_id"].as_u64() == Some(id))
+            .map(|m| m["role"].as_str().unwrap().to_string())
+    };
+    let r = cl
+        .request("POST", &format!("/members/{target}/demote"), None)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(role_of(target).as_deref(), Some("observer"));
+    c.put_retry("after-demote", "x");
+    let r = cl
+        .request("POST", &format!("/members/{target}/promote"), None)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(role_of(target).as_deref(), Some("voter"));
+    // Removing a member that is not there is refused; removing the target works.
+    let r = cl.request("DELETE", "/members/99", None).unwrap();
+    assert_eq!(r.status, 400, "{}", String::from_utf8_lossy(&r.body));
+    let r = cl
+        .request("DELETE", &format!("/members/{target}"), None)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(role_of(target), None);
+    // Two voters remain; writes commit with both.
+    c.put_retry("after-remove", "y");
+    assert_eq!(c.get_retry(via, "after-remove").as_deref(), Some("y"));
+}

@@ -7,6 +7,10 @@
 //! | PUT    | `/kv/{key}`             | `{"value": "...", "if_revision": n?, "request_id": n?}` -> `{"revision": n, "served_by": id}`; 409 `conflict` with `current_revision` |
 //! | DELETE | `/kv/{key}`             | optional `{"if_revision": n, "request_id": n}` -> `{"revision": n, "served_by": id}`; 404 `not_found` |
 //! | POST   | `/leadership/stepdown`  | optional `{"to": id}` -> `{"leader": id, "term": n}` once leadership moved |
+//! | GET    | `/members`              | `{"members": [...], "served_by"}` (as in `/status`)             |
+//! | POST   | `/members`              | `{"id": n, "address": "IP:port"}`: add an observer -> `{"index": n, "served_by"}` |
+//! | POST   | `/members/{id}/promote` | observer -> voter (also `/demote`) -> `{"index": n, "served_by"}` once committed |
+//! | DELETE | `/members/{id}`         | remove a member -> `{"index": n, "served_by"}` once committed   |
 //! | GET    | `/metrics`              | Prometheus text                                                |
 //! | GET    | `/events`               | JSON lines: `{"seq","event":"leader",...}` on leadership changes |
 //!
@@ -27,14 +31,25 @@ pub enum Route {
     Events,
     Stepdown,
     Kv(String),
+    /// `GET /members` (list) or `POST /members` (add an observer).
+    Members,
+    /// `POST /members/{id}/promote|demote` or `DELETE /members/{id}`.
+    Member(u64, MemberAction),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberAction {
+    Promote,
+    Demote,
+    Remove,
 }
 
 impl Route {
     /// Whether this request must be served by the leader (followers forward it).
     pub fn needs_leader(&self, method: Method) -> bool {
         match self {
-            Route::Kv(_) => method != Method::Get,
-            Route::Stepdown => true,
+            Route::Kv(_) | Route::Members => method != Method::Get,
+            Route::Stepdown | Route::Member(..) => true,
             _ => false,
         }
     }
@@ -50,6 +65,20 @@ pub fn route(method: Method, path: &str) -> Result<Route, HttpError> {
         "/metrics" => Route::Metrics,
         "/events" => Route::Events,
         "/leadership/stepdown" => Route::Stepdown,
+        "/members" => Route::Members,
+        _ if path.starts_with("/members/") => {
+            let rest = &path["/members/".len()..];
+            let (id, action) = match rest.split_once('/') {
+                Some((id, "promote")) => (id, MemberAction::Promote),
+                Some((id, "demote")) => (id, MemberAction::Demote),
+                None => (rest, MemberAction::Remove),
+                Some(_) => return Err(HttpError::NotFound(path.to_string())),
+            };
+            let id: u64 = id
+                .parse()
+                .map_err(|_| HttpError::NotFound(path.to_string()))?;
+            Route::Member(id, action)
+        }
         _ => match path.strip_prefix("/kv/") {
             Some(key) if !key.is_empty() => {
                 let key = percent_decode(key).ok_or_else(|| {
@@ -71,6 +100,12 @@ pub fn route(method: Method, path: &str) -> Result<Route, HttpError> {
         (Route::Status | Route::Metrics | Route::Events, Method::Get)
             | (Route::Stepdown, Method::Post)
             | (Route::Kv(_), Method::Get | Method::Put | Method::Delete)
+            | (Route::Members, Method::Get | Method::Post)
+            | (Route::Member(_, MemberAction::Remove), Method::Delete)
+            | (
+                Route::Member(_, MemberAction::Promote | MemberAction::Demote),
+                Method::Post
+            )
     );
     if !ok {
         return Err(not_allowed());
@@ -184,6 +219,21 @@ pub fn parse_stepdown(body: &[u8]) -> Result<Option<u64>, HttpError> {
             .map(Some)
             .ok_or_else(|| HttpError::BadBody("to must be a node id".into())),
     }
+}
+
+/// `POST /members`: `{"id": n, "address": "IP:port"}` (joins as an observer).
+pub fn parse_member_add(body: &[u8]) -> Result<(u64, std::net::SocketAddr), HttpError> {
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| HttpError::BadBody(format!("not JSON: {e}")))?;
+    let id = v["id"]
+        .as_u64()
+        .filter(|&i| i != 0)
+        .ok_or_else(|| HttpError::BadBody("id must be a non-zero node id".into()))?;
+    let address = v["address"]
+        .as_str()
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| HttpError::BadBody("address must be IP:port".into()))?;
+    Ok((id, address))
 }
 
 pub fn error_json(message: &str, code: &str) -> String {

@@ -4,6 +4,8 @@
 //! vigil ctl status                     node, role, term, leader, indexes, members table
 //! vigil ctl stepdown [--to ID]         move leadership away (waits until it moved)
 //! vigil ctl members                    the members table only
+//! vigil ctl members add ID IP:PORT     add an observer
+//! vigil ctl members promote|demote|remove ID
 //! vigil ctl kv get KEY
 //! vigil ctl kv put KEY VALUE [--if-revision N]
 //! vigil ctl kv delete KEY [--if-revision N]
@@ -22,7 +24,7 @@ use std::time::Duration;
 
 use super::client::Client;
 
-const USAGE: &str = "Usage: vigil ctl [--socket PATH] [--json] status|stepdown [--to ID]|members|kv get KEY|kv put KEY VALUE [--if-revision N]|kv delete KEY [--if-revision N]|events|metrics";
+const USAGE: &str = "Usage: vigil ctl [--socket PATH] [--json] status|stepdown [--to ID]|members [add ID ADDR|promote ID|demote ID|remove ID]|kv get KEY|kv put KEY VALUE [--if-revision N]|kv delete KEY [--if-revision N]|events|metrics";
 const DEFAULT_SOCKET: &str = "/run/vigil/vigil.sock";
 
 pub fn main(args: Vec<OsString>) -> ExitCode {
@@ -79,6 +81,17 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     let (method, path, body) = match words.as_slice() {
         ["status"] | ["members"] => ("GET", "/status".to_string(), None),
         ["metrics"] => ("GET", "/metrics".to_string(), None),
+        ["members", "add", id, address] => (
+            "POST",
+            "/members".to_string(),
+            Some(
+                serde_json::json!({ "id": id.parse::<u64>().unwrap_or(0), "address": address })
+                    .to_string(),
+            ),
+        ),
+        ["members", "promote", id] => ("POST", format!("/members/{id}/promote"), None),
+        ["members", "demote", id] => ("POST", format!("/members/{id}/demote"), None),
+        ["members", "remove", id] => ("DELETE", format!("/members/{id}"), None),
         ["stepdown"] => (
             "POST",
             "/leadership/stepdown".to_string(),
@@ -147,7 +160,8 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             );
             print_members(&v);
         }
-        "members" => print_members(&v),
+        "members" if words.len() == 1 => print_members(&v),
+        "members" => println!("committed (served by {})", v["served_by"]),
         "kv" if words[1] == "get" => {
             println!(
                 "{}  (revision {}, served by {})",

@@ -114,6 +114,27 @@ impl Peers {
         self.rng
     }
 
+    /// Learns a new member's address (a member added at run time); known ids keep theirs.
+    pub fn add_peer(&mut self, id: NodeId, addr: SocketAddr) {
+        if id == self.me
+            || self.slots.iter().any(|s| s.id == id)
+            || self.slots.len() >= limits::MAX_MEMBERS
+        {
+            return;
+        }
+        self.slots.push(Slot {
+            id,
+            addr,
+            conn: None,
+            next_dial: Instant::ZERO,
+            backoff: Backoff::new(
+                limits::PEER_RECONNECT_INITIAL_MS * 1_000_000,
+                limits::PEER_RECONNECT_MAX_MS * 1_000_000,
+            ),
+            last_received: None,
+        });
+    }
+
     pub fn is_connected(&self, peer: NodeId) -> bool {
         self.slots
             .iter()

@@ -45,8 +45,8 @@ use crate::metrics::{self, Histogram};
 use crate::net::codec::ForwardRequest;
 use crate::net::peers::{self, PeerEvent, Peers};
 use crate::raft::{
-    self, Driver, Entry, EntryKind, Index, Membership, Nanos, NodeId, RaftError, ReadState, Role,
-    StateMachine, Term,
+    self, ConfChange, Driver, Entry, EntryKind, Index, Membership, Nanos, NodeId, RaftError,
+    ReadState, Role, StateMachine, Term,
 };
 use storage::Storage;
 
@@ -88,9 +88,14 @@ struct App {
 
 impl StateMachine for App {
     fn apply(&mut self, entry: &Entry) {
-        if entry.kind == EntryKind::Normal {
-            let outcome = self.state.apply(entry.index, &entry.data);
-            self.applied.push((entry.index, entry.term, outcome));
+        match entry.kind {
+            EntryKind::Normal => {
+                let outcome = self.state.apply(entry.index, &entry.data);
+                self.applied.push((entry.index, entry.term, outcome));
+            }
+            // Membership changes are Raft's own; a waiting request learns they committed.
+            EntryKind::Config => self.applied.push((entry.index, entry.term, Outcome::Done)),
+            EntryKind::Noop => {}
         }
     }
     fn restore(&mut self, state: &[u8]) {
@@ -671,6 +676,27 @@ impl Node {
                     }
                 }
             }
+            Route::Members if method == Method::Get => {
+                let s = self.status_json(now);
+                let body =
+                    serde_json::json!({"members": s["members"], "served_by": self.id}).to_string();
+                self.answer_then_next(reply, 200, &body, now)
+            }
+            Route::Members => match api::parse_member_add(body) {
+                Ok((id, address)) => {
+                    self.peers.add_peer(id, address);
+                    self.change_membership(reply, ConfChange::AddObserver(id), now)
+                }
+                Err(e) => self.answer_then_next(reply, e.status(), &http::error_body(&e), now),
+            },
+            Route::Member(id, action) => {
+                let change = match action {
+                    api::MemberAction::Promote => ConfChange::Promote(id),
+                    api::MemberAction::Demote => ConfChange::Demote(id),
+                    api::MemberAction::Remove => ConfChange::Remove(id),
+                };
+                self.change_membership(reply, change, now)
+            }
             Route::Kv(key) => match method {
                 Method::Get => {
                     let wid = self.next_wait;
@@ -747,6 +773,46 @@ impl Node {
                     }
                 }
             },
+        }
+    }
+
+    fn change_membership(
+        &mut self,
+        reply: Reply,
+        change: ConfChange,
+        now: Instant,
+    ) -> Result<(), String> {
+        match self.raft.change_membership(now_ns(now), change) {
+            Ok((index, term)) => {
+                let wid = self.next_wait;
+                self.next_wait += 1;
+                self.waiting.insert(
+                    wid,
+                    Waiting::Write {
+                        term,
+                        reply,
+                        proposed_at: now,
+                    },
+                );
+                if let Some(old) = self.writes.insert(index, wid) {
+                    if let Some(Waiting::Write { reply, .. }) = self.waiting.remove(&old) {
+                        self.answer(
+                            reply,
+                            503,
+                            &api::error_json(
+                                "the entry was replaced by a new leader; retry",
+                                "retry",
+                            ),
+                        );
+                    }
+                }
+                self.publish("membership", serde_json::json!({"change": format!("{change:?}"), "index": index, "node_id": self.id}));
+                self.collect()
+            }
+            Err(e) => {
+                let (status, body) = raft_error(e);
+                self.answer_then_next(reply, status, &body, now)
+            }
         }
     }
 
@@ -1039,6 +1105,7 @@ impl Node {
             ),
             Outcome::Kv(kv::Outcome::Rejected { reason }) => (400, api::error_json(reason, "rejected")),
             Outcome::Rejected(r) => (400, api::error_json(&r.to_string(), "rejected")),
+            Outcome::Done => (200, serde_json::json!({"committed": true, "served_by": self.id}).to_string()),
             other => (200, serde_json::json!({"outcome": format!("{other:?}"), "served_by": self.id}).to_string()),
         }
     }
