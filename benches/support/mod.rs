@@ -91,9 +91,9 @@ impl<S: Read + Write> KeepAlive<S> {
             "{method} {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
             body.len()
         );
-        let s = self.reader.get_mut();
-        s.write_all(head.as_bytes())?;
-        s.write_all(body)?;
+        let mut request = head.into_bytes();
+        request.extend_from_slice(body);
+        self.reader.get_mut().write_all(&request)?;
         let mut line = String::new();
         self.reader.read_line(&mut line)?;
         let status: u16 = line
