@@ -316,6 +316,87 @@ fn read_snapshot(path: &Path) -> Result<Option<(SnapshotMeta, Vec<u8>)>, Storage
 mod tests {
     use super::*;
 
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("vigil-storage-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            term: 1,
+            index,
+            kind: EntryKind::Normal,
+            data: vec![index as u8; 10],
+        }
+    }
+
+    #[test]
+    fn recovers_entries_and_hard_state() {
+        let dir = temp_dir("recover");
+        {
+            let (mut s, r) = Storage::open(&dir).unwrap();
+            assert!(r.entries.is_empty());
+            let es: Vec<Entry> = (1..=5).map(entry).collect();
+            s.write_entries(1, EntriesView::from_slice(&es)).unwrap();
+            s.write_hard_state(&HardState {
+                term: 1,
+                vote: 2,
+                commit: 3,
+            })
+            .unwrap();
+            s.sync().unwrap();
+            // An overwrite from index 4 (a conflict above the commit) replaces the tail.
+            let mut e4 = entry(4);
+            e4.term = 2;
+            s.write_entries(4, EntriesView::from_slice(&[e4])).unwrap();
+            s.sync().unwrap();
+        }
+        let (_, r) = Storage::open(&dir).unwrap();
+        assert_eq!(
+            r.hard_state,
+            HardState {
+                term: 1,
+                vote: 2,
+                commit: 3
+            }
+        );
+        assert_eq!(r.entries.len(), 4);
+        assert_eq!(r.entries[3].term, 2);
+        assert_eq!(r.entries[0], entry(1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_to_start_when_committed_entries_are_missing() {
+        let dir = temp_dir("lost");
+        {
+            let (mut s, _) = Storage::open(&dir).unwrap();
+            let es: Vec<Entry> = (1..=5).map(entry).collect();
+            s.write_entries(1, EntriesView::from_slice(&es)).unwrap();
+            s.write_hard_state(&HardState {
+                term: 1,
+                vote: 1,
+                commit: 5,
+            })
+            .unwrap();
+            s.sync().unwrap();
+        }
+        {
+            // The log loses its last two entries (as a cut torn tail would).
+            let mut wal = Wal::open(dir.join("wal"), limits::WAL_OPTIONS).unwrap();
+            wal.truncate_suffix(4).unwrap();
+            wal.sync().unwrap();
+        }
+        let err = match Storage::open(&dir) {
+            Ok(_) => panic!("started although committed entries 4 and 5 are gone"),
+            Err(e) => e,
+        };
+        assert!(err.0.contains("refusing to start"), "{err}");
+        assert!(err.0.contains("up to 5"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn snapshot_file_round_trip_and_damage() {
         let dir = std::env::temp_dir().join(format!("vigil-snap-{}", std::process::id()));
