@@ -76,6 +76,9 @@ pub const PEER_SEND_QUEUE_BYTES: usize = MAX_INFLIGHT_BYTES + 2 * MAX_FRAME_BYTE
 /// First and largest delay between redials of a lost peer connection (plus jitter).
 pub const PEER_RECONNECT_INITIAL_MS: u64 = 5;
 pub const PEER_RECONNECT_MAX_MS: u64 = 1000;
+/// How long a starting agent retries binding its peer port while the previous process's
+/// closing connections still hold it.
+pub const LISTEN_RETRY_MS: u64 = 10_000;
 /// Connections accepted from one listener per loop turn (the rest wait for the next).
 pub const MAX_ACCEPT_PER_TURN: usize = 64;
 /// Control requests forwarded to the leader and not yet answered, per node.

@@ -56,6 +56,11 @@ const TOKEN_SIGNAL: u64 = 6 << 56;
 /// The fast hint campaigns this long after the old leader's lease ran out on this node's
 /// clock, so the other voters (who heard its last message a little later) agree it ran out.
 const HINT_MARGIN_NS: Nanos = 2_000_000;
+/// Between the campaigns of successive survivors after a leader's connection dropped:
+/// well above a vote round trip (loopback or LAN plus one fsync).
+const HINT_STAGGER_NS: Nanos = 8_000_000;
+/// Random spread on top of the stagger.
+const HINT_JITTER_NS: Nanos = 1_000_000;
 
 /// Where an answer goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -274,8 +279,7 @@ impl Node {
             state = ClusterState::decode(raft.snapshot_state())
                 .map_err(|e| format!("snapshot state: {e}"))?;
         }
-        let listener = io::socket::tcp_listen(config.listen, 128)
-            .map_err(|e| format!("listen {}: {e}", config.listen))?;
+        let listener = listen_retrying(config.listen)?;
         let _ = std::fs::remove_file(&config.control_socket);
         let control_listener = io::socket::unix_listen(&config.control_socket, 0o600, 128)
             .map_err(|e| format!("control socket {}: {e}", config.control_socket.display()))?;
@@ -479,13 +483,24 @@ impl Node {
                         // Voters honour the old leader's lease for an election timeout
                         // after its last message (that keeps leader leases safe), so a
                         // PreVote before then is refused. Campaign right when the lease
-                        // runs out, with a little jitter so that the survivors do not
-                        // split the vote, instead of waiting for a full random timeout.
+                        // runs out, staggered by rank so that the survivors do not split
+                        // the vote, instead of waiting for a full random timeout. Every
+                        // survivor ranks the voters other than the lost leader by id the
+                        // same way; rank r waits r x HINT_STAGGER_NS more (plus a little
+                        // jitter), so the first one usually wins before the next starts.
                         if let Some(contact) = self.raft.last_leader_contact() {
                             self.rng ^= self.rng << 13;
                             self.rng ^= self.rng >> 7;
                             self.rng ^= self.rng << 17;
-                            let jitter = self.rng % (self.heartbeat.as_nanos() as u64).max(1);
+                            let rank = self
+                                .raft
+                                .membership()
+                                .voters
+                                .as_slice()
+                                .iter()
+                                .filter(|&&v| v != peer && v < self.id)
+                                .count() as u64;
+                            let jitter = rank * HINT_STAGGER_NS + self.rng % HINT_JITTER_NS;
                             let at = contact + self.election_ns + HINT_MARGIN_NS + jitter;
                             log::info!(
                                 "node {}: connection to leader {peer} lost; PreVote in {:.1} ms",
@@ -1272,6 +1287,27 @@ impl Node {
         self.control.close_all(&mut self.io);
         let _ = std::fs::remove_file(&self.control_path);
         log::info!("node {}: stopped", self.id);
+    }
+}
+
+/// Binds the peer listener. After a crash, connections of the previous process may
+/// still hold the port for a moment (orphaned sockets finishing their close), which even
+/// SO_REUSEADDR does not bypass: retry for a while before giving up.
+fn listen_retrying(addr: std::net::SocketAddr) -> Result<OwnedFd, String> {
+    let start = Instant::now();
+    loop {
+        match io::socket::tcp_listen(addr, 128) {
+            Ok(fd) => return Ok(fd),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EADDRINUSE)
+                    && Instant::now().saturating_duration_since(start)
+                        < Duration::from_millis(limits::LISTEN_RETRY_MS) =>
+            {
+                log::warn!("listen {addr}: {e}; retrying");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(e) => return Err(format!("listen {addr}: {e}")),
+        }
     }
 }
 
