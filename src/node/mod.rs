@@ -1299,7 +1299,7 @@ fn listen_retrying(addr: std::net::SocketAddr) -> Result<OwnedFd, String> {
         match io::socket::tcp_listen(addr, 128) {
             Ok(fd) => return Ok(fd),
             Err(e)
-                if e.raw_os_error() == Some(libc::EADDRINUSE)
+                if e.kind() == std::io::ErrorKind::AddrInUse
                     && Instant::now().saturating_duration_since(start)
                         < Duration::from_millis(limits::LISTEN_RETRY_MS) =>
             {
