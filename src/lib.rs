@@ -16,5 +16,6 @@ pub mod limits;
 pub mod logging;
 pub mod metrics;
 pub mod net;
+pub mod node;
 pub mod raft;
 pub mod sim;

@@ -78,6 +78,20 @@ pub const MAX_SEALED_FRAME_BYTES: usize = MAX_FRAME_BYTES + crate::auth::TAG_BYT
 /// Accepted peer connections still in their handshake (not yet authenticated); further
 /// ones are closed at once, so strangers cannot hold more than this many slots.
 pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// First and largest delay between redials of a lost peer connection (plus jitter).
+pub const PEER_RECONNECT_INITIAL_MS: u64 = 5;
+pub const PEER_RECONNECT_MAX_MS: u64 = 1000;
+/// How long a starting agent retries binding its peer port while the previous process's
+/// closing connections still hold it.
+pub const LISTEN_RETRY_MS: u64 = 10_000;
+/// Connections accepted from one listener per loop turn (the rest wait for the next).
+pub const MAX_ACCEPT_PER_TURN: usize = 64;
+/// Control requests forwarded to the leader and not yet answered, per node.
+pub const MAX_FORWARDED_REQUESTS: usize = MAX_CONTROL_CONNECTIONS;
+/// Forwarded requests waiting on the leader from all followers.
+pub const MAX_FORWARDED_FROM_PEERS: usize = MAX_CONTROL_CONNECTIONS * (MAX_MEMBERS - 1);
+
+const _: () = assert!(PEER_RECONNECT_INITIAL_MS <= PEER_RECONNECT_MAX_MS);
 
 // ---- Control API ---------------------------------------------------------------------
 
@@ -91,6 +105,19 @@ pub const MAX_CONTROL_BODY_BYTES: usize = MAX_KV_VALUE_BYTES * 2 + 4096;
 pub const MAX_EVENT_SUBSCRIBERS: usize = 32;
 /// Event lines buffered per subscriber before a slow one is disconnected.
 pub const MAX_EVENTS_BUFFERED: usize = 1024;
+/// A control connection silent this long (no complete request) is closed.
+pub const CONTROL_IDLE_TIMEOUT_MS: u64 = 30_000;
+/// A request waiting for commit, a read or the leader is answered with a timeout error
+/// after this long.
+pub const CONTROL_REQUEST_TIMEOUT_MS: u64 = 5_000;
+/// Bytes of responses queued on one control connection (an `/events` stream included)
+/// before a slow reader is cut off.
+pub const MAX_CONTROL_OUTPUT_BYTES: usize = 1024 * 1024;
+/// Committed entries kept in the in-memory log before a snapshot compacts them.
+pub const RAFT_COMPACT_AFTER_ENTRIES: u64 = 4096;
+
+const _: () = assert!(RAFT_COMPACT_AFTER_ENTRIES * 2 < RAFT_LOG_CAPACITY as u64);
+const _: () = assert!(CONTROL_REQUEST_TIMEOUT_MS < CONTROL_IDLE_TIMEOUT_MS);
 
 // ---- Event loop I/O -------------------------------------------------------------------
 

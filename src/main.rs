@@ -13,6 +13,16 @@ struct Command {
 
 const COMMANDS: &[Command] = &[
     Command {
+        name: "agent",
+        summary: "run the agent: Raft node, peer transport, control socket (--config FILE)",
+        run: vigil::node::main,
+    },
+    Command {
+        name: "ctl",
+        summary: "talk to an agent's control socket: status, stepdown, kv, events, metrics",
+        run: vigil::control::ctl::main,
+    },
+    Command {
         name: "sim",
         summary: "deterministic Raft simulation with faults and safety checks",
         run: vigil::sim::cli::main,

@@ -1,0 +1,416 @@
+//! The node's durable Raft storage: the WAL (entries), the hard-state file, and the
+//! latest Raft snapshot file, all in the data directory.
+//!
+//! - Entries go to `wal/` with their kind as the first payload byte.
+//! - The hard state is kept in memory until the turn's sync, then saved (two-slot file,
+//!   synced), so a slot is never written twice before a flush.
+//! - A snapshot is written atomically: `snapshot.tmp`, fsync, rename to `snapshot`,
+//!   fsync the directory; then the WAL prefix it covers is compacted.
+//!
+//! Recovery ([`Storage::open`]) refuses to start when the log lost entries the hard
+//! state says were committed (a damaged last batch looks like a torn tail to the WAL).
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use vigil_wal::{EntryRef, HardState as WalHardState, HardStateFile, Wal};
+
+use crate::codec::{put_u32, put_u64, Reader};
+use crate::limits;
+use crate::raft::{
+    EntriesView, Entry, EntryKind, HardState, Index, LogStorage, Recovered, SnapshotMeta,
+};
+
+const SNAPSHOT_MAGIC: [u8; 4] = *b"VGLS";
+const SNAPSHOT_VERSION: u32 = 1;
+const SNAPSHOT_HEADER_BYTES: usize = 4 + 4 + 8 + 8 + 4 + 4;
+
+pub struct Storage {
+    dir: PathBuf,
+    wal: Wal,
+    hard_state: HardStateFile,
+    pending_hard_state: Option<HardState>,
+    /// Kind-prefixed payloads of the batch being appended (reused).
+    scratch: Vec<u8>,
+    /// Durations of the last syncs in nanoseconds, for metrics (drained by the node).
+    pub last_sync_ns: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct StorageError(pub String);
+
+impl std::fmt::Display for StorageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<vigil_wal::Error> for StorageError {
+    fn from(e: vigil_wal::Error) -> Self {
+        StorageError(e.to_string())
+    }
+}
+
+fn io_err(path: &Path, what: &str, e: std::io::Error) -> StorageError {
+    StorageError(format!("{what} {}: {e}", path.display()))
+}
+
+impl Storage {
+    /// Opens (or creates) the storage in `dir` and returns what Raft recovers from it.
+    pub fn open(dir: &Path) -> Result<(Storage, Recovered), StorageError> {
+        std::fs::create_dir_all(dir).map_err(|e| io_err(dir, "create", e))?;
+        let wal = Wal::open(dir.join("wal"), limits::WAL_OPTIONS)?;
+        if let Some(torn) = &wal.recovery().torn_tail {
+            log::warn!(
+                "wal: cut a torn tail at {} offset {} ({} bytes wiped)",
+                torn.path.display(),
+                torn.offset,
+                torn.wiped_bytes
+            );
+        }
+        let hard_state = HardStateFile::open(dir.join("hardstate"))?;
+        let snapshot = read_snapshot(&dir.join("snapshot"))?;
+        let hs = hard_state.get();
+        let snapshot_index = snapshot.as_ref().map_or(0, |(m, _)| m.index);
+        let mut entries = Vec::new();
+        let first = wal.first_index().max(snapshot_index + 1);
+        let last = wal.last_index();
+        if first <= last {
+            let Some(iter) = wal.entries(first..last + 1) else {
+                return Err(StorageError(format!(
+                    "wal: entries {first}..={last} unreadable"
+                )));
+            };
+            for e in iter {
+                let Some((&kind, data)) = e.payload.split_first() else {
+                    return Err(StorageError(format!(
+                        "wal: entry {} has no kind byte",
+                        e.index
+                    )));
+                };
+                let Some(kind) = EntryKind::from_u8(kind) else {
+                    return Err(StorageError(format!(
+                        "wal: entry {} has unknown kind {kind}",
+                        e.index
+                    )));
+                };
+                entries.push(Entry {
+                    term: e.term,
+                    index: e.index,
+                    kind,
+                    data: data.to_vec(),
+                });
+            }
+        }
+        let last_known = last.max(snapshot_index);
+        if last_known < hs.commit {
+            return Err(StorageError(format!(
+                "refusing to start: the log ends at {last_known} but entries up to {} were committed \
+                 (the WAL lost committed entries; this node's disk must be replaced and the node re-added under a new id)",
+                hs.commit
+            )));
+        }
+        if entries.len() > limits::RAFT_LOG_CAPACITY {
+            return Err(StorageError(format!(
+                "the log holds {} entries after the snapshot, more than the in-memory capacity {}",
+                entries.len(),
+                limits::RAFT_LOG_CAPACITY
+            )));
+        }
+        log::info!(
+            "storage: recovered term {} vote {} commit {}, snapshot at {}, log {}..={}",
+            hs.term,
+            hs.voted_for,
+            hs.commit,
+            snapshot_index,
+            first,
+            last
+        );
+        let recovered = Recovered {
+            hard_state: HardState {
+                term: hs.term,
+                vote: hs.voted_for,
+                commit: hs.commit,
+            },
+            snapshot,
+            entries,
+        };
+        Ok((
+            Storage {
+                dir: dir.to_path_buf(),
+                wal,
+                hard_state,
+                pending_hard_state: None,
+                scratch: Vec::with_capacity(
+                    limits::MAX_APPEND_BYTES + limits::MAX_ENTRIES_PER_APPEND,
+                ),
+                last_sync_ns: None,
+            },
+            recovered,
+        ))
+    }
+}
+
+impl LogStorage for Storage {
+    type Error = StorageError;
+
+    fn write_entries(&mut self, from: Index, entries: EntriesView<'_>) -> Result<(), StorageError> {
+        if from <= self.wal.last_index() {
+            self.wal.truncate_suffix(from.max(self.wal.first_index()))?;
+        }
+        // Append in pieces so the scratch buffer stays bounded.
+        let mut i = 0;
+        while i < entries.len() {
+            self.scratch.clear();
+            let start = i;
+            let mut bounds = Vec::with_capacity(limits::MAX_ENTRIES_PER_APPEND);
+            while i < entries.len()
+                && bounds.len() < limits::MAX_ENTRIES_PER_APPEND
+                && (bounds.is_empty()
+                    || self.scratch.len() + entries.get(i).data.len() < limits::MAX_APPEND_BYTES)
+            {
+                let e = entries.get(i);
+                let at = self.scratch.len();
+                self.scratch.push(e.kind.to_u8());
+                self.scratch.extend_from_slice(&e.data);
+                bounds.push((at, self.scratch.len()));
+                i += 1;
+            }
+            let refs: Vec<EntryRef<'_>> = bounds
+                .iter()
+                .enumerate()
+                .map(|(k, &(a, b))| {
+                    let e = entries.get(start + k);
+                    EntryRef {
+                        index: e.index,
+                        term: e.term,
+                        payload: &self.scratch[a..b],
+                    }
+                })
+                .collect();
+            if let Some(first) = refs.first() {
+                let expected = self.wal.last_index() + 1;
+                if first.index != expected {
+                    return Err(StorageError(format!(
+                        "wal: entry {} does not follow the log's last index {}",
+                        first.index,
+                        expected - 1
+                    )));
+                }
+            }
+            self.wal.append(&refs)?;
+        }
+        Ok(())
+    }
+
+    fn write_hard_state(&mut self, hs: &HardState) -> Result<(), StorageError> {
+        // Term and vote must be durable before a vote or an ack leaves; the commit index
+        // is only a hint (Raft relearns it), so a change of commit alone is not worth a
+        // second fsync per turn: it rides along with the next term/vote change. The
+        // recovery check "the log holds every committed entry" then uses an older
+        // commit index: weaker, never wrong.
+        let saved = self.pending_hard_state.unwrap_or_else(|| {
+            let h = self.hard_state.get();
+            HardState {
+                term: h.term,
+                vote: h.voted_for,
+                commit: h.commit,
+            }
+        });
+        if hs.term != saved.term || hs.vote != saved.vote {
+            self.pending_hard_state = Some(*hs);
+        }
+        Ok(())
+    }
+
+    fn write_snapshot(&mut self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+        write_snapshot_file(&self.dir, meta, data)?;
+        self.wal.compact(meta.index + 1)?;
+        Ok(())
+    }
+
+    fn sync(&mut self) -> Result<(), StorageError> {
+        let start = crate::io::Instant::now();
+        self.wal.sync()?;
+        if let Some(hs) = self.pending_hard_state.take() {
+            self.hard_state.save(WalHardState {
+                term: hs.term,
+                voted_for: hs.vote,
+                commit: hs.commit,
+            })?;
+        }
+        self.last_sync_ns = Some(
+            crate::io::Instant::now()
+                .saturating_duration_since(start)
+                .as_nanos() as u64,
+        );
+        Ok(())
+    }
+}
+
+fn write_snapshot_file(dir: &Path, meta: &SnapshotMeta, data: &[u8]) -> Result<(), StorageError> {
+    let tmp = dir.join("snapshot.tmp");
+    let path = dir.join("snapshot");
+    let mut header = Vec::with_capacity(SNAPSHOT_HEADER_BYTES);
+    header.extend_from_slice(&SNAPSHOT_MAGIC);
+    put_u32(&mut header, SNAPSHOT_VERSION);
+    put_u64(&mut header, meta.index);
+    put_u64(&mut header, meta.term);
+    put_u32(&mut header, data.len() as u32);
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&header);
+    crc.update(data);
+    put_u32(&mut header, crc.finalize());
+    let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, "create", e))?;
+    f.write_all(&header).map_err(|e| io_err(&tmp, "write", e))?;
+    f.write_all(data).map_err(|e| io_err(&tmp, "write", e))?;
+    f.sync_all().map_err(|e| io_err(&tmp, "fsync", e))?;
+    drop(f);
+    std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, "rename to", e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err(dir, "fsync directory", e))?;
+    Ok(())
+}
+
+/// Reads the snapshot file; a missing file is no snapshot, a damaged one an error that
+/// names the file and offset.
+fn read_snapshot(path: &Path) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StorageError> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(path, "read", e)),
+    };
+    let bad = |what: String| StorageError(format!("snapshot {}: {what}", path.display()));
+    let mut r = Reader::new(&bytes);
+    let magic = r
+        .take("snapshot.magic", 4)
+        .map_err(|e| bad(e.to_string()))?;
+    if magic != SNAPSHOT_MAGIC {
+        return Err(bad("bad magic at byte 0".into()));
+    }
+    let version = r.u32("snapshot.version").map_err(|e| bad(e.to_string()))?;
+    if version != SNAPSHOT_VERSION {
+        return Err(bad(format!("unsupported version {version} at byte 4")));
+    }
+    let index = r.u64("snapshot.index").map_err(|e| bad(e.to_string()))?;
+    let term = r.u64("snapshot.term").map_err(|e| bad(e.to_string()))?;
+    let len = r.u32("snapshot.len").map_err(|e| bad(e.to_string()))? as usize;
+    let crc_at = r.offset();
+    let crc = r.u32("snapshot.crc").map_err(|e| bad(e.to_string()))?;
+    let data = r
+        .take("snapshot.data", len)
+        .map_err(|e| bad(e.to_string()))?;
+    r.finish("snapshot").map_err(|e| bad(e.to_string()))?;
+    let mut h = crc32fast::Hasher::new();
+    h.update(&bytes[..crc_at]);
+    h.update(data);
+    if h.finalize() != crc {
+        return Err(bad(format!("checksum mismatch (stored at byte {crc_at})")));
+    }
+    Ok(Some((SnapshotMeta { index, term }, data.to_vec())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("vigil-storage-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        dir
+    }
+
+    fn entry(index: u64) -> Entry {
+        Entry {
+            term: 1,
+            index,
+            kind: EntryKind::Normal,
+            data: vec![index as u8; 10],
+        }
+    }
+
+    #[test]
+    fn recovers_entries_and_hard_state() {
+        let dir = temp_dir("recover");
+        {
+            let (mut s, r) = Storage::open(&dir).unwrap();
+            assert!(r.entries.is_empty());
+            let es: Vec<Entry> = (1..=5).map(entry).collect();
+            s.write_entries(1, EntriesView::from_slice(&es)).unwrap();
+            s.write_hard_state(&HardState {
+                term: 1,
+                vote: 2,
+                commit: 3,
+            })
+            .unwrap();
+            s.sync().unwrap();
+            // An overwrite from index 4 (a conflict above the commit) replaces the tail.
+            let mut e4 = entry(4);
+            e4.term = 2;
+            s.write_entries(4, EntriesView::from_slice(&[e4])).unwrap();
+            s.sync().unwrap();
+        }
+        let (_, r) = Storage::open(&dir).unwrap();
+        assert_eq!(
+            r.hard_state,
+            HardState {
+                term: 1,
+                vote: 2,
+                commit: 3
+            }
+        );
+        assert_eq!(r.entries.len(), 4);
+        assert_eq!(r.entries[3].term, 2);
+        assert_eq!(r.entries[0], entry(1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn refuses_to_start_when_committed_entries_are_missing() {
+        let dir = temp_dir("lost");
+        {
+            let (mut s, _) = Storage::open(&dir).unwrap();
+            let es: Vec<Entry> = (1..=5).map(entry).collect();
+            s.write_entries(1, EntriesView::from_slice(&es)).unwrap();
+            s.write_hard_state(&HardState {
+                term: 1,
+                vote: 1,
+                commit: 5,
+            })
+            .unwrap();
+            s.sync().unwrap();
+        }
+        {
+            // The log loses its last two entries (as a cut torn tail would).
+            let mut wal = Wal::open(dir.join("wal"), limits::WAL_OPTIONS).unwrap();
+            wal.truncate_suffix(4).unwrap();
+            wal.sync().unwrap();
+        }
+        let err = match Storage::open(&dir) {
+            Ok(_) => panic!("started although committed entries 4 and 5 are gone"),
+            Err(e) => e,
+        };
+        assert!(err.0.contains("refusing to start"), "{err}");
+        assert!(err.0.contains("up to 5"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn snapshot_file_round_trip_and_damage() {
+        let dir = std::env::temp_dir().join(format!("vigil-snap-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let meta = SnapshotMeta { index: 9, term: 2 };
+        write_snapshot_file(&dir, &meta, b"state").unwrap();
+        let (m, d) = read_snapshot(&dir.join("snapshot")).unwrap().unwrap();
+        assert_eq!((m, d.as_slice()), (meta, &b"state"[..]));
+        let mut bytes = std::fs::read(dir.join("snapshot")).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(dir.join("snapshot"), &bytes).unwrap();
+        let e = read_snapshot(&dir.join("snapshot")).unwrap_err();
+        assert!(e.0.contains("checksum"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
