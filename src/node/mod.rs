@@ -277,6 +277,8 @@ impl Node {
         let mut rcfg = raft::Config::new(config.node_id, seed);
         rcfg.heartbeat_interval = config.timing.heartbeat_ms * 1_000_000;
         rcfg.election_timeout = config.timing.election_min_ms * 1_000_000;
+        rcfg.election_spread =
+            (config.timing.election_max_ms - config.timing.election_min_ms) * 1_000_000;
         let snapshot_state = recovered.snapshot.as_ref().map(|_| ());
         let raft = raft::Raft::new(rcfg, initial, recovered).map_err(|e| format!("raft: {e}"))?;
         let mut state = ClusterState::new();

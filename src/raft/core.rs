@@ -50,8 +50,11 @@ impl Bugs {
 pub struct Config {
     pub id: NodeId,
     pub heartbeat_interval: Nanos,
-    /// The election timeout is drawn uniformly from `[election_timeout, 2 * election_timeout)`.
+    /// The election timeout is drawn uniformly from
+    /// `[election_timeout, election_timeout + election_spread)`. The lower bound is also
+    /// the CheckQuorum period and how long a follower stays loyal to a live leader.
     pub election_timeout: Nanos,
+    pub election_spread: Nanos,
     pub pre_vote: bool,
     pub check_quorum: bool,
     pub max_entries_per_append: usize,
@@ -72,6 +75,7 @@ impl Config {
             id,
             heartbeat_interval: 20_000_000,
             election_timeout: 100_000_000,
+            election_spread: 100_000_000,
             pre_vote: true,
             check_quorum: true,
             max_entries_per_append: limits::MAX_ENTRIES_PER_APPEND,
@@ -215,6 +219,7 @@ impl Raft {
     pub fn new(cfg: Config, initial: Membership, recovered: Recovered) -> Result<Raft, String> {
         assert!(cfg.id != 0, "node id 0 is reserved");
         assert!(cfg.heartbeat_interval > 0 && cfg.election_timeout > cfg.heartbeat_interval);
+        assert!(cfg.election_spread > 0, "randomised timeouts need a spread");
         let mut log = RaftLog::new(cfg.log_capacity);
         let mut snapshot_membership = initial;
         let mut snapshot_data = Vec::with_capacity(MEMBERSHIP_MAX_BYTES);
@@ -863,8 +868,8 @@ impl Raft {
     }
 
     fn reset_election_deadline(&mut self) {
-        let et = self.cfg.election_timeout;
-        self.election_deadline = self.now + et + self.rng.below(et);
+        let (et, spread) = (self.cfg.election_timeout, self.cfg.election_spread);
+        self.election_deadline = self.now + et + self.rng.below(spread);
     }
 
     fn hard_state_changed(&mut self) {

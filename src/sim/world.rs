@@ -432,6 +432,7 @@ impl World {
         );
         cfg.heartbeat_interval = self.cfg.heartbeat;
         cfg.election_timeout = self.cfg.election_timeout;
+        cfg.election_spread = self.cfg.election_timeout;
         cfg.bugs = self.cfg.bugs;
         cfg.log_capacity = 4096;
         let initial = if self.nodes[n].founding {
