@@ -151,12 +151,12 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             println!(
                 "node {}  role {}  term {}  leader {}  commit {}  applied {}  io {}",
                 v["node_id"],
-                str_of(&v["role"]),
+                cell(&v["role"]),
                 v["term"],
                 v["leader"]["node_id"],
                 v["commit_index"],
                 v["applied_index"],
-                str_of(&v["io_backend"])
+                cell(&v["io_backend"])
             );
             print_members(&v);
         }
@@ -165,7 +165,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         "kv" if words[1] == "get" => {
             println!(
                 "{}  (revision {}, served by {})",
-                str_of(&v["value"]),
+                cell(&v["value"]),
                 v["revision"],
                 v["served_by"]
             );
@@ -175,12 +175,6 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         _ => println!("{v}"),
     }
     ExitCode::SUCCESS
-}
-
-fn str_of(v: &serde_json::Value) -> String {
-    v.as_str()
-        .map(str::to_string)
-        .unwrap_or_else(|| v.to_string())
 }
 
 fn print_members(v: &serde_json::Value) {
@@ -195,18 +189,29 @@ fn print_members(v: &serde_json::Value) {
                 .map_or("-".to_string(), |x| format!("{x:.1}"));
             println!(
                 "{:>8}  {:<9} {:<7} {:>10} {:>6} {:>16}",
-                m["node_id"],
-                str_of(&m["role"]),
+                cell(&m["node_id"]),
+                cell(&m["role"]),
                 if m["is_leader"].as_bool() == Some(true) {
                     "*"
                 } else {
                     ""
                 },
-                m["match_index"],
-                m["lag"],
+                cell(&m["match_index"]),
+                cell(&m["lag"]),
                 contact
             );
         }
+    }
+}
+
+/// A JSON value as a table cell: strings bare, numbers as written, null (unknown here,
+/// e.g. a follower does not track match indexes) as "-". `Value`'s own `Display`
+/// ignores width and alignment, so cells are strings first.
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 
