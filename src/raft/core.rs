@@ -196,6 +196,12 @@ pub struct Raft {
     heartbeat_deadline: Nanos,
     check_quorum_deadline: Nanos,
     last_leader_contact: Nanos,
+    /// Follower: per round of the current leader (`read_seq % ROUND_HISTORY`), the
+    /// first successful append's receipt time and the leader's commit index in it.
+    round_receipts: [(u64, Nanos, Index); ROUND_HISTORY],
+    /// Follower: the host lease anchor (receipt time, leader commit) of the latest round
+    /// the leader confirmed (`lease_seq`).
+    lease_anchor: (Nanos, Index),
     transfer_target: NodeId,
     transfer_deadline: Nanos,
     /// Replace: the voter to remove once the promotion of its replacement commits.
@@ -272,6 +278,8 @@ impl Raft {
             heartbeat_deadline: 0,
             check_quorum_deadline: 0,
             last_leader_contact: 0,
+            round_receipts: [(0, 0, 0); ROUND_HISTORY],
+            lease_anchor: (0, 0),
             transfer_target: 0,
             transfer_deadline: 0,
             replace_remove: 0,
@@ -417,6 +425,23 @@ impl Raft {
             return None;
         }
         Some(self.last_leader_contact)
+    }
+    /// Follower: where this host's lease may run from: (receipt time, leader commit
+    /// index) of the latest round of the current leader's appends that this node
+    /// acknowledged with success and that the leader confirmed it received while it
+    /// held its leader lease. Use it only once the state machine applied up to that
+    /// commit index.
+    ///
+    /// Why not `last_leader_contact`: that is refreshed by any message of the leader,
+    /// also by appends this node rejects, by appends whose acknowledgement is lost
+    /// (one-way loss, a partition, an append read late after a freeze) and by a deposed
+    /// leader that no longer holds its lease; the leader that declares hosts dead knows
+    /// nothing of those, so a lease from them can outlive the leader's L(1 + eps) wait.
+    pub fn host_lease_anchor(&self) -> Option<(Nanos, Index)> {
+        if self.leader == 0 || self.role == Role::Leader || self.lease_anchor.0 == 0 {
+            return None;
+        }
+        Some(self.lease_anchor)
     }
     /// Leader: the replication state of a peer (match, next).
     pub fn peer_progress(&self, peer: NodeId) -> Option<(Index, Index)> {
@@ -747,8 +772,14 @@ impl Raft {
                 commit,
                 count,
                 read_seq,
+                lease_seq,
             } => {
                 self.accept_leader(m.from);
+                let slot = (lease_seq % ROUND_HISTORY as u64) as usize;
+                let (seq, at, commit_then) = self.round_receipts[slot];
+                if lease_seq != 0 && seq == lease_seq && at > self.lease_anchor.0 {
+                    self.lease_anchor = (at, commit_then);
+                }
                 let entries = match payload {
                     Payload::Entries(v) => v,
                     _ => EntriesView::EMPTY,
@@ -911,6 +942,10 @@ impl Raft {
     }
 
     fn become_follower(&mut self, term: Term, leader: NodeId) {
+        if term > self.term || leader != self.leader {
+            self.round_receipts = [(0, 0, 0); ROUND_HISTORY];
+            self.lease_anchor = (0, 0);
+        }
         if term > self.term {
             self.term = term;
             self.vote = 0;
@@ -1206,6 +1241,7 @@ impl Raft {
             commit: self.commit,
             count: 0,
             read_seq: self.read_seq,
+            lease_seq: p.lease_acked_seq,
         };
         let to = p.id;
         self.send(to, body, false);
@@ -1261,6 +1297,7 @@ impl Raft {
                 commit: self.commit,
                 count: count as u32,
                 read_seq: self.read_seq,
+                lease_seq: self.progress[i].lease_acked_seq,
             };
             let to = self.progress[i].id;
             self.send(to, body, false);
@@ -1345,8 +1382,17 @@ impl Raft {
         };
         let now = self.now;
         let last = self.log.last_index();
+        // Confirm the round for the follower's host lease only while this leader holds
+        // its own lease (no other leader can have been elected meanwhile).
+        let et = self.cfg.election_timeout;
+        let leader_lease = self
+            .quorum_contact()
+            .is_some_and(|q| now < q + et - et * 3 / 100);
         let p = &mut self.progress[i];
         p.last_ack_at = now;
+        if success && leader_lease {
+            p.lease_acked_seq = p.lease_acked_seq.max(read_seq);
+        }
         p.acked_read_seq = p.acked_read_seq.max(read_seq);
         let (round, started) = self.round_started[(read_seq % ROUND_HISTORY as u64) as usize];
         if round == read_seq && read_seq != 0 {
@@ -1664,6 +1710,12 @@ impl Raft {
         if new_commit > self.commit {
             self.commit = new_commit;
             self.hard_state_changed();
+        }
+        let slot = (read_seq % ROUND_HISTORY as u64) as usize;
+        if read_seq != 0 && self.round_receipts[slot].0 != read_seq {
+            // The first successful append of the round: the earliest receipt the
+            // leader's confirmation can refer to.
+            self.round_receipts[slot] = (read_seq, self.now, leader_commit);
         }
         self.send(
             from,

@@ -35,11 +35,14 @@ pub struct VmBugs {
     pub skip_new_leader_lease_wait: bool,
     /// Hosts renew their VMMs' watchdogs whether or not their own lease is valid.
     pub renew_without_lease: bool,
+    /// A follower's lease runs from any message of the leader (`last_leader_contact`),
+    /// even one it rejected, and whatever its applied state.
+    pub lease_from_any_contact: bool,
 }
 
 impl VmBugs {
     pub fn any(&self) -> bool {
-        self.skip_new_leader_lease_wait || self.renew_without_lease
+        self.skip_new_leader_lease_wait || self.renew_without_lease || self.lease_from_any_contact
     }
 }
 
@@ -333,11 +336,30 @@ impl World {
             return Some(local + vm.rules.host_lease_ns);
         }
         let raft = &self.nodes[n].live.as_ref()?.raft;
+        // The lease runs from a leader contact only once this host's state machine has
+        // applied everything the leader had committed at that contact: otherwise a
+        // host whose state lags the log (restart, partition) renews VMMs of VMs that
+        // were moved meanwhile.
         let start = if raft.is_leader() {
-            raft.quorum_contact()
-        } else {
+            let caught_up = raft.applied_index() >= raft.commit_index()
+                && raft.term_at(raft.commit_index()) == Some(raft.term());
+            raft.quorum_contact().filter(|_| caught_up)
+        } else if vm.bugs.lease_from_any_contact {
             raft.last_leader_contact()
+        } else {
+            raft.host_lease_anchor()
+                .filter(|&(_, commit)| raft.applied_index() >= commit)
+                .map(|(t, _)| t)
         }?;
+        if self.cfg.verbose {
+            eprintln!(
+                "lease host {} leader {} start {} now {}",
+                n + 1,
+                raft.is_leader(),
+                start,
+                local
+            );
+        }
         Some(vm.rules.host_lease_expiry(start))
     }
 
