@@ -320,9 +320,25 @@ impl World {
             cmds.extend(det.hosts_to_revive(state, local));
             if cmds.is_empty() {
                 cmds.extend(placement::plan(state).commands);
+                if self.cfg.verbose {
+                    for c in &cmds {
+                        if let Command::PlaceVm { vm: id, .. } = c {
+                            eprintln!(
+                                "leader {} applied {} places {:?} hosts {:?}",
+                                n + 1,
+                                state.applied_index(),
+                                state.vm(id),
+                                state.hosts().collect::<Vec<_>>()
+                            );
+                        }
+                    }
+                }
             }
         }
         for c in cmds {
+            if self.cfg.verbose {
+                eprintln!("leader {} proposes {c:?}", n + 1);
+            }
             if !self.propose_cmd(n, &c) {
                 break;
             }
@@ -442,6 +458,13 @@ impl World {
             }
         }
         let mut proposals = Vec::new();
+        if self.cfg.verbose {
+            for a in &actions {
+                if !matches!(a, Action::Snapshot(_)) {
+                    eprintln!("host {} applied {} lease {lease:?} local {local}: {a:?}", n + 1, state.applied_index());
+                }
+            }
+        }
         for a in actions {
             self.trace = super::mix(self.trace, 0x51 ^ (n as u64) << 3);
             let hs = &mut self.vm.as_mut().expect("vm").hosts[n];
