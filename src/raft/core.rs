@@ -473,6 +473,17 @@ impl Raft {
                 }
                 if self.transfer_target != 0 && now >= self.transfer_deadline {
                     self.transfer_target = 0;
+                    if self.lease_void {
+                        // The transfer did not happen, but TimeoutNow went out: no lease
+                        // holds for the rest of this term (see `quorum_contact`), and
+                        // hosts whose leases this leader confirms would all fence. Step
+                        // down so that an election makes a leader with a lease. (The
+                        // simulator's VM mode found every VM fenced for good after a
+                        // failed transfer.)
+                        log::debug!("{} steps down: leadership transfer failed", self.cfg.id);
+                        self.become_follower(self.term, 0);
+                        return;
+                    }
                 }
             }
             _ => {
