@@ -787,9 +787,12 @@ impl Raft {
             } => {
                 self.accept_leader(m.from);
                 let slot = (lease_seq % ROUND_HISTORY as u64) as usize;
-                let (seq, at, commit_then) = self.round_receipts[slot];
-                if lease_seq != 0 && seq == lease_seq && at > self.lease_anchor.0 {
-                    self.lease_anchor = (at, commit_then);
+                let (seq, at, _) = self.round_receipts[slot];
+                if lease_seq != 0 && seq == lease_seq && at >= self.lease_anchor.0 {
+                    // The commit index of this (confirming) append, not of the round's:
+                    // the round's append may have waited long (a freeze) and predate
+                    // verdicts the leader committed before it confirmed the round.
+                    self.lease_anchor = (at, self.lease_anchor.1.max(commit));
                 }
                 let entries = match payload {
                     Payload::Entries(v) => v,
