@@ -154,8 +154,8 @@ fn run_cli(args: Vec<OsString>) -> Result<ExitCode, String> {
                     "renew-without-lease" => vm_bugs.renew_without_lease = true,
                     "lease-from-any-contact" => vm_bugs.lease_from_any_contact = true,
                     _ => {
-                        bugs = bug_from_name(&v)
-                            .ok_or_else(|| format!("--bug: unknown bug '{v}'"))?
+                        bugs =
+                            bug_from_name(&v).ok_or_else(|| format!("--bug: unknown bug '{v}'"))?
                     }
                 }
             }

@@ -9,7 +9,7 @@ pub mod kv;
 pub mod linearizability;
 pub mod world;
 
-pub use world::{RunReport, SimConfig, World};
+pub use world::{RunReport, SimConfig, VmBugs, World};
 
 /// Runs one seed with the given configuration.
 pub fn run(cfg: SimConfig) -> RunReport {

@@ -591,8 +591,7 @@ impl World {
 
     /// VM mode: a host reconciles after it applied cluster commands.
     fn after_apply(&mut self, n: usize) {
-        if self
-            .nodes[n]
+        if self.nodes[n]
             .live
             .as_ref()
             .is_some_and(|l| l.kv.cluster_changed)

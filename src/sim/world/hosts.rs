@@ -125,7 +125,12 @@ fn spec() -> VmSpec {
 }
 
 impl VmWorld {
-    pub(super) fn new(total: usize, bugs: VmBugs, rng: &mut crate::raft::rng::Rng, fault_time: Nanos) -> VmWorld {
+    pub(super) fn new(
+        total: usize,
+        bugs: VmBugs,
+        rng: &mut crate::raft::rng::Rng,
+        fault_time: Nanos,
+    ) -> VmWorld {
         let rules = LeaseRules::new(&Timing::default());
         let mut workload = Vec::new();
         let vms = 2 + rng.below(4) as usize;
@@ -139,7 +144,10 @@ impl VmWorld {
         }
         for _ in 0..rng.below(3) {
             let at = 200 * MS + rng.below(fault_time);
-            workload.push((at, Workload::Migrate(format!("vm{}", rng.below(vms as u64)))));
+            workload.push((
+                at,
+                Workload::Migrate(format!("vm{}", rng.below(vms as u64))),
+            ));
         }
         workload.sort_by_key(|(t, _)| *t);
         VmWorld {
@@ -269,13 +277,17 @@ impl World {
         let local = self.local(n, self.now);
         let me = self.nodes[n].id;
         let Some(vm) = self.vm.as_mut() else { return };
-        let Some(live) = self.nodes[n].live.as_ref() else { return };
+        let Some(live) = self.nodes[n].live.as_ref() else {
+            return;
+        };
         let raft = &live.raft;
         if !raft.is_leader() {
             vm.hosts[n].detector = None;
             return;
         }
-        let Some(state) = live.kv.cluster.as_deref() else { return };
+        let Some(state) = live.kv.cluster.as_deref() else {
+            return;
+        };
         let term = raft.term();
         let h = &mut vm.hosts[n];
         if h.detector.as_ref().is_none_or(|(t, _)| *t != term) {
@@ -387,9 +399,13 @@ impl World {
         let local = self.local(n, self.now);
         let lease = self.own_lease(n, local);
         let host = self.nodes[n].id;
-        let Some(live) = self.nodes[n].live.as_mut() else { return };
+        let Some(live) = self.nodes[n].live.as_mut() else {
+            return;
+        };
         live.kv.cluster_changed = false;
-        let Some(state) = live.kv.cluster.as_deref() else { return };
+        let Some(state) = live.kv.cluster.as_deref() else {
+            return;
+        };
         let vm = self.vm.as_mut().expect("checked");
         // Token growth, as this host's applied state shows it.
         for v in state.vms() {
@@ -432,7 +448,8 @@ impl World {
                 };
                 // A snapshot request that never committed is given up after a while.
                 if l.snapshot_in_flight
-                    && l.last_snapshot_requested_ns.is_some_and(|t| local > t + 300 * MS)
+                    && l.last_snapshot_requested_ns
+                        .is_some_and(|t| local > t + 300 * MS)
                 {
                     l.snapshot_in_flight = false;
                     v.local.snapshot_in_flight = false;
@@ -450,7 +467,9 @@ impl World {
         // Snapshot records become committed-or-not: clear in-flight once the chain has it.
         for v in &mut hs.vmms {
             if let Some(x) = state.vm(&v.local.vm) {
-                if x.chain.iter().any(|c| c.token == v.local.token && c.seq == v.local.last_seq_used)
+                if x.chain
+                    .iter()
+                    .any(|c| c.token == v.local.token && c.seq == v.local.last_seq_used)
                     || x.migration.is_some_and(|m| m.ready)
                 {
                     v.local.snapshot_in_flight = false;
@@ -461,7 +480,11 @@ impl World {
         if self.cfg.verbose {
             for a in &actions {
                 if !matches!(a, Action::Snapshot(_)) {
-                    eprintln!("host {} applied {} lease {lease:?} local {local}: {a:?}", n + 1, state.applied_index());
+                    eprintln!(
+                        "host {} applied {} lease {lease:?} local {local}: {a:?}",
+                        n + 1,
+                        state.applied_index()
+                    );
                 }
             }
         }
@@ -469,7 +492,8 @@ impl World {
             self.trace = super::mix(self.trace, 0x51 ^ (n as u64) << 3);
             let hs = &mut self.vm.as_mut().expect("vm").hosts[n];
             let find = |vmms: &mut Vec<FakeVmm>, vm: &str, token: u64| {
-                vmms.iter().position(|v| v.local.vm == vm && v.local.token == token)
+                vmms.iter()
+                    .position(|v| v.local.vm == vm && v.local.token == token)
             };
             match a {
                 Action::Start {
@@ -656,4 +680,3 @@ impl World {
         None
     }
 }
-
