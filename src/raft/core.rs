@@ -482,7 +482,6 @@ impl Raft {
                         // failed transfer.)
                         log::debug!("{} steps down: leadership transfer failed", self.cfg.id);
                         self.become_follower(self.term, 0);
-                        return;
                     }
                 }
             }
