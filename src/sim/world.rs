@@ -818,6 +818,10 @@ impl World {
             _ => None,
         };
         if let Some(until) = target.and_then(|n| self.frozen(n)) {
+            if let Ev::Tick { node, .. } = ev {
+                // The tick moves: a tick fires only at the node's `next_tick`.
+                self.nodes[node].next_tick = until;
+            }
             self.push(until, ev);
             return;
         }

@@ -265,6 +265,17 @@ impl World {
     pub(super) fn host_tick(&mut self, n: usize) {
         let t = self.now + HOST_TICK;
         self.push(t, Ev::HostTick(n));
+        if self.cfg.verbose {
+            if let Some(l) = self.nodes[n].live.as_ref() {
+                eprintln!(
+                    "hosttick {} next_tick {} deadline(global) {} role {:?}",
+                    n + 1,
+                    self.nodes[n].next_tick,
+                    self.global(n, l.raft.next_deadline()),
+                    l.raft.role()
+                );
+            }
+        }
         if self.frozen(n).is_some() || self.nodes[n].live.is_none() {
             return;
         }
