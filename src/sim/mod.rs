@@ -1,6 +1,7 @@
 //! The deterministic simulator: real Raft nodes (core + driver) over a simulated
 //! network, disks and clocks, driven by one seed, with safety, linearizability and
-//! liveness checks. `vigil sim` runs it (see `cli`).
+//! liveness checks. `vigil sim` runs it (see `cli`). `vigil sim --vms` makes every node
+//! a host with fake VMMs under the real cluster/agent code (see `world::hosts`).
 
 pub mod check;
 pub mod cli;
