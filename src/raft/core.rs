@@ -199,6 +199,10 @@ pub struct Raft {
     /// Follower: per round of the current leader (`read_seq % ROUND_HISTORY`), the
     /// first successful append's receipt time and the leader's commit index in it.
     round_receipts: [(u64, Nanos, Index); ROUND_HISTORY],
+    /// Follower: the newest round recorded in `round_receipts`.
+    latest_round: u64,
+    /// The term `round_receipts` belong to.
+    rounds_term: Term,
     /// Follower: the host lease anchor (receipt time, leader commit) of the latest round
     /// the leader confirmed (`lease_seq`).
     lease_anchor: (Nanos, Index),
@@ -279,6 +283,8 @@ impl Raft {
             check_quorum_deadline: 0,
             last_leader_contact: 0,
             round_receipts: [(0, 0, 0); ROUND_HISTORY],
+            latest_round: 0,
+            rounds_term: 0,
             lease_anchor: (0, 0),
             transfer_target: 0,
             transfer_deadline: 0,
@@ -785,6 +791,15 @@ impl Raft {
                 lease_seq,
             } => {
                 self.accept_leader(m.from);
+                if self.rounds_term != self.term {
+                    // Rounds are per leader, and a term has one leader: forget them
+                    // with the term (only then: while the leader is merely unknown for
+                    // a while, a late copy of an old round must still look old).
+                    self.rounds_term = self.term;
+                    self.round_receipts = [(0, 0, 0); ROUND_HISTORY];
+                    self.latest_round = 0;
+                    self.lease_anchor = (0, 0);
+                }
                 let slot = (lease_seq % ROUND_HISTORY as u64) as usize;
                 let (seq, at, _) = self.round_receipts[slot];
                 if lease_seq != 0 && seq == lease_seq && at >= self.lease_anchor.0 {
@@ -792,6 +807,17 @@ impl Raft {
                     // the round's append may have waited long (a freeze) and predate
                     // verdicts the leader committed before it confirmed the round.
                     self.lease_anchor = (at, self.lease_anchor.1.max(commit));
+                }
+                if read_seq > self.latest_round {
+                    // The first append of the round this node received (whatever it
+                    // answers): the earliest receipt a confirmation of the round can
+                    // refer to. Only rounds newer than all recorded: a late copy of an
+                    // old round (duplicated, or read after a freeze) must not give that
+                    // round, which the leader may have confirmed from an earlier
+                    // acknowledgement, a new receipt time (the simulator found that).
+                    self.latest_round = read_seq;
+                    let slot = (read_seq % ROUND_HISTORY as u64) as usize;
+                    self.round_receipts[slot] = (read_seq, self.now, commit);
                 }
                 let entries = match payload {
                     Payload::Entries(v) => v,
@@ -955,10 +981,6 @@ impl Raft {
     }
 
     fn become_follower(&mut self, term: Term, leader: NodeId) {
-        if term > self.term || leader != self.leader {
-            self.round_receipts = [(0, 0, 0); ROUND_HISTORY];
-            self.lease_anchor = (0, 0);
-        }
         if term > self.term {
             self.term = term;
             self.vote = 0;
@@ -1723,12 +1745,6 @@ impl Raft {
         if new_commit > self.commit {
             self.commit = new_commit;
             self.hard_state_changed();
-        }
-        let slot = (read_seq % ROUND_HISTORY as u64) as usize;
-        if read_seq != 0 && self.round_receipts[slot].0 != read_seq {
-            // The first successful append of the round: the earliest receipt the
-            // leader's confirmation can refer to.
-            self.round_receipts[slot] = (read_seq, self.now, leader_commit);
         }
         self.send(
             from,

@@ -85,6 +85,8 @@ pub(super) struct VmWorld {
     /// Per VM: when a `HostDead` for its host was first applied anywhere (true time).
     declared_dead_at: BTreeMap<String, Nanos>,
     dead_seen: BTreeMap<u64, ()>,
+    /// Per VM: (applied index, token) of the most advanced view any host had.
+    latest_view: BTreeMap<String, (u64, u64)>,
     /// VMs that ran at some point.
     ran: BTreeMap<String, ()>,
     /// Outage figures: (declared dead -> running again), (stopped running -> running
@@ -161,6 +163,7 @@ impl VmWorld {
             declared_dead_at: BTreeMap::new(),
             dead_seen: BTreeMap::new(),
             ran: BTreeMap::new(),
+            latest_view: BTreeMap::new(),
             after_declared_dead: Vec::new(),
             outages: Vec::new(),
             vms_created: vms,
@@ -418,7 +421,24 @@ impl World {
             return;
         };
         let vm = self.vm.as_mut().expect("checked");
-        // Token growth, as this host's applied state shows it.
+        // Token growth, as this host's applied state shows it, and across hosts: a view
+        // at a later index never shows a lower token than one at an earlier index.
+        let at = state.applied_index();
+        for v in state.vms() {
+            let best = vm.latest_view.entry(v.id.clone()).or_insert((0, 0));
+            let wrong = (at >= best.0 && v.token < best.1) || (at < best.0 && v.token > best.1);
+            if wrong {
+                self.checker.violation.get_or_insert_with(|| {
+                    format!(
+                        "fencing token of {} on host {host} is {} at index {at}, another host saw {} at index {}",
+                        v.id, v.token, best.1, best.0
+                    )
+                });
+            }
+            if at > best.0 {
+                *best = (at, v.token);
+            }
+        }
         for v in state.vms() {
             let seen = vm.hosts[n].tokens.entry(v.id.clone()).or_insert(0);
             if v.token < *seen {
