@@ -904,3 +904,60 @@ fn followers_serve_reads_through_the_leaders_read_index() {
     d.deliver_all();
     assert_eq!(d.node(2).sm.reads_failed, vec![5]);
 }
+
+#[test]
+fn host_lease_anchor_needs_the_leader_to_confirm_the_acknowledgement() {
+    let mut c = Cluster::new(3, 0, 0, |_| {});
+    elect(&mut c, 1);
+    let (t0, commit0) = c.raft(2).host_lease_anchor().expect("confirmed rounds");
+    assert!(t0 > 0 && t0 <= c.now);
+    assert_eq!(commit0, c.raft(1).commit_index());
+    // Node 2's answers are lost: it still hears the leader (last_leader_contact moves
+    // on) but no round of its is confirmed, so its lease anchor stays where it was.
+    c.cut[1][0] = true;
+    c.run_for(200 * MS);
+    let contact = c.raft(2).last_leader_contact().unwrap();
+    let (t1, _) = c.raft(2).host_lease_anchor().unwrap();
+    assert!(contact > t0 + 150 * MS, "node 2 kept hearing the leader");
+    // (The round acknowledged just before the cut is still confirmed afterwards.)
+    assert!(
+        t1 <= t0 + 50 * MS,
+        "anchor {t1} moved on without confirmation (was {t0})"
+    );
+    // Answers get through again: confirmed rounds move the anchor on.
+    c.heal();
+    c.run_for(50 * MS);
+    let (t2, _) = c.raft(2).host_lease_anchor().unwrap();
+    assert!(t2 > t1 + 150 * MS);
+    // The leader itself has no host lease anchor (its lease is quorum_contact).
+    assert_eq!(c.raft(1).host_lease_anchor(), None);
+}
+
+#[test]
+fn a_leader_whose_transfer_failed_after_timeout_now_steps_down() {
+    let mut c = Cluster::new(3, 0, 0, |_| {});
+    elect(&mut c, 1);
+    let term = c.raft(1).term();
+    let now = c.now;
+    c.node(1).raft.transfer_leadership(now, 2).unwrap();
+    c.flush(0);
+    assert_eq!(
+        c.raft(1).quorum_contact(),
+        None,
+        "lease void once TimeoutNow is out"
+    );
+    // TimeoutNow is lost: the transfer fails.
+    for _ in 0..40 {
+        c.drop_where(|m| matches!(m.body, Body::TimeoutNow));
+        c.advance(5 * MS);
+        c.drop_where(|m| matches!(m.body, Body::TimeoutNow));
+        c.deliver_all();
+    }
+    // Without a lease for the rest of its term the old leader steps down; an election
+    // makes a leader (in a later term) that holds a lease again.
+    assert!(!c.raft(1).is_leader() || c.raft(1).term() > term);
+    c.run_for(1_000 * MS);
+    let l = c.leader().expect("a leader");
+    assert!(c.raft(l).term() > term);
+    assert!(c.raft(l).quorum_contact().is_some());
+}

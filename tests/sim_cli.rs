@@ -77,3 +77,39 @@ fn bad_arguments_are_refused_clearly() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown bug 'nonsense'"), "{err}");
 }
+
+#[test]
+fn vm_mode_reports_seeds_and_resurrection_times_and_fails_a_planted_bug() {
+    let (code, a) = vigil(&["sim", "--vms", "--seed", "7"]);
+    assert_eq!(code, 0, "{a}");
+    let (_, b) = vigil(&["sim", "--vms", "--seed", "7"]);
+    assert_eq!(field(&a, "trace_hash"), field(&b, "trace_hash"));
+    let (code, out) = vigil(&["sim", "--vms", "--seeds", "30"]);
+    assert_eq!(code, 0, "{out}");
+    let cases: Vec<&str> = out
+        .lines()
+        .filter(|l| field(l, "bench") == Some("sim-vms"))
+        .filter_map(|l| field(l, "case"))
+        .collect();
+    assert!(cases.contains(&"declared-dead-to-running"), "{out}");
+    assert!(cases.contains(&"stopped-running-to-running"), "{out}");
+    // A planted bug: the failing seed is printed with its schedule and the violation.
+    let (code, out) = vigil(&[
+        "sim",
+        "--vms",
+        "--seeds",
+        "300",
+        "--bug",
+        "renew-without-lease",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    let failing = out
+        .lines()
+        .find(|l| field(l, "ok") == Some("false"))
+        .unwrap();
+    assert!(failing.contains("\"schedule\":["), "{failing}");
+    assert!(failing.contains("split brain"), "{failing}");
+    // The VM bugs need VM mode.
+    let (code, _) = vigil(&["sim", "--bug", "renew-without-lease"]);
+    assert_eq!(code, 2);
+}

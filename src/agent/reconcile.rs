@@ -245,7 +245,11 @@ fn reconcile_vm(
     });
     match vm.migration {
         Some(migration) => {
-            if vmm.state == VmmState::Running {
+            // Fenced too: the renewal above lets a fenced VMM run again, and the final
+            // snapshot must be of a paused VM (the simulator found a fenced migrating
+            // VMM that the renewal resumed: it kept running after its final snapshot,
+            // and then also on the host the VM moved to).
+            if vmm.state != VmmState::Paused {
                 actions.push(Action::Pause {
                     vm: vm.id.clone(),
                     token,
@@ -686,6 +690,28 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_fenced_migrating_vm_is_paused_before_its_final_snapshot() {
+        let mut h = placed();
+        let token = h.token("a");
+        h.ok(Command::MigrateVm {
+            vm: "a".into(),
+            target: Some(2),
+        });
+        let fenced = vmm("a", token, VmmState::Fenced);
+        let actions = run(&h, 1, std::slice::from_ref(&fenced), LEASE, NOW);
+        assert_eq!(actions[0], renew("a", token));
+        assert_eq!(
+            actions[1],
+            Action::Pause {
+                vm: "a".into(),
+                token
+            }
+        );
+        assert!(snapshot_of(&actions).unwrap().final_for_migration);
+        assert_eq!(actions.len(), 3);
     }
 
     #[test]

@@ -200,6 +200,16 @@ pub struct Raft {
     heartbeat_deadline: Nanos,
     check_quorum_deadline: Nanos,
     last_leader_contact: Nanos,
+    /// Follower: per round of the current leader (`read_seq % ROUND_HISTORY`), the
+    /// first successful append's receipt time and the leader's commit index in it.
+    round_receipts: [(u64, Nanos, Index); ROUND_HISTORY],
+    /// Follower: the newest round recorded in `round_receipts`.
+    latest_round: u64,
+    /// The term `round_receipts` belong to.
+    rounds_term: Term,
+    /// Follower: the host lease anchor (receipt time, leader commit) of the latest round
+    /// the leader confirmed (`lease_seq`).
+    lease_anchor: (Nanos, Index),
     transfer_target: NodeId,
     transfer_deadline: Nanos,
     /// Replace: the voter to remove once the promotion of its replacement commits.
@@ -277,6 +287,10 @@ impl Raft {
             heartbeat_deadline: 0,
             check_quorum_deadline: 0,
             last_leader_contact: 0,
+            round_receipts: [(0, 0, 0); ROUND_HISTORY],
+            latest_round: 0,
+            rounds_term: 0,
+            lease_anchor: (0, 0),
             transfer_target: 0,
             transfer_deadline: 0,
             replace_remove: 0,
@@ -423,6 +437,23 @@ impl Raft {
         }
         Some(self.last_leader_contact)
     }
+    /// Follower: where this host's lease may run from: (receipt time, leader commit
+    /// index) of the latest round of the current leader's appends that this node
+    /// acknowledged with success and that the leader confirmed it received while it
+    /// held its leader lease. Use it only once the state machine applied up to that
+    /// commit index.
+    ///
+    /// Why not `last_leader_contact`: that is refreshed by any message of the leader,
+    /// also by appends this node rejects, by appends whose acknowledgement is lost
+    /// (one-way loss, a partition, an append read late after a freeze) and by a deposed
+    /// leader that no longer holds its lease; the leader that declares hosts dead knows
+    /// nothing of those, so a lease from them can outlive the leader's L(1 + eps) wait.
+    pub fn host_lease_anchor(&self) -> Option<(Nanos, Index)> {
+        if self.leader == 0 || self.role == Role::Leader || self.lease_anchor.0 == 0 {
+            return None;
+        }
+        Some(self.lease_anchor)
+    }
     /// Leader: the replication state of a peer (match, next).
     pub fn peer_progress(&self, peer: NodeId) -> Option<(Index, Index)> {
         self.progress
@@ -453,6 +484,16 @@ impl Raft {
                 }
                 if self.transfer_target != 0 && now >= self.transfer_deadline {
                     self.transfer_target = 0;
+                    if self.lease_void {
+                        // The transfer did not happen, but TimeoutNow went out: no lease
+                        // holds for the rest of this term (see `quorum_contact`), and
+                        // hosts whose leases this leader confirms would all fence. Step
+                        // down so that an election makes a leader with a lease. (The
+                        // simulator's VM mode found every VM fenced for good after a
+                        // failed transfer.)
+                        log::debug!("{} steps down: leadership transfer failed", self.cfg.id);
+                        self.become_follower(self.term, 0);
+                    }
                 }
             }
             _ => {
@@ -752,8 +793,37 @@ impl Raft {
                 commit,
                 count,
                 read_seq,
+                lease_seq,
             } => {
                 self.accept_leader(m.from);
+                if self.rounds_term != self.term {
+                    // Rounds are per leader, and a term has one leader: forget them
+                    // with the term (only then: while the leader is merely unknown for
+                    // a while, a late copy of an old round must still look old).
+                    self.rounds_term = self.term;
+                    self.round_receipts = [(0, 0, 0); ROUND_HISTORY];
+                    self.latest_round = 0;
+                    self.lease_anchor = (0, 0);
+                }
+                let slot = (lease_seq % ROUND_HISTORY as u64) as usize;
+                let (seq, at, _) = self.round_receipts[slot];
+                if lease_seq != 0 && seq == lease_seq && at >= self.lease_anchor.0 {
+                    // The commit index of this (confirming) append, not of the round's:
+                    // the round's append may have waited long (a freeze) and predate
+                    // verdicts the leader committed before it confirmed the round.
+                    self.lease_anchor = (at, self.lease_anchor.1.max(commit));
+                }
+                if read_seq > self.latest_round {
+                    // The first append of the round this node received (whatever it
+                    // answers): the earliest receipt a confirmation of the round can
+                    // refer to. Only rounds newer than all recorded: a late copy of an
+                    // old round (duplicated, or read after a freeze) must not give that
+                    // round, which the leader may have confirmed from an earlier
+                    // acknowledgement, a new receipt time (the simulator found that).
+                    self.latest_round = read_seq;
+                    let slot = (read_seq % ROUND_HISTORY as u64) as usize;
+                    self.round_receipts[slot] = (read_seq, self.now, commit);
+                }
                 let entries = match payload {
                     Payload::Entries(v) => v,
                     _ => EntriesView::EMPTY,
@@ -1211,6 +1281,7 @@ impl Raft {
             commit: self.commit,
             count: 0,
             read_seq: self.read_seq,
+            lease_seq: p.lease_acked_seq,
         };
         let to = p.id;
         self.send(to, body, false);
@@ -1266,6 +1337,7 @@ impl Raft {
                 commit: self.commit,
                 count: count as u32,
                 read_seq: self.read_seq,
+                lease_seq: self.progress[i].lease_acked_seq,
             };
             let to = self.progress[i].id;
             self.send(to, body, false);
@@ -1350,8 +1422,17 @@ impl Raft {
         };
         let now = self.now;
         let last = self.log.last_index();
+        // Confirm the round for the follower's host lease only while this leader holds
+        // its own lease (no other leader can have been elected meanwhile).
+        let et = self.cfg.election_timeout;
+        let leader_lease = self
+            .quorum_contact()
+            .is_some_and(|q| now < q + et - et * 3 / 100);
         let p = &mut self.progress[i];
         p.last_ack_at = now;
+        if success && leader_lease {
+            p.lease_acked_seq = p.lease_acked_seq.max(read_seq);
+        }
         p.acked_read_seq = p.acked_read_seq.max(read_seq);
         let (round, started) = self.round_started[(read_seq % ROUND_HISTORY as u64) as usize];
         if round == read_seq && read_seq != 0 {

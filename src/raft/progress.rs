@@ -86,6 +86,9 @@ pub struct Progress {
     pub last_progress_at: Nanos,
     /// The highest ReadIndex round this follower has answered.
     pub acked_read_seq: u64,
+    /// The highest round this follower acknowledged with success, received while this
+    /// leader held its lease (echoed in appends as `lease_seq`).
+    pub lease_acked_seq: u64,
     /// Snapshot transfer: which snapshot, the next offset to send, when last sent.
     pub snapshot_index: Index,
     pub snapshot_offset: u64,
@@ -105,6 +108,7 @@ impl Progress {
             acked_round_started_at: 0,
             last_progress_at: now,
             acked_read_seq: 0,
+            lease_acked_seq: 0,
             snapshot_index: 0,
             snapshot_offset: 0,
             snapshot_sent_at: 0,

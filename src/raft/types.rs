@@ -247,6 +247,11 @@ pub enum Body {
         commit: Index,
         count: u32,
         read_seq: u64,
+        /// The highest round (`read_seq`) of this leader's appends that the receiver
+        /// acknowledged with success and whose acknowledgement this leader received
+        /// while it held its leader lease: the receiver's host lease may run from its
+        /// receipt of that round (see `Raft::host_lease_anchor`).
+        lease_seq: u64,
     },
     /// On success `index` is the highest index known to match; on rejection it is
     /// the rejected `prev_index` and `hint_*` point the leader at the conflict.

@@ -1,6 +1,6 @@
 //! `vigil sim`: run seeds, print JSON lines (one object per line) on stdout.
 
-use super::world::{Fault, RunReport, SimConfig, World, MS};
+use super::world::{Fault, RunReport, SimConfig, VmBugs, World, MS};
 use crate::raft::{Bugs, Nanos, Role};
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -19,6 +19,11 @@ Usage: vigil sim [--seed S | --seeds N [--start S]] [--bug NAME] [--no-faults]
   --bug NAME        plant a bug (vote-without-log-check, commit-old-term,
                     ack-before-persist, follower-commit-unchecked, vote-twice,
                     lease-from-election, follower-read-local)
+  --vms             VM mode: every node is a host running fake VMMs (split-brain,
+                    token and VM liveness checks; freezes and power losses too);
+                    --seeds adds the resurrection-time distribution
+  --bug NAME (VM mode) skip-new-leader-lease-wait, renew-without-lease,
+                    lease-from-any-contact
   --no-faults       no network, crash or disk faults
   --election-bench  measure election convergence (leader lost -> new leader commits)
   --runs N          elections measured by --election-bench (default 200)
@@ -69,6 +74,8 @@ fn fault_text(f: &Fault) -> String {
         Fault::Heal => "heal network".into(),
         Fault::Crash(n) => format!("crash {}", n + 1),
         Fault::Restart(n) => format!("restart {}", n + 1),
+        Fault::PowerOff(n) => format!("power off {} (its VMMs die)", n + 1),
+        Fault::Freeze(n, d) => format!("freeze agent {} for {} ms", n + 1, d / MS),
         Fault::FlipBit(n) => format!("flip a synced bit on {} and restart it", n + 1),
         Fault::TransferLeader => "transfer leadership".into(),
         Fault::Membership => "membership change".into(),
@@ -128,6 +135,8 @@ fn run_cli(args: Vec<OsString>) -> Result<ExitCode, String> {
     let mut faults = true;
     let mut bench = false;
     let mut runs = 200usize;
+    let mut vms = false;
+    let mut vm_bugs = VmBugs::default();
     while let Some(arg) = parser.next().map_err(|e| e.to_string())? {
         match arg {
             Long("seed") => seed = Some(parse(&mut parser)?),
@@ -140,9 +149,18 @@ fn run_cli(args: Vec<OsString>) -> Result<ExitCode, String> {
                     .map_err(|e| e.to_string())?
                     .into_string()
                     .map_err(|_| "--bug: not UTF-8".to_string())?;
-                bugs = bug_from_name(&v).ok_or_else(|| format!("--bug: unknown bug '{v}'"))?;
+                match v.as_str() {
+                    "skip-new-leader-lease-wait" => vm_bugs.skip_new_leader_lease_wait = true,
+                    "renew-without-lease" => vm_bugs.renew_without_lease = true,
+                    "lease-from-any-contact" => vm_bugs.lease_from_any_contact = true,
+                    _ => {
+                        bugs =
+                            bug_from_name(&v).ok_or_else(|| format!("--bug: unknown bug '{v}'"))?
+                    }
+                }
             }
             Long("no-faults") => faults = false,
+            Long("vms") => vms = true,
             Long("election-bench") => bench = true,
             Short('h') | Long("help") => {
                 print!("{HELP}");
@@ -155,6 +173,9 @@ fn run_cli(args: Vec<OsString>) -> Result<ExitCode, String> {
         election_bench(runs);
         return Ok(ExitCode::SUCCESS);
     }
+    if vm_bugs.any() && !vms {
+        return Err("the VM bugs need --vms".into());
+    }
     let (first, count) = match (seed, seeds) {
         (Some(s), None) => (s, 1),
         (None, Some(n)) => (start, n),
@@ -166,13 +187,22 @@ fn run_cli(args: Vec<OsString>) -> Result<ExitCode, String> {
     let mut failed = 0u64;
     let mut lin_unknown = 0u64;
     let mut events = 0u64;
+    let mut after_dead: Vec<f64> = Vec::new();
+    let mut outages: Vec<f64> = Vec::new();
     for s in first..first + count {
-        let mut cfg = SimConfig::new(s);
+        let mut cfg = if vms {
+            SimConfig::vm_mode(s)
+        } else {
+            SimConfig::new(s)
+        };
+        cfg.vm_bugs = vm_bugs;
         cfg.bugs = bugs;
         cfg.faults = faults;
         let t0 = Instant::now();
         let r = super::run(cfg);
         sim_nanos += r.sim_nanos as u128;
+        after_dead.extend(r.vm_after_declared_dead.iter().map(|&n| n as f64 / 1e6));
+        outages.extend(r.vm_outages.iter().map(|&n| n as f64 / 1e6));
         events += r.events;
         if r.linearizability == "unknown" {
             lin_unknown += 1;
@@ -198,6 +228,24 @@ fn run_cli(args: Vec<OsString>) -> Result<ExitCode, String> {
             sim_nanos as f64 / 1e9 / secs,
             events as f64 / secs
         );
+    }
+    if vms && count > 1 {
+        for (case, mut v) in [
+            ("declared-dead-to-running", after_dead),
+            ("stopped-running-to-running", outages),
+        ] {
+            if v.is_empty() {
+                continue;
+            }
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            println!(
+                "{{\"bench\":\"sim-vms\",\"case\":\"{case}\",\"unit\":\"ms\",\"n\":{},\"p50\":{:.1},\"p99\":{:.1},\"max\":{:.1}}}",
+                v.len(),
+                percentile(&v, 0.5),
+                percentile(&v, 0.99),
+                v[v.len() - 1]
+            );
+        }
     }
     Ok(if failed > 0 {
         ExitCode::from(1)

@@ -92,6 +92,11 @@ pub struct KvState {
     pub applied: Vec<Applied>,
     pub reads_ready: Vec<ReadState>,
     pub reads_failed: Vec<u64>,
+    /// VM mode: the replicated cluster state (entries that are not KV ops are cluster
+    /// commands). Snapshots carry it after the KV part.
+    pub cluster: Option<Box<crate::cluster::state::ClusterState>>,
+    /// A cluster command was applied since the host last looked.
+    pub cluster_changed: bool,
 }
 
 impl KvState {
@@ -99,6 +104,9 @@ impl KvState {
         out.extend_from_slice(&self.last_applied.to_le_bytes());
         for v in self.values {
             out.extend_from_slice(&v.to_le_bytes());
+        }
+        if let Some(c) = &self.cluster {
+            c.encode(out);
         }
     }
 }
@@ -125,6 +133,9 @@ impl StateMachine for KvState {
                         OpResult::Cas(ok)
                     }
                 });
+            } else if let Some(c) = self.cluster.as_mut() {
+                c.apply(entry.index, &entry.data);
+                self.cluster_changed = true;
             }
         }
         self.applied.push(Applied {
@@ -135,7 +146,15 @@ impl StateMachine for KvState {
         });
     }
     fn restore(&mut self, state: &[u8]) {
-        assert_eq!(state.len(), 8 + 8 * KEYS, "kv snapshot size");
+        let kv_len = 8 + 8 * KEYS;
+        assert!(state.len() >= kv_len, "kv snapshot size");
+        if let Some(c) = self.cluster.as_mut() {
+            **c = crate::cluster::state::ClusterState::decode(&state[kv_len..])
+                .expect("the sim's own snapshot decodes");
+            self.cluster_changed = true;
+        } else {
+            assert_eq!(state.len(), kv_len, "kv snapshot size");
+        }
         self.last_applied = u64::from_le_bytes(state[0..8].try_into().unwrap());
         for k in 0..KEYS {
             let off = 8 + 8 * k;

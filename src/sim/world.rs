@@ -13,6 +13,9 @@ use crate::raft::{
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 
+mod hosts;
+pub use hosts::{VmBugs, Workload};
+
 pub const MS: Nanos = 1_000_000;
 
 /// Delay, loss and duplication of every link.
@@ -54,6 +57,9 @@ pub struct SimConfig {
     pub election_timeout: Nanos,
     pub max_history: usize,
     pub bugs: Bugs,
+    /// VM mode: every node is a host with fake VMMs (see `hosts`).
+    pub vms: bool,
+    pub vm_bugs: VmBugs,
     /// Print every event to stderr (debugging a seed).
     pub verbose: bool,
 }
@@ -89,8 +95,22 @@ impl SimConfig {
             election_timeout: 100 * MS,
             max_history: 600,
             bugs: Bugs::default(),
+            vms: false,
+            vm_bugs: VmBugs::default(),
             verbose: std::env::var_os("VIGIL_SIM_VERBOSE").is_some(),
         }
+    }
+}
+
+impl SimConfig {
+    /// VM mode for `seed`: the same cluster and faults, plus hosts, VMMs, host freezes
+    /// and power losses, and one KV client (the log carries cluster commands too).
+    pub fn vm_mode(seed: u64) -> SimConfig {
+        let mut cfg = SimConfig::new(seed);
+        cfg.vms = true;
+        cfg.clients = 1;
+        cfg.max_history = 200;
+        cfg
     }
 }
 
@@ -109,6 +129,10 @@ pub enum Fault {
     OneWay(usize, usize),
     Heal,
     Crash(usize),
+    /// VM mode: the host machine loses power (its VMMs die with the agent).
+    PowerOff(usize),
+    /// VM mode: the agent is stopped (SIGSTOP) for this long; its VMMs keep running.
+    Freeze(usize, Nanos),
     Restart(usize),
     FlipBit(usize),
     TransferLeader,
@@ -137,6 +161,8 @@ enum Ev {
         hist: usize,
     },
     Fault(usize),
+    HostTick(usize),
+    Workload(usize),
 }
 
 struct Live {
@@ -210,6 +236,11 @@ pub struct RunReport {
     /// Membership changes and leadership transfers the leader accepted.
     pub membership_changes: u64,
     pub transfers: u64,
+    /// VM mode: VMs created, and per resurrection (ns of simulated time): host declared
+    /// dead -> VM running again, and VM stopped running -> running again.
+    pub vms: usize,
+    pub vm_after_declared_dead: Vec<Nanos>,
+    pub vm_outages: Vec<Nanos>,
 }
 
 pub struct World {
@@ -240,6 +271,7 @@ pub struct World {
     pub snapshots_installed: u64,
     membership_changes: u64,
     transfers: u64,
+    vm: Option<hosts::VmWorld>,
 }
 
 fn mix(h: u64, v: u64) -> u64 {
@@ -315,9 +347,19 @@ impl World {
             snapshots_installed: 0,
             membership_changes: 0,
             transfers: 0,
+            vm: None,
             nodes,
             cfg,
         };
+        if w.cfg.vms {
+            let fault_time = w.cfg.fault_time;
+            w.vm = Some(hosts::VmWorld::new(
+                total,
+                w.cfg.vm_bugs,
+                &mut w.rng,
+                fault_time,
+            ));
+        }
         for n in 0..total {
             w.start_node(n);
         }
@@ -326,6 +368,7 @@ impl World {
             w.push(t, Ev::Client(c));
         }
         w.make_schedule();
+        w.vm_schedule();
         w
     }
 
@@ -385,6 +428,14 @@ impl World {
                     Fault::OneWay(a, b)
                 }
                 4 | 5 => Fault::Heal,
+                7 if self.cfg.vms && self.rng.chance(0.4) => {
+                    let n = self.rng.below(total as u64) as usize;
+                    let back = t + 20 * MS + self.rng.below(600 * MS);
+                    if back < self.cfg.fault_time {
+                        self.schedule.push((back, Fault::Restart(n)));
+                    }
+                    Fault::PowerOff(n)
+                }
                 6 | 7 => {
                     let n = self.rng.below(total as u64) as usize;
                     let back = t + 20 * MS + self.rng.below(600 * MS);
@@ -398,6 +449,10 @@ impl World {
                     Fault::FlipBit(self.rng.below(total as u64) as usize)
                 }
                 9 => Fault::TransferLeader,
+                11 if self.cfg.vms => {
+                    let n = self.rng.below(total as u64) as usize;
+                    Fault::Freeze(n, 100 * MS + self.rng.below(1_400 * MS))
+                }
                 10 if self.cfg.membership_changes => Fault::Membership,
                 _ => Fault::Heal,
             };
@@ -450,6 +505,9 @@ impl World {
             }
         };
         let mut kv = KvState::default();
+        if self.cfg.vms {
+            kv.cluster = Some(Box::new(crate::cluster::state::ClusterState::new()));
+        }
         if snapshot_state.is_some() {
             kv.restore(raft.snapshot_state());
         }
@@ -465,9 +523,21 @@ impl World {
     }
 
     fn crash_node(&mut self, n: usize) {
+        self.crash_host(n, false);
+    }
+
+    fn crash_host(&mut self, n: usize, power_loss: bool) {
+        if power_loss {
+            // The VMMs die even if the agent was already down.
+            self.host_crashed(n, true);
+        }
         if self.nodes[n].live.take().is_none() {
             return;
         }
+        if let Some(vm) = self.vm.as_mut() {
+            vm.hosts[n].frozen_until = 0;
+        }
+        self.host_crashed(n, power_loss);
         let mut rng = Rng::new(self.rng.next_u64());
         self.nodes[n].disk.crash(&mut rng);
         self.nodes[n].epoch += 1;
@@ -517,6 +587,18 @@ impl World {
         self.flush_outbox(n);
         self.observe(n);
         self.schedule_tick(n);
+        self.after_apply(n);
+    }
+
+    /// VM mode: a host reconciles after it applied cluster commands.
+    fn after_apply(&mut self, n: usize) {
+        if self.nodes[n]
+            .live
+            .as_ref()
+            .is_some_and(|l| l.kv.cluster_changed)
+        {
+            self.host_reconcile(n);
+        }
     }
 
     fn finish_turn(&mut self, n: usize) {
@@ -730,6 +812,20 @@ impl World {
                 .collect();
             eprintln!("{:>10} {:?} | {}", self.now, ev, roles.join(" "));
         }
+        // A frozen agent (SIGSTOP) handles nothing: its inputs wait until it thaws.
+        let target = match &ev {
+            Ev::Deliver { to, .. } => Some(*to),
+            Ev::Tick { node, .. } | Ev::SyncDone { node, .. } => Some(*node),
+            _ => None,
+        };
+        if let Some(until) = target.and_then(|n| self.frozen(n)) {
+            if let Ev::Tick { node, .. } = ev {
+                // The tick moves: a tick fires only at the node's `next_tick`.
+                self.nodes[node].next_tick = until;
+            }
+            self.push(until, ev);
+            return;
+        }
         match ev {
             Ev::Deliver { to, msg, payload } => {
                 self.trace = mix(self.trace, self.now ^ (to as u64) << 1);
@@ -768,7 +864,10 @@ impl World {
                 self.flush_outbox(node);
                 self.observe(node);
                 self.schedule_tick(node);
+                self.after_apply(node);
             }
+            Ev::HostTick(n) => self.host_tick(n),
+            Ev::Workload(i) => self.workload(i),
             Ev::Client(c) => self.client_step(c),
             Ev::ClientTimeout { client, hist } => {
                 if self.clients[client]
@@ -811,7 +910,7 @@ impl World {
             let t = w.now + MS + w.rng.below(10 * MS);
             w.push(t, Ev::Client(c));
         };
-        if self.nodes[n].live.is_none() {
+        if self.nodes[n].live.is_none() || self.frozen(n).is_some() {
             retry(self, None);
             return;
         }
@@ -852,7 +951,7 @@ impl World {
         if matches!(op, Op::Get { .. }) && follower_read {
             // Reads also go to any node: followers ask the leader for a read index.
             let other = self.rng.below(self.nodes.len() as u64) as usize;
-            if self.nodes[other].live.is_some() {
+            if self.nodes[other].live.is_some() && self.frozen(other).is_none() {
                 n = other;
             }
         }
@@ -938,6 +1037,15 @@ impl World {
                 }
             }
             Fault::Crash(n) => self.crash_node(n),
+            Fault::PowerOff(n) => self.crash_host(n, true),
+            Fault::Freeze(n, d) => {
+                let until = (self.now + d).min(self.cfg.fault_time);
+                if let Some(vm) = self.vm.as_mut() {
+                    if self.nodes[n].live.is_some() {
+                        vm.hosts[n].frozen_until = until;
+                    }
+                }
+            }
             Fault::Restart(n) => self.start_node(n),
             Fault::FlipBit(n) => {
                 let mut rng = Rng::new(self.rng.next_u64());
@@ -963,6 +1071,11 @@ impl World {
             }
             Fault::Membership => self.membership_fault(),
             Fault::HealAll => {
+                if let Some(vm) = self.vm.as_mut() {
+                    for h in &mut vm.hosts {
+                        h.frozen_until = 0;
+                    }
+                }
                 for row in &mut self.blocked {
                     row.iter_mut().for_each(|x| *x = false);
                 }
@@ -1042,6 +1155,9 @@ impl World {
             let ev = self.slab[slot].take().expect("event present");
             self.free.push(slot);
             self.handle(ev);
+            if self.vm.is_some() {
+                self.check_split_brain();
+            }
             since_full_check += 1;
             if since_full_check >= 256 {
                 since_full_check = 0;
@@ -1081,6 +1197,11 @@ impl World {
                     self.checker.violation = Some(format!("linearizability: {v}"));
                 }
             }
+            if self.checker.violation.is_none() {
+                if let Some(v) = self.check_vm_liveness() {
+                    self.checker.violation = Some(v);
+                }
+            }
             if self.cfg.faults && self.liveness_target.is_some() && !self.liveness_met {
                 self.checker.violation = Some(format!(
                     "liveness: nothing new committed within {} ms after the last fault healed",
@@ -1109,6 +1230,12 @@ impl World {
             corrupt_nodes: self.nodes.iter().filter(|n| n.corrupt).count(),
             membership_changes: self.membership_changes,
             transfers: self.transfers,
+            vms: self.vm.as_ref().map_or(0, |v| v.vms_created),
+            vm_after_declared_dead: self
+                .vm
+                .as_ref()
+                .map_or(Vec::new(), |v| v.after_declared_dead.clone()),
+            vm_outages: self.vm.as_ref().map_or(Vec::new(), |v| v.outages.clone()),
         }
     }
 

@@ -1,0 +1,713 @@
+//! VM mode (`vigil sim --vms`): every simulated node is also a host. Its Raft node
+//! applies committed entries to a `ClusterState`; the leader runs the
+//! `FailureDetector` on Raft's acknowledgement times and proposes host verdicts and
+//! `placement::plan`; every host runs `reconcile` against fake VMMs and carries out the
+//! actions.
+//!
+//! A fake VMM has a token, a watchdog deadline on its host's (drifting) clock and a
+//! paused flag. It "runs" at a true instant while it is not paused, its host machine is
+//! powered, and its host's clock has not passed the deadline. VMMs outlive an agent
+//! crash and a freeze (SIGSTOP); a power loss kills them.
+//!
+//! Invariants checked here: no VM runs on two hosts at one true instant (checked after
+//! every event: a VMM only starts running at an event, so any overlap shows at the
+//! later start); per host, each VM's fencing token never goes down as the host applies
+//! entries; and, after the last fault heals, every VM that should run runs again within
+//! a bound (checked at the end of the run).
+
+use super::{Ev, World, MS};
+use crate::agent::failure::FailureDetector;
+use crate::agent::lease::LeaseRules;
+use crate::agent::reconcile::{self, snapshot_record, Action, LocalVmm};
+use crate::cluster::command::{Command, RequestId, Resources, VmSpec};
+use crate::cluster::placement;
+use crate::cluster::state::ClusterState;
+use crate::config::Timing;
+use crate::raft::{Nanos, NodeId, Term};
+use std::collections::BTreeMap;
+use vigil_kvm::control::VmmState;
+
+/// Planted bugs of the VM layer (the agent and leader logic around the shared code).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmBugs {
+    /// A new leader does not wait L(1 + eps) after its election before declaring hosts
+    /// dead.
+    pub skip_new_leader_lease_wait: bool,
+    /// Hosts renew their VMMs' watchdogs whether or not their own lease is valid.
+    pub renew_without_lease: bool,
+    /// A follower's lease runs from any message of the leader (`last_leader_contact`),
+    /// even one it rejected, and whatever its applied state.
+    pub lease_from_any_contact: bool,
+}
+
+impl VmBugs {
+    pub fn any(&self) -> bool {
+        self.skip_new_leader_lease_wait || self.renew_without_lease || self.lease_from_any_contact
+    }
+}
+
+/// A fake VMM process.
+#[derive(Clone, Debug)]
+pub(super) struct FakeVmm {
+    pub(super) local: LocalVmm,
+    /// Watchdog deadline on the host's clock.
+    pub(super) deadline: Nanos,
+    pub(super) paused: bool,
+}
+
+/// The agent-side state of one host (the VMMs live here too: they survive the agent).
+#[derive(Default)]
+pub(super) struct HostSim {
+    pub(super) vmms: Vec<FakeVmm>,
+    /// True time until which the whole agent (Raft included) is stopped.
+    pub(super) frozen_until: Nanos,
+    detector: Option<(Term, FailureDetector)>,
+    fed: BTreeMap<NodeId, Nanos>,
+    /// The last index this host proposed as leader (term, index): no new round of
+    /// leader proposals until it applied.
+    proposed: (Term, u64),
+    /// Per VM, the highest token this host's applied state showed (reset on restart).
+    tokens: BTreeMap<String, u64>,
+}
+
+/// The VM layer of the world.
+pub(super) struct VmWorld {
+    pub(super) hosts: Vec<HostSim>,
+    pub(super) rules: LeaseRules,
+    pub(super) bugs: VmBugs,
+    /// Workload events: (at, what).
+    pub(super) workload: Vec<(Nanos, Workload)>,
+    next_snapshot_id: u64,
+    /// Per VM: how many hosts run it right now (scratch).
+    running: BTreeMap<String, usize>,
+    /// Per VM: the true time since which it runs nowhere (None: running or never ran).
+    down_since: BTreeMap<String, Nanos>,
+    /// Per VM: when a `HostDead` for its host was first applied anywhere (true time).
+    declared_dead_at: BTreeMap<String, Nanos>,
+    dead_seen: BTreeMap<u64, ()>,
+    /// Per VM: (applied index, token) of the most advanced view any host had.
+    latest_view: BTreeMap<String, (u64, u64)>,
+    /// VMs that ran at some point.
+    ran: BTreeMap<String, ()>,
+    /// Outage figures: (declared dead -> running again), (stopped running -> running
+    /// again), in nanoseconds of true time.
+    pub(super) after_declared_dead: Vec<Nanos>,
+    pub(super) outages: Vec<Nanos>,
+    pub(super) vms_created: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum Workload {
+    CreateVm(String),
+    Drain(u64),
+    Migrate(String),
+}
+
+const HOST_TICK: Nanos = 10 * MS;
+const VM_MEMORY: u64 = 256 << 20;
+
+fn capacity() -> Resources {
+    Resources {
+        memory_bytes: 8 * VM_MEMORY,
+        vcpus: 16,
+    }
+}
+
+fn spec() -> VmSpec {
+    VmSpec {
+        resources: Resources {
+            memory_bytes: VM_MEMORY,
+            vcpus: 1,
+        },
+        touch_percent: 10,
+        snapshot_interval_ms: 300,
+        full_every: 4,
+        anti_affinity: None,
+    }
+}
+
+impl VmWorld {
+    pub(super) fn new(
+        total: usize,
+        bugs: VmBugs,
+        rng: &mut crate::raft::rng::Rng,
+        fault_time: Nanos,
+    ) -> VmWorld {
+        let rules = LeaseRules::new(&Timing::default());
+        let mut workload = Vec::new();
+        let vms = 2 + rng.below(4) as usize;
+        for i in 0..vms {
+            let at = 50 * MS + rng.below(fault_time / 2);
+            workload.push((at, Workload::CreateVm(format!("vm{i}"))));
+        }
+        if rng.chance(0.3) {
+            let at = 200 * MS + rng.below(fault_time);
+            workload.push((at, Workload::Drain(1 + rng.below(total as u64))));
+        }
+        for _ in 0..rng.below(3) {
+            let at = 200 * MS + rng.below(fault_time);
+            workload.push((
+                at,
+                Workload::Migrate(format!("vm{}", rng.below(vms as u64))),
+            ));
+        }
+        workload.sort_by_key(|(t, _)| *t);
+        VmWorld {
+            hosts: (0..total).map(|_| HostSim::default()).collect(),
+            rules,
+            bugs,
+            workload,
+            next_snapshot_id: 1,
+            running: BTreeMap::new(),
+            down_since: BTreeMap::new(),
+            declared_dead_at: BTreeMap::new(),
+            dead_seen: BTreeMap::new(),
+            ran: BTreeMap::new(),
+            latest_view: BTreeMap::new(),
+            after_declared_dead: Vec::new(),
+            outages: Vec::new(),
+            vms_created: vms,
+        }
+    }
+}
+
+impl World {
+    pub(super) fn vm_schedule(&mut self) {
+        let times: Vec<Nanos> = match &self.vm {
+            Some(vm) => vm.workload.iter().map(|(t, _)| *t).collect(),
+            None => return,
+        };
+        for (i, t) in times.into_iter().enumerate() {
+            self.push(t, Ev::Workload(i));
+        }
+        for n in 0..self.nodes.len() {
+            let t = self.rng.below(HOST_TICK);
+            self.push(t, Ev::HostTick(n));
+        }
+    }
+
+    pub(super) fn frozen(&self, n: usize) -> Option<Nanos> {
+        let vm = self.vm.as_ref()?;
+        let until = vm.hosts[n].frozen_until;
+        (until > self.now).then_some(until)
+    }
+
+    /// Whether a fake VMM runs at the current true instant.
+    fn vmm_runs(&self, n: usize, v: &FakeVmm) -> bool {
+        !v.paused && self.local(n, self.now) < v.deadline
+    }
+
+    /// The agent crashed (`power_loss`: the machine too, which kills its VMMs).
+    pub(super) fn host_crashed(&mut self, n: usize, power_loss: bool) {
+        let Some(vm) = self.vm.as_mut() else {
+            return;
+        };
+        let h = &mut vm.hosts[n];
+        h.detector = None;
+        h.fed.clear();
+        h.proposed = (0, 0);
+        h.tokens.clear();
+        if power_loss {
+            h.vmms.clear();
+        } else {
+            // A restarted agent finds them: not adopted yet, no snapshot in flight.
+            for v in &mut h.vmms {
+                v.local.adopted = false;
+                v.local.stopping = false;
+                v.local.snapshot_in_flight = false;
+            }
+        }
+    }
+
+    pub(super) fn workload(&mut self, i: usize) {
+        let Some(vm) = self.vm.as_ref() else {
+            return;
+        };
+        let cmd = match &vm.workload[i].1 {
+            Workload::CreateVm(id) => Command::CreateVm {
+                vm: id.clone(),
+                spec: spec(),
+            },
+            Workload::Drain(host) => Command::DrainHost { host: *host },
+            Workload::Migrate(id) => Command::MigrateVm {
+                vm: id.clone(),
+                target: None,
+            },
+        };
+        let Some(l) = self.leader().filter(|&l| self.frozen(l).is_none()) else {
+            let t = self.now + 50 * MS;
+            self.push(t, Ev::Workload(i));
+            return;
+        };
+        if !self.propose_cmd(l, &cmd) {
+            let t = self.now + 50 * MS;
+            self.push(t, Ev::Workload(i));
+        }
+    }
+
+    fn propose_cmd(&mut self, n: usize, cmd: &Command) -> bool {
+        let local = self.local(n, self.now);
+        let data = cmd.to_bytes(RequestId(0));
+        let Some(live) = self.nodes[n].live.as_mut() else {
+            return false;
+        };
+        let ok = match live.raft.propose(local, &data) {
+            Ok((index, term)) => {
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.hosts[n].proposed = (term, index);
+                }
+                true
+            }
+            Err(_) => false,
+        };
+        self.after_input(n);
+        ok
+    }
+
+    /// The periodic agent timer of host `n`.
+    pub(super) fn host_tick(&mut self, n: usize) {
+        let t = self.now + HOST_TICK;
+        self.push(t, Ev::HostTick(n));
+        if self.cfg.verbose {
+            if let Some(l) = self.nodes[n].live.as_ref() {
+                eprintln!(
+                    "hosttick {} next_tick {} deadline(global) {} role {:?}",
+                    n + 1,
+                    self.nodes[n].next_tick,
+                    self.global(n, l.raft.next_deadline()),
+                    l.raft.role()
+                );
+            }
+        }
+        if self.frozen(n).is_some() || self.nodes[n].live.is_none() {
+            return;
+        }
+        self.leader_duties(n);
+        self.host_reconcile(n);
+    }
+
+    /// Leader: failure detection, host verdicts, placement.
+    fn leader_duties(&mut self, n: usize) {
+        let local = self.local(n, self.now);
+        let me = self.nodes[n].id;
+        let Some(vm) = self.vm.as_mut() else { return };
+        let Some(live) = self.nodes[n].live.as_ref() else {
+            return;
+        };
+        let raft = &live.raft;
+        if !raft.is_leader() {
+            vm.hosts[n].detector = None;
+            return;
+        }
+        let Some(state) = live.kv.cluster.as_deref() else {
+            return;
+        };
+        let term = raft.term();
+        let h = &mut vm.hosts[n];
+        if h.detector.as_ref().is_none_or(|(t, _)| *t != term) {
+            // Noticed at the first tick as leader: no earlier than the election.
+            let elected_at = if vm.bugs.skip_new_leader_lease_wait {
+                local.saturating_sub(vm.rules.leader_wait_ns)
+            } else {
+                local
+            };
+            h.detector = Some((term, FailureDetector::new(vm.rules, elected_at, 10 * MS)));
+            h.fed.clear();
+        }
+        let (_, det) = h.detector.as_mut().expect("set above");
+        let m = *raft.membership();
+        for &peer in m.voters.as_slice().iter().chain(m.observers.as_slice()) {
+            if peer == me {
+                continue;
+            }
+            if let Some(t) = raft.peer_last_ack(peer).filter(|&t| t > 0) {
+                if h.fed.get(&peer) != Some(&t) {
+                    h.fed.insert(peer, t);
+                    det.on_ack(peer, t);
+                }
+            }
+        }
+        if h.proposed.0 == term && state.applied_index() < h.proposed.1 {
+            return;
+        }
+        let mut cmds = Vec::new();
+        for &peer in m.voters.as_slice().iter().chain(m.observers.as_slice()) {
+            if state.host(peer).is_none() {
+                cmds.push(Command::RegisterHost {
+                    host: peer,
+                    capacity: capacity(),
+                });
+            }
+        }
+        if !cmds.is_empty() {
+            // Register first; verdicts and placement once the hosts are known.
+        } else {
+            cmds.extend(det.hosts_to_declare_dead(state, me, local));
+            cmds.extend(det.hosts_to_revive(state, local));
+            if cmds.is_empty() {
+                cmds.extend(placement::plan(state).commands);
+                if self.cfg.verbose {
+                    for c in &cmds {
+                        if let Command::PlaceVm { vm: id, .. } = c {
+                            eprintln!(
+                                "leader {} applied {} places {:?} hosts {:?}",
+                                n + 1,
+                                state.applied_index(),
+                                state.vm(id),
+                                state.hosts().collect::<Vec<_>>()
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        for c in cmds {
+            if self.cfg.verbose {
+                eprintln!("leader {} proposes {c:?}", n + 1);
+            }
+            if !self.propose_cmd(n, &c) {
+                break;
+            }
+        }
+    }
+
+    /// This host's own lease expiry on its clock (None: no lease).
+    fn own_lease(&self, n: usize, local: Nanos) -> Option<Nanos> {
+        let vm = self.vm.as_ref()?;
+        if vm.bugs.renew_without_lease {
+            return Some(local + vm.rules.host_lease_ns);
+        }
+        let raft = &self.nodes[n].live.as_ref()?.raft;
+        // The lease runs from a leader contact only once this host's state machine has
+        // applied everything the leader had committed at that contact: otherwise a
+        // host whose state lags the log (restart, partition) renews VMMs of VMs that
+        // were moved meanwhile.
+        let start = if raft.is_leader() {
+            let caught_up = raft.applied_index() >= raft.commit_index()
+                && raft.term_at(raft.commit_index()) == Some(raft.term());
+            raft.quorum_contact().filter(|_| caught_up)
+        } else if vm.bugs.lease_from_any_contact {
+            raft.last_leader_contact()
+        } else {
+            raft.host_lease_anchor()
+                .filter(|&(_, commit)| raft.applied_index() >= commit)
+                .map(|(t, _)| t)
+        }?;
+        if self.cfg.verbose {
+            eprintln!(
+                "lease host {} leader {} start {} now {}",
+                n + 1,
+                raft.is_leader(),
+                start,
+                local
+            );
+        }
+        Some(vm.rules.host_lease_expiry(start))
+    }
+
+    /// Runs reconcile on host `n` and carries out the actions.
+    pub(super) fn host_reconcile(&mut self, n: usize) {
+        if self.vm.is_none() || self.frozen(n).is_some() {
+            return;
+        }
+        let local = self.local(n, self.now);
+        let lease = self.own_lease(n, local);
+        let host = self.nodes[n].id;
+        let Some(live) = self.nodes[n].live.as_mut() else {
+            return;
+        };
+        live.kv.cluster_changed = false;
+        let Some(state) = live.kv.cluster.as_deref() else {
+            return;
+        };
+        let vm = self.vm.as_mut().expect("checked");
+        // Token growth, as this host's applied state shows it, and across hosts: a view
+        // at a later index never shows a lower token than one at an earlier index.
+        let at = state.applied_index();
+        for v in state.vms() {
+            let best = vm.latest_view.entry(v.id.clone()).or_insert((0, 0));
+            let wrong = (at >= best.0 && v.token < best.1) || (at < best.0 && v.token > best.1);
+            if wrong {
+                self.checker.violation.get_or_insert_with(|| {
+                    format!(
+                        "fencing token of {} on host {host} is {} at index {at}, another host saw {} at index {}",
+                        v.id, v.token, best.1, best.0
+                    )
+                });
+            }
+            if at > best.0 {
+                *best = (at, v.token);
+            }
+        }
+        for v in state.vms() {
+            let seen = vm.hosts[n].tokens.entry(v.id.clone()).or_insert(0);
+            if v.token < *seen {
+                self.checker.violation.get_or_insert_with(|| {
+                    format!(
+                        "fencing token of {} went down on host {host}: {} after {}",
+                        v.id, v.token, *seen
+                    )
+                });
+            }
+            *seen = v.token;
+        }
+        for h in state.hosts() {
+            if h.state == crate::cluster::state::HostState::Dead
+                && vm.dead_seen.insert(h.state_index, ()).is_none()
+            {
+                // First time anyone applied this verdict: its VMs' clocks start.
+                for v in state.vms() {
+                    if v.host.is_none() && v.desired == crate::cluster::command::Desired::Running {
+                        vm.declared_dead_at.entry(v.id.clone()).or_insert(self.now);
+                    }
+                }
+            }
+        }
+        // What the agent knows of its VMMs (their status replies).
+        let hs = &mut vm.hosts[n];
+        let vmms: Vec<LocalVmm> = hs
+            .vmms
+            .iter_mut()
+            .map(|v| {
+                let mut l = v.local.clone();
+                l.state = if v.paused {
+                    VmmState::Paused
+                } else if local >= v.deadline {
+                    VmmState::Fenced
+                } else {
+                    VmmState::Running
+                };
+                // A snapshot request that never committed is given up after a while.
+                if l.snapshot_in_flight
+                    && l.last_snapshot_requested_ns
+                        .is_some_and(|t| local > t + 300 * MS)
+                {
+                    l.snapshot_in_flight = false;
+                    v.local.snapshot_in_flight = false;
+                }
+                l
+            })
+            .collect();
+        let actions = reconcile::reconcile(&reconcile::Input {
+            state,
+            host,
+            vmms: &vmms,
+            own_lease_expiry_ns: lease,
+            now_ns: local,
+        });
+        // Snapshot records become committed-or-not: clear in-flight once the chain has it.
+        for v in &mut hs.vmms {
+            if let Some(x) = state.vm(&v.local.vm) {
+                if x.chain
+                    .iter()
+                    .any(|c| c.token == v.local.token && c.seq == v.local.last_seq_used)
+                    || x.migration.is_some_and(|m| m.ready)
+                {
+                    v.local.snapshot_in_flight = false;
+                }
+            }
+        }
+        let mut proposals = Vec::new();
+        if self.cfg.verbose {
+            for a in &actions {
+                if !matches!(a, Action::Snapshot(_)) {
+                    eprintln!(
+                        "host {} applied {} lease {lease:?} local {local}: {a:?}",
+                        n + 1,
+                        state.applied_index()
+                    );
+                }
+            }
+        }
+        for a in actions {
+            self.trace = super::mix(self.trace, 0x51 ^ (n as u64) << 3);
+            let hs = &mut self.vm.as_mut().expect("vm").hosts[n];
+            let find = |vmms: &mut Vec<FakeVmm>, vm: &str, token: u64| {
+                vmms.iter()
+                    .position(|v| v.local.vm == vm && v.local.token == token)
+            };
+            match a {
+                Action::Start {
+                    vm,
+                    token,
+                    lease_deadline_ns,
+                    ..
+                } => hs.vmms.push(FakeVmm {
+                    local: LocalVmm {
+                        vm,
+                        token,
+                        state: VmmState::Running,
+                        adopted: true,
+                        stopping: false,
+                        since_ns: local,
+                        last_snapshot_id: 0,
+                        last_snapshot_requested_ns: None,
+                        last_seq_used: 0,
+                        snapshot_in_flight: false,
+                    },
+                    deadline: lease_deadline_ns,
+                    paused: false,
+                }),
+                Action::Adopt { vm, token } => {
+                    if let Some(i) = find(&mut hs.vmms, &vm, token) {
+                        hs.vmms[i].local.adopted = true;
+                    }
+                }
+                Action::Stop { vm, token, .. } => {
+                    if let Some(i) = find(&mut hs.vmms, &vm, token) {
+                        hs.vmms.remove(i);
+                    }
+                }
+                Action::Renew {
+                    vm,
+                    token,
+                    deadline_ns,
+                } => {
+                    if let Some(i) = find(&mut hs.vmms, &vm, token) {
+                        hs.vmms[i].deadline = deadline_ns;
+                    }
+                }
+                Action::Pause { vm, token } => {
+                    if let Some(i) = find(&mut hs.vmms, &vm, token) {
+                        hs.vmms[i].paused = true;
+                    }
+                }
+                Action::Resume { vm, token } => {
+                    if let Some(i) = find(&mut hs.vmms, &vm, token) {
+                        hs.vmms[i].paused = false;
+                    }
+                }
+                Action::Snapshot(req) => {
+                    let id = {
+                        let w = self.vm.as_mut().expect("vm");
+                        w.next_snapshot_id += 1;
+                        w.next_snapshot_id
+                    };
+                    let hs = &mut self.vm.as_mut().expect("vm").hosts[n];
+                    if let Some(i) = find(&mut hs.vmms, &req.vm, req.token) {
+                        let l = &mut hs.vmms[i].local;
+                        l.last_snapshot_id = id;
+                        l.last_snapshot_requested_ns = Some(local);
+                        l.last_seq_used = l.last_seq_used.max(req.seq);
+                        l.snapshot_in_flight = true;
+                    }
+                    proposals.push(Command::SnapshotCommitted(snapshot_record(&req, id, 0)));
+                }
+            }
+        }
+        self.check_split_brain();
+        // Snapshot records go to the leader this host knows (forwarding), if reachable.
+        for c in proposals {
+            let Some(leader) = self.nodes[n]
+                .live
+                .as_ref()
+                .map(|l| l.raft.leader())
+                .filter(|&l| l != 0)
+            else {
+                break;
+            };
+            let l = (leader - 1) as usize;
+            if l != n && (self.blocked[n][l] || self.blocked[l][n] || self.frozen(l).is_some()) {
+                break;
+            }
+            let local_l = self.local(l, self.now);
+            let data = c.to_bytes(RequestId(0));
+            if let Some(live) = self.nodes[l].live.as_mut() {
+                let _ = live.raft.propose(local_l, &data);
+                self.after_input(l);
+            }
+        }
+    }
+
+    /// No VM runs on two hosts at this true instant; records outage figures.
+    pub(super) fn check_split_brain(&mut self) {
+        let Some(mut vm) = self.vm.take() else { return };
+        vm.running.clear();
+        let mut twice: Option<String> = None;
+        for (n, h) in vm.hosts.iter().enumerate() {
+            for v in &h.vmms {
+                if self.vmm_runs(n, v) {
+                    let c = vm.running.entry(v.local.vm.clone()).or_insert(0);
+                    *c += 1;
+                    if *c > 1 && twice.is_none() {
+                        twice = Some(v.local.vm.clone());
+                    }
+                }
+            }
+        }
+        if let (Some(id), None) = (twice, &self.checker.violation) {
+            let mut hosts = Vec::new();
+            for (m, h) in vm.hosts.iter().enumerate() {
+                for x in &h.vmms {
+                    if x.local.vm == id && self.vmm_runs(m, x) {
+                        hosts.push(format!(
+                            "host {} token {} deadline {} ms on its clock, now {} ms",
+                            m + 1,
+                            x.local.token,
+                            x.deadline / MS,
+                            self.local(m, self.now) / MS
+                        ));
+                    }
+                }
+            }
+            self.checker.violation = Some(format!(
+                "split brain: {id} runs on two hosts at {} ms ({})",
+                self.now / MS,
+                hosts.join("; ")
+            ));
+        }
+        for i in 0..vm.vms_created {
+            let id = format!("vm{i}");
+            let runs = vm.running.contains_key(&id);
+            if runs {
+                vm.ran.insert(id.clone(), ());
+                if let Some(since) = vm.down_since.remove(&id) {
+                    vm.outages.push(self.now - since);
+                }
+                if let Some(at) = vm.declared_dead_at.remove(&id) {
+                    vm.after_declared_dead.push(self.now - at);
+                }
+            } else if vm.ran.contains_key(&id) {
+                vm.down_since.entry(id).or_insert(self.now);
+            }
+        }
+        self.vm = Some(vm);
+    }
+
+    /// At the end: every VM that should run runs on exactly the host the (most
+    /// up-to-date live) committed state places it on, with its current token.
+    pub(super) fn check_vm_liveness(&mut self) -> Option<String> {
+        let vm = self.vm.as_ref()?;
+        let best = (0..self.nodes.len())
+            .filter_map(|n| self.nodes[n].live.as_ref().map(|l| (n, l)))
+            .max_by_key(|(_, l)| l.raft.applied_index())?;
+        let state: &ClusterState = best.1.kv.cluster.as_deref()?;
+        for v in state.vms() {
+            if v.desired != crate::cluster::command::Desired::Running || v.migration.is_some() {
+                continue;
+            }
+            let Some(h) = v.host else {
+                return Some(format!(
+                    "liveness: {} has no host {} ms after the last fault healed ({})",
+                    v.id,
+                    self.cfg.quiet_time / MS,
+                    v.waiting
+                ));
+            };
+            let n = (h - 1) as usize;
+            let ok = vm.hosts[n]
+                .vmms
+                .iter()
+                .any(|x| x.local.vm == v.id && x.local.token == v.token && self.vmm_runs(n, x));
+            if !ok {
+                return Some(format!(
+                    "liveness: {} (token {}) is not running on host {h} {} ms after the last fault healed",
+                    v.id,
+                    v.token,
+                    self.cfg.quiet_time / MS
+                ));
+            }
+        }
+        None
+    }
+}
