@@ -103,6 +103,7 @@ pub fn encode_message(m: &Message, payload: Payload<'_>, out: &mut Vec<u8>) {
             commit,
             count,
             read_seq,
+            lease_seq,
         } => {
             put_u8(out, 5);
             put_u64(out, prev_index);
@@ -110,6 +111,7 @@ pub fn encode_message(m: &Message, payload: Payload<'_>, out: &mut Vec<u8>) {
             put_u64(out, commit);
             put_u32(out, count);
             put_u64(out, read_seq);
+            put_u64(out, lease_seq);
         }
         Body::AppendResp {
             success,
@@ -202,6 +204,7 @@ pub fn decode_message(bytes: &[u8]) -> Result<(Message, OwnedPayload), DecodeErr
             commit: r.u64("append.commit")?,
             count: r.u32("append.count")?,
             read_seq: r.u64("append.read_seq")?,
+            lease_seq: r.u64("append.lease_seq")?,
         },
         6 => Body::AppendResp {
             success: r.bool("append_resp.success")?,
@@ -364,6 +367,7 @@ mod tests {
                 commit: 5,
                 count: 2,
                 read_seq: 9,
+                lease_seq: 4,
             },
         };
         let mut out = Vec::new();
@@ -412,6 +416,7 @@ mod tests {
                 commit: 0,
                 count: 1,
                 read_seq: 0,
+                lease_seq: 0,
             },
         };
         let mut out = Vec::new();
