@@ -1,37 +1,49 @@
-//! Snapshot and restore latency of the built-in guest, and its report interval.
+//! Snapshot, restore and fencing latency of the built-in guest.
 //!
-//! `cargo bench --bench snapshot` prints one JSON object per line on stdout (progress
-//! on stderr). Cases, per guest size (64 MiB and 1 GiB; `VIGIL_BENCH_SIZES_MIB=64,4096`
-//! overrides):
-//! - `full-<size>`: pause + full snapshot (memory + state written, fsynced, renamed);
-//! - `diff-<size>`: pause + diff snapshot after ~100 ms of guest work;
-//! - `restore-<size>`: restore of full + one diff until the vCPUs are ready to run;
-//! - `restore-to-report-<size>`: restore, resume, until the guest's first report;
-//! - `report-interval-<size>`: time between two guest reports (target ~10 ms).
+//! `cargo bench --bench snapshot` prints one JSON object per line on stdout
+//! (`bench`, `case`, `unit`, `n`, `p50`, `p99`, `max`); progress goes to stderr. Cases,
+//! per guest size (64 MiB, 512 MiB and 2 GiB; `VIGIL_BENCH_SIZES_MIB=64,4096`
+//! overrides), with the guest writing 1 % of its memory (every page of that 1 % in
+//! each ~10 ms round, so each diff covers the whole 1 %):
+//! - `full-snapshot-<size>`: a full snapshot (state + memory written, fsynced, renamed);
+//! - `full-pause-<size>`: how long the vCPUs were paused for it (pause to resume);
+//! - `diff-snapshot-<size>`: a diff snapshot after the guest touched 1 % of memory;
+//! - `diff-pause-<size>`: how long the vCPUs were paused for the diff;
+//! - `restore-to-run-<size>`: from the spawn of `vigil vmm --restore <full> --restore
+//!   <diff>` until its vCPUs are released into KVM_RUN (the VMM logs that instant);
+//! - `restore-to-report-<size>`: from the same spawn until the restored guest's first
+//!   report (an upper bound on the first guest instruction: the guest resumes in the
+//!   middle of a ~10 ms round of work and reports at its end).
 //!
-//! `VIGIL_BENCH_PREFILL=1` writes non-zero bytes into all guest memory above 2 MiB
-//! before the guest starts, so full snapshots and restores move every page (cases get
-//! a `-prefilled` suffix).
+//! And once, for a 64 MiB `vigil vmm` whose lease nobody renews:
+//! - `fence-lateness`: from the lease deadline until the VMM has paused its vCPUs;
+//! - `fence-last-report`: the guest's last report relative to the deadline (negative:
+//!   before it).
 //!
 //! Needs /dev/kvm; without it, prints why on stderr and exits successfully.
 
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use vigil_kvm::control::{Client, Request, VmmState};
+use vigil_kvm::monotonic_ns;
 use vigil_kvm::snapshot::SnapshotKind;
-use vigil_kvm::vcpu::{Report, ReportSink};
 use vigil_kvm::vm::{Vm, VmConfig};
+
+const MAX_FRAME: usize = vigil::limits::MAX_VMM_CONTROL_FRAME_BYTES;
+const PATIENCE: Duration = Duration::from_secs(120);
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-fn emit(case: &str, unit: &str, samples: &mut [f64], extra: &str) {
+fn emit(case: &str, samples: &mut [f64]) {
+    assert!(!samples.is_empty(), "{case}: no samples");
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
     println!(
-        "{{\"bench\":\"snapshot\",\"case\":\"{case}\",\"unit\":\"{unit}\",\"n\":{},\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}{extra}}}",
+        "{{\"bench\":\"snapshot\",\"case\":\"{case}\",\"unit\":\"ms\",\"n\":{},\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}}}",
         samples.len(),
         percentile(samples, 50.0),
         percentile(samples, 99.0),
@@ -43,120 +55,195 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
+fn ns_to_ms(ns: i64) -> f64 {
+    ns as f64 / 1e6
+}
+
 fn wait_reports(vm: &Vm, more: u64) {
     let target = vm.reports() + more;
     let start = Instant::now();
     while vm.reports() < target {
         assert!(vm.failure().is_none(), "{:?}", vm.failure());
-        assert!(start.elapsed() < Duration::from_secs(120), "no reports");
+        assert!(start.elapsed() < PATIENCE, "no reports");
         std::thread::sleep(Duration::from_millis(1));
     }
 }
 
-fn bench_size(mib: u64, rounds: usize, dir: &std::path::Path) {
-    let label = if mib >= 1024 && mib % 1024 == 0 {
+/// A `vigil vmm` child, killed by PID when dropped.
+struct VmmChild(Child);
+
+impl Drop for VmmChild {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) of our own child, not yet reaped.
+        unsafe { libc::kill(self.0.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_vmm(dir: &Path, name: &str, deadline_ns: u64, extra: &[&str]) -> VmmChild {
+    let child = Command::new(env!("CARGO_BIN_EXE_vigil"))
+        .arg("vmm")
+        .arg("--control")
+        .arg(dir.join(format!("{name}.sock")))
+        .args(["--token", "1"])
+        .args(["--lease-deadline-ns", &deadline_ns.to_string()])
+        .arg("--report-file")
+        .arg(dir.join(format!("{name}.reports")))
+        .args(extra)
+        .env("VIGIL_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+        .spawn()
+        .expect("spawn vigil vmm");
+    VmmChild(child)
+}
+
+/// Report timestamps (first field of each line) of a report file.
+fn report_times(path: &Path) -> Vec<u64> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// The number logged after `marker` (e.g. "released at ") in a VMM log.
+fn logged_ns(path: &Path, marker: &str) -> Option<u64> {
+    let log = std::fs::read_to_string(path).ok()?;
+    let at = log.find(marker)? + marker.len();
+    log[at..].split(' ').next()?.parse().ok()
+}
+
+fn label(mib: u64) -> String {
+    if mib >= 1024 && mib % 1024 == 0 {
         format!("{}GiB", mib / 1024)
     } else {
         format!("{mib}MiB")
-    };
-    eprintln!("snapshot bench: {label}, {rounds} rounds");
-    let reports: Arc<Mutex<Vec<u64>>> = Arc::new(Mutex::new(Vec::new()));
-    let sink_reports = reports.clone();
-    let sink: ReportSink = Arc::new(move |r: &Report| {
-        sink_reports.lock().unwrap().push(r.monotonic_ns);
-    });
-    let mut config = VmConfig::new(mib << 20, 1);
-    config.touch_percent = 10;
-    config.touch_pages_per_round = 64;
-    let mut vm = Vm::create(&config, Some(sink)).expect("create VM");
-    let label = if std::env::var_os("VIGIL_BENCH_PREFILL").is_some() {
-        let chunk = vec![0xA5u8; 1 << 20];
-        let mut gpa = vigil_kvm::guest::TOUCH_REGION_GPA;
-        while gpa < vm.memory().len() {
-            let n = chunk.len().min((vm.memory().len() - gpa) as usize);
-            vm.memory().write_bytes(gpa, &chunk[..n]);
-            gpa += n as u64;
-        }
-        format!("{label}-prefilled")
-    } else {
-        label
-    };
-    vm.resume().unwrap();
-    wait_reports(&vm, 50);
+    }
+}
 
-    let (mut full, mut diff, mut restore, mut to_report) = (vec![], vec![], vec![], vec![]);
-    let (mut full_pages, mut diff_pages) = (0, 0);
+fn bench_size(mib: u64, rounds: usize, dir: &Path) {
+    let label = label(mib);
+    eprintln!("snapshot bench: {label}, {rounds} rounds");
+    let mut config = VmConfig::new(mib << 20, 1);
+    config.touch_percent = 1;
+    // Every page of the 1 % in each round.
+    let region_pages = ((mib << 20) - vigil_kvm::guest::TOUCH_REGION_GPA) / 4096;
+    config.touch_pages_per_round = (region_pages / 100).max(1);
+    let mut vm = Vm::create(&config, None).expect("create VM");
+    vm.resume().unwrap();
+    wait_reports(&vm, 20);
+
+    let (mut full, mut full_pause, mut diff, mut diff_pause) = (vec![], vec![], vec![], vec![]);
+    let (mut to_run, mut to_report) = (vec![], vec![]);
     for round in 0..rounds {
         let base = dir.join(format!("{label}-{round}-full"));
         let child = dir.join(format!("{label}-{round}-diff"));
-        let start = Instant::now();
+        let paused = Instant::now();
         vm.pause().unwrap();
-        let info = vm.snapshot(SnapshotKind::Full, &base).unwrap();
+        let start = Instant::now();
+        let full_info = vm.snapshot(SnapshotKind::Full, &base).unwrap();
         full.push(ms(start.elapsed()));
-        full_pages = info.pages_written;
         vm.resume().unwrap();
-        wait_reports(&vm, 10);
-        let start = Instant::now();
+        full_pause.push(ms(paused.elapsed()));
+        // Two rounds: the guest has written its whole 1 % since the full snapshot.
+        wait_reports(&vm, 2);
+        let paused = Instant::now();
         vm.pause().unwrap();
-        let info = vm.snapshot(SnapshotKind::Diff, &child).unwrap();
-        diff.push(ms(start.elapsed()));
-        diff_pages = info.pages_written;
-        vm.resume().unwrap();
-
-        let chain: Vec<PathBuf> = vec![base.clone(), child.clone()];
         let start = Instant::now();
-        let restored = Vm::restore(&chain, true, None).unwrap();
-        restore.push(ms(start.elapsed()));
-        restored.resume().unwrap();
-        wait_reports(&restored, 1);
-        to_report.push(ms(start.elapsed()));
+        let diff_info = vm.snapshot(SnapshotKind::Diff, &child).unwrap();
+        diff.push(ms(start.elapsed()));
+        vm.resume().unwrap();
+        diff_pause.push(ms(paused.elapsed()));
+
+        // Restore in a new process, as the agent does after a host failure.
+        let name = format!("{label}-{round}-restored");
+        let spawned = monotonic_ns();
+        let restored = spawn_vmm(
+            dir,
+            &name,
+            spawned + 600_000_000_000,
+            &[
+                "--restore",
+                base.to_str().unwrap(),
+                "--restore",
+                child.to_str().unwrap(),
+            ],
+        );
+        let reports = dir.join(format!("{name}.reports"));
+        let log = dir.join(format!("{name}.log"));
+        let start = Instant::now();
+        let first_report = loop {
+            if let Some(&t) = report_times(&reports).first() {
+                break t;
+            }
+            assert!(start.elapsed() < PATIENCE, "the restored VM never reported");
+            std::thread::sleep(Duration::from_micros(200));
+        };
+        let released = logged_ns(&log, "released at ").expect("no release instant logged");
+        to_run.push(ns_to_ms(released as i64 - spawned as i64));
+        to_report.push(ns_to_ms(first_report as i64 - spawned as i64));
         drop(restored);
         let _ = std::fs::remove_dir_all(&base);
         let _ = std::fs::remove_dir_all(&child);
         eprintln!(
-            "  round {round}: full {:.1} ms, diff {:.1} ms",
-            full[round], diff[round]
+            "  round {round}: full {:.1} ms ({} pages), diff {:.1} ms ({} pages), \
+             restore to run {:.1} ms, to report {:.1} ms",
+            full[round],
+            full_info.pages_written,
+            diff[round],
+            diff_info.pages_written,
+            to_run[round],
+            to_report[round]
         );
     }
     vm.pause().unwrap();
-    let mut intervals: Vec<f64> = {
-        let times = reports.lock().unwrap();
-        times
-            .windows(2)
-            .map(|w| (w[1] - w[0]) as f64 / 1e6)
-            .filter(|&d| d < 100.0) // gaps across pauses are not guest work
-            .collect()
-    };
-    emit(
-        &format!("full-{label}"),
-        "ms",
-        &mut full,
-        &format!(",\"pages\":{full_pages}"),
-    );
-    emit(
-        &format!("diff-{label}"),
-        "ms",
-        &mut diff,
-        &format!(",\"pages\":{diff_pages}"),
-    );
-    emit(&format!("restore-{label}"), "ms", &mut restore, "");
-    emit(
-        &format!("restore-to-report-{label}"),
-        "ms",
-        &mut to_report,
-        "",
-    );
-    let per_s = if intervals.is_empty() {
-        0.0
-    } else {
-        1000.0 / (intervals.iter().sum::<f64>() / intervals.len() as f64)
-    };
-    emit(
-        &format!("report-interval-{label}"),
-        "ms",
-        &mut intervals,
-        &format!(",\"per_s\":{per_s:.1}"),
-    );
+    emit(&format!("full-snapshot-{label}"), &mut full);
+    emit(&format!("full-pause-{label}"), &mut full_pause);
+    emit(&format!("diff-snapshot-{label}"), &mut diff);
+    emit(&format!("diff-pause-{label}"), &mut diff_pause);
+    emit(&format!("restore-to-run-{label}"), &mut to_run);
+    emit(&format!("restore-to-report-{label}"), &mut to_report);
+}
+
+/// A VMM whose lease nobody renews: how late after the deadline its vCPUs stop.
+fn bench_fencing(rounds: usize, dir: &Path) {
+    eprintln!("snapshot bench: fencing, {rounds} rounds");
+    let (mut lateness, mut last_report) = (vec![], vec![]);
+    for round in 0..rounds {
+        let name = format!("fence-{round}");
+        let deadline = monotonic_ns() + 1_500_000_000;
+        let vmm = spawn_vmm(dir, &name, deadline, &["--abandon-after-ms", "600000"]);
+        let socket = dir.join(format!("{name}.sock"));
+        let start = Instant::now();
+        loop {
+            let fenced = Client::connect(&socket, PATIENCE, MAX_FRAME)
+                .ok()
+                .and_then(|mut c| c.status_of(&Request::Status).ok())
+                .is_some_and(|s| s.state == VmmState::Fenced);
+            if fenced {
+                break;
+            }
+            assert!(start.elapsed() < PATIENCE, "the VMM never fenced");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        let log = dir.join(format!("{name}.log"));
+        let paused = logged_ns(&log, "paused at ").expect("no fencing instant logged");
+        let last = *report_times(&dir.join(format!("{name}.reports")))
+            .last()
+            .expect("the guest never reported");
+        lateness.push(ns_to_ms(paused as i64 - deadline as i64));
+        last_report.push(ns_to_ms(last as i64 - deadline as i64));
+        drop(vmm);
+        eprintln!(
+            "  round {round}: vCPUs paused {:.3} ms after the deadline, last report at {:+.3} ms",
+            lateness[round], last_report[round]
+        );
+    }
+    emit("fence-lateness", &mut lateness);
+    emit("fence-last-report", &mut last_report);
 }
 
 fn main() {
@@ -167,12 +254,13 @@ fn main() {
     let sizes: Vec<u64> = std::env::var("VIGIL_BENCH_SIZES_MIB")
         .ok()
         .map(|s| s.split(',').filter_map(|v| v.trim().parse().ok()).collect())
-        .unwrap_or_else(|| vec![64, 1024]);
-    let dir = std::env::temp_dir().join(format!("vigil-snapshot-bench-{}", std::process::id()));
+        .unwrap_or_else(|| vec![64, 512, 2048]);
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("vigil-snapshot-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for mib in sizes {
-        let rounds = if mib <= 256 { 20 } else { 5 };
-        bench_size(mib, rounds, &dir);
+        bench_size(mib, 30, &dir);
     }
+    bench_fencing(10, &dir);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -570,3 +570,190 @@ fn restoring_a_corrupt_snapshot_fails_with_a_clear_error() {
     );
     assert!(stderr.contains("offset"), "no offset in: {stderr}");
 }
+
+/// Whether `pid` is gone (or a zombie nobody reaped yet: it has exited all the same).
+fn process_exited(pid: libc::pid_t) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+            .unwrap_or(false),
+    }
+}
+
+/// Re-adoption: a VMM started by one process (a shell playing the agent, which exits
+/// at once) is attached by another process (this test), which renews its lease with
+/// the current token, snapshots it, and stops it. The snapshot then restores.
+#[test]
+fn a_new_process_adopts_a_running_vmm_renews_snapshots_and_stops_it() {
+    if skip() {
+        return;
+    }
+    struct KillOnDrop(libc::pid_t);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if !process_exited(self.0) {
+                // SAFETY: kill(2) of the PID the test started (through the shell).
+                unsafe { libc::kill(self.0, libc::SIGKILL) };
+            }
+        }
+    }
+    let dir = TempDir::new("adopt");
+    let socket = dir.join("vmm.sock");
+    let reports = dir.join("reports");
+    // Short enough that only a renewal keeps the VM running through this test.
+    let first_deadline = vigil_kvm::monotonic_ns() + 5_000_000_000;
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(
+            "\"$0\" vmm --control \"$1\" --token 21 --lease-deadline-ns \"$2\" \
+             --report-file \"$4\" --abandon-after-ms 600000 \
+             >/dev/null 2>\"$3\" </dev/null & echo $!",
+        )
+        .arg(env!("CARGO_BIN_EXE_vigil"))
+        .arg(&socket)
+        .arg(first_deadline.to_string())
+        .arg(dir.join("vmm.log"))
+        .arg(&reports)
+        .output()
+        .expect("run sh");
+    assert!(output.status.success(), "the starting process failed");
+    let pid: libc::pid_t = String::from_utf8_lossy(&output.stdout)
+        .trim()
+        .parse()
+        .expect("pid");
+    let _guard = KillOnDrop(pid);
+    // The starting process has exited (output() waited for it); the VMM has not.
+    let start = Instant::now();
+    let mut client = loop {
+        if let Ok(client) = Client::connect(&socket, PATIENCE, MAX_FRAME) {
+            break client;
+        }
+        assert!(!process_exited(pid), "the VMM died with its starter");
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the control socket never came up"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let attached = client.status_of(&Request::Status).expect("status");
+    assert_eq!(attached.token, 21);
+    assert_eq!(attached.state, VmmState::Running);
+
+    // Renew with the current token: the lease now runs well past the first deadline.
+    let renewed_deadline = vigil_kvm::monotonic_ns() + 600_000_000_000;
+    let renewed = client
+        .status_of(&Request::Renew {
+            token: 21,
+            deadline_ns: renewed_deadline,
+        })
+        .expect("renew");
+    assert_eq!(renewed.state, VmmState::Running);
+    assert_eq!(renewed.lease_deadline_ns, renewed_deadline);
+
+    // Snapshot it; the snapshot leaves it running.
+    let snap = dir.join("snap");
+    let before = client.status_of(&Request::Status).unwrap().counter;
+    match client
+        .call(&Request::Snapshot {
+            kind: SnapshotKindWire::Full,
+            path: snap.clone(),
+        })
+        .unwrap()
+    {
+        Reply::Snapshot { pages_written, .. } => assert!(pages_written > 0),
+        other => panic!("snapshot: {other:?}"),
+    }
+    assert!(snap.join(vigil_kvm::snapshot::STATE_FILE).exists());
+    // The renewal carried it past the first deadline: still running, still counting.
+    while vigil_kvm::monotonic_ns() < first_deadline + 500_000_000 {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let later = client.status_of(&Request::Status).unwrap();
+    assert_eq!(later.state, VmmState::Running, "the renewal did not hold");
+    assert!(later.counter > before, "the adopted guest stopped counting");
+
+    // Stop it: the process exits.
+    client.status_of(&Request::Stop).expect("stop");
+    let start = Instant::now();
+    while !process_exited(pid) {
+        assert!(start.elapsed() < PATIENCE, "the adopted VMM did not stop");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(!socket.exists(), "the stopped VMM left its socket behind");
+    let ran = report_counters(&reports);
+    assert!(
+        ran.iter().all(|l| l[1] == 21),
+        "reports under another token"
+    );
+
+    // The snapshot the adopter took restores in a fresh VMM.
+    let restored_reports = dir.join("reports-restored");
+    let restored = Vmm::spawn(
+        &dir,
+        "restored",
+        22,
+        Duration::from_secs(600),
+        &[
+            "--restore",
+            snap.to_str().unwrap(),
+            "--report-file",
+            restored_reports.to_str().unwrap(),
+        ],
+    );
+    restored.wait_until("reports from the restored VM", |s| s.reports >= 2);
+    let first = report_counters(&restored_reports)[0][3];
+    assert!(
+        first > before,
+        "restored guest reported {first} first; the snapshot was taken after {before}"
+    );
+}
+
+/// No renewals: once the lease deadline passes, the guest stops. Measured on the
+/// guest's own reports (CLOCK_MONOTONIC, written by the vCPU thread on each report
+/// exit): no report may be stamped later than the deadline plus a generous bound.
+/// The actual lateness (typically well under a millisecond) is measured by
+/// `cargo bench --bench snapshot` (case `fence-lateness`); this test only proves that
+/// the vCPUs stop, with room for a descheduled thread on a loaded 2-core CI machine.
+#[test]
+fn without_renewals_the_guest_stops_at_the_lease_deadline() {
+    if skip() {
+        return;
+    }
+    const BOUND_NS: u64 = 100_000_000;
+    let dir = TempDir::new("deadline");
+    let reports = dir.join("reports");
+    let lease = Duration::from_secs(3);
+    let before_spawn = vigil_kvm::monotonic_ns();
+    let vmm = Vmm::spawn(
+        &dir,
+        "vmm",
+        31,
+        lease,
+        &[
+            "--report-file",
+            reports.to_str().unwrap(),
+            "--abandon-after-ms",
+            "600000",
+        ],
+    );
+    let deadline = vmm.status().lease_deadline_ns;
+    assert!(deadline >= before_spawn + lease.as_nanos() as u64);
+    vmm.wait_until("fencing", |s| s.state == VmmState::Fenced);
+    // Let any report still in flight land in the file before reading it.
+    std::thread::sleep(Duration::from_millis(300));
+    let lines = report_counters(&reports);
+    assert!(
+        lines.iter().any(|l| l[0] < deadline),
+        "the guest never ran before its deadline; the test proves nothing"
+    );
+    let last = lines.iter().map(|l| l[0]).max().unwrap();
+    assert!(
+        last <= deadline + BOUND_NS,
+        "the guest reported {} ms after its lease deadline",
+        (last - deadline) / 1_000_000
+    );
+    assert_eq!(vmm.status().state, VmmState::Fenced);
+}

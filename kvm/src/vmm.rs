@@ -244,6 +244,9 @@ pub fn run(options: VmmOptions, limits: &VmmLimits) -> Result<u8> {
     if monotonic_ns() < vmm.lease_deadline_ns {
         vmm.vm.resume()?;
         vmm.state = VmmState::Running;
+        // The instant the vCPUs were released into KVM_RUN, for measurements
+        // (benches/snapshot.rs, `restore-to-run`).
+        log::info!("vmm: vCPUs released at {} ns", monotonic_ns());
     } else {
         vmm.fence("the lease deadline had passed at start");
     }
@@ -284,7 +287,11 @@ impl Vmm {
             // A failed vCPU is not running either; the guest is stopped regardless.
             log::error!("vmm: pausing for fencing: {e}");
         }
-        log::warn!("vmm: fenced ({why}); vCPUs paused, memory kept");
+        // The instant is logged for measurements (benches/snapshot.rs, `fence-lateness`).
+        log::warn!(
+            "vmm: fenced ({why}); vCPUs paused at {} ns, memory kept",
+            monotonic_ns()
+        );
         self.state = VmmState::Fenced;
         self.fenced_at_ns = Some(monotonic_ns());
     }

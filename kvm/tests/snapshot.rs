@@ -160,3 +160,80 @@ fn diff_chain_restores_memory_exactly() {
         || restored.counter_in_memory(0) > counter + 2,
     );
 }
+
+/// A large guest (2 GiB, sparse: the guest keeps writing 1 % of it) through a full
+/// snapshot and a chain of two diffs. The restored memory equals the original in every
+/// page the guest or the VMM wrote (low memory and the touch region) and in a sample
+/// of the untouched rest; the counter continues.
+#[test]
+fn large_guest_restores_through_a_full_and_diff_chain() {
+    if let Err(why) = vigil_kvm::kvm_available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = TempDir::new("large");
+    let mut config = VmConfig::new(2 << 30, 1);
+    config.touch_percent = 1;
+    config.touch_pages_per_round = 256;
+    let mut vm = Vm::create(&config, None).expect("create a 2 GiB VM");
+    run_until_counter_grows(&vm, 3);
+    let base = dir.path().join("0-full");
+    vm.snapshot(SnapshotKind::Full, &base).expect("full");
+    let mut chain = vec![base];
+    for i in 1..=2 {
+        run_until_counter_grows(&vm, 3);
+        let path = dir.path().join(format!("{i}-diff"));
+        let info = vm.snapshot(SnapshotKind::Diff, &path).expect("diff");
+        let total = vm.memory().pages();
+        assert!(
+            info.pages_written > 0 && info.pages_written < total / 50,
+            "diff {i} wrote {} of {total} pages",
+            info.pages_written
+        );
+        chain.push(path);
+    }
+    // Low memory and the touch region (1 % of memory, rounded up), plus a margin.
+    let written = vigil_kvm::guest::TOUCH_REGION_GPA + vm.memory().len() / 100 + (1 << 20);
+    let mut ranges = vec![(0, written)];
+    // Samples of memory nobody wrote: they must read back as zero on both sides.
+    let len = vm.memory().len();
+    for at in [len / 4, len / 2, len - (1 << 20)] {
+        ranges.push((at, 1 << 20));
+    }
+    let read = |vm: &Vm| -> Vec<Vec<u8>> {
+        ranges
+            .iter()
+            .map(|&(start, n)| {
+                let mut bytes = vec![0u8; n as usize];
+                vm.memory().read_bytes(start, &mut bytes);
+                bytes
+            })
+            .collect()
+    };
+    let expected = read(&vm);
+    let counter = vm.counter_in_memory(0);
+    drop(vm);
+
+    let restored = Vm::restore(&chain, true, None).expect("restore the chain");
+    assert_eq!(restored.memory().len(), 2 << 30);
+    let actual = read(&restored);
+    for (i, (e, a)) in expected.iter().zip(&actual).enumerate() {
+        let first = e.iter().zip(a).position(|(x, y)| x != y);
+        assert_eq!(
+            first, None,
+            "restored memory differs in range {i} (from {:#x})",
+            ranges[i].0
+        );
+    }
+    assert!(expected[1..].iter().all(|r| r.iter().all(|&b| b == 0)));
+    assert_eq!(restored.counter_in_memory(0), counter);
+    restored.resume().unwrap();
+    wait_for(
+        "the large restored counter to grow",
+        Duration::from_secs(60),
+        || {
+            assert!(restored.failure().is_none(), "{:?}", restored.failure());
+            restored.counter_in_memory(0) > counter + 2
+        },
+    );
+}
