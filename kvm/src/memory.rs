@@ -226,65 +226,60 @@ impl GuestMemory {
 
     /// Writes pages `[first, first + count)` to `file` at the same offset.
     pub fn write_pages_to(&self, file: &File, first: u64, count: u64) -> io::Result<()> {
-        let mut offset = first * PAGE_SIZE;
-        let end = (first + count) * PAGE_SIZE;
-        self.check(offset, end - offset);
-        while offset < end {
-            let chunk = (end - offset).min(1 << 30) as usize;
-            // SAFETY: the source range is inside the mapping (checked above); pwrite only
-            // reads it.
-            let n = unsafe {
-                libc::pwrite(
-                    file.as_raw_fd(),
-                    self.ptr.add(offset as usize) as *const libc::c_void,
-                    chunk,
-                    offset as libc::off_t,
-                )
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::WriteZero, "pwrite wrote 0"));
-            }
-            offset += n as u64;
-        }
-        Ok(())
+        self.transfer_pages(first, count, |at, len, offset| {
+            // SAFETY: `transfer_pages` hands out only ranges inside the mapping; pwrite only
+            // reads them.
+            unsafe { libc::pwrite(file.as_raw_fd(), at as *const libc::c_void, len, offset) }
+        })
+        .map_err(|e| match e {
+            Transfer::Zero { .. } => io::Error::new(io::ErrorKind::WriteZero, "pwrite wrote 0"),
+            Transfer::Io(e) => e,
+        })
     }
 
     /// Reads pages `[first, first + count)` from `file` (same offsets) into memory.
     pub fn read_pages_from(&self, file: &File, first: u64, count: u64) -> io::Result<()> {
+        let end = (first + count) * PAGE_SIZE;
+        self.transfer_pages(first, count, |at, len, offset| {
+            // SAFETY: `transfer_pages` hands out only ranges inside the mapping, which is
+            // writable; no Rust reference to it exists during the call.
+            unsafe { libc::pread(file.as_raw_fd(), at as *mut libc::c_void, len, offset) }
+        })
+        .map_err(|e| match e {
+            Transfer::Zero { at } => io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("memory file ends at byte {at}, expected {end}"),
+            ),
+            Transfer::Io(e) => e,
+        })
+    }
+
+    /// Runs `call` (a pread or pwrite between the file and guest memory at the same
+    /// offset) over pages `[first, first + count)` in chunks of at most 1 GiB, retrying
+    /// on EINTR and continuing after short transfers.
+    fn transfer_pages(
+        &self,
+        first: u64,
+        count: u64,
+        mut call: impl FnMut(*mut u8, usize, libc::off_t) -> isize,
+    ) -> Result<(), Transfer> {
         let mut offset = first * PAGE_SIZE;
         let end = (first + count) * PAGE_SIZE;
         self.check(offset, end - offset);
         while offset < end {
             let chunk = (end - offset).min(1 << 30) as usize;
-            // SAFETY: the destination range is inside the mapping (checked above), which is
-            // writable; no Rust reference to it exists during the call.
-            let n = unsafe {
-                libc::pread(
-                    file.as_raw_fd(),
-                    self.ptr.add(offset as usize) as *mut libc::c_void,
-                    chunk,
-                    offset as libc::off_t,
-                )
-            };
+            // SAFETY: `offset` is inside the mapping (checked above), so the pointer is too.
+            let at = unsafe { self.ptr.add(offset as usize) };
+            let n = call(at, chunk, offset as libc::off_t);
             if n < 0 {
                 let err = io::Error::last_os_error();
                 if err.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
-                return Err(err);
+                return Err(Transfer::Io(err));
             }
             if n == 0 {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("memory file ends at byte {offset}, expected {end}"),
-                ));
+                return Err(Transfer::Zero { at: offset });
             }
             offset += n as u64;
         }
@@ -298,4 +293,13 @@ impl Drop for GuestMemory {
         // (KVM's slot is gone with the VM fd, which owners drop first).
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len as usize) };
     }
+}
+
+/// Why a page transfer stopped early.
+enum Transfer {
+    Io(io::Error),
+    /// A call moved 0 bytes at this offset (end of file, or a full device).
+    Zero {
+        at: u64,
+    },
 }
