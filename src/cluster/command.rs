@@ -100,6 +100,22 @@ pub enum SnapshotKind {
     Diff,
 }
 
+impl SnapshotKind {
+    /// Reads the one-byte kind (1 full, 2 diff) that `snapshot_kind_tag` wrote.
+    pub fn decode(r: &mut Reader<'_>) -> Result<SnapshotKind, DecodeError> {
+        let at = r.offset();
+        match r.u8("snapshot.kind")? {
+            1 => Ok(SnapshotKind::Full),
+            2 => Ok(SnapshotKind::Diff),
+            other => Err(invalid_at(
+                "snapshot.kind",
+                at,
+                format!("unknown snapshot kind {other}"),
+            )),
+        }
+    }
+}
+
 /// A snapshot written, fsynced and renamed on shared storage, to be recorded.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SnapshotRecord {
@@ -429,18 +445,7 @@ impl Command {
                 let vm = vm_id(r, "snapshot.vm")?;
                 let token = r.u64("snapshot.token")?;
                 let seq = r.u64("snapshot.seq")?;
-                let at = r.offset();
-                let kind = match r.u8("snapshot.kind")? {
-                    1 => SnapshotKind::Full,
-                    2 => SnapshotKind::Diff,
-                    other => {
-                        return Err(invalid_at(
-                            "snapshot.kind",
-                            at,
-                            format!("unknown snapshot kind {other}"),
-                        ))
-                    }
-                };
+                let kind = SnapshotKind::decode(r)?;
                 Command::SnapshotCommitted(SnapshotRecord {
                     vm,
                     token,

@@ -1039,18 +1039,7 @@ impl ClusterState {
             for _ in 0..chain_len {
                 let token = r.u64("snapshot.token")?;
                 let seq = r.u64("snapshot.seq")?;
-                let at = r.offset();
-                let kind = match r.u8("snapshot.kind")? {
-                    1 => SnapshotKind::Full,
-                    2 => SnapshotKind::Diff,
-                    other => {
-                        return Err(invalid_at(
-                            "snapshot.kind",
-                            at,
-                            format!("unknown snapshot kind {other}"),
-                        ))
-                    }
-                };
+                let kind = SnapshotKind::decode(r)?;
                 chain.push(CommittedSnapshot {
                     token,
                     seq,

@@ -762,31 +762,7 @@ impl Node {
                     let bytes = Command::Kv(command).to_bytes(RequestId(w.request_id));
                     match self.raft.propose(now_ns(now), &bytes) {
                         Ok((index, term)) => {
-                            let wid = self.next_wait;
-                            self.next_wait += 1;
-                            self.waiting.insert(
-                                wid,
-                                Waiting::Write {
-                                    term,
-                                    reply,
-                                    proposed_at: now,
-                                },
-                            );
-                            if let Some(old) = self.writes.insert(index, wid) {
-                                // An older proposal at this index was overwritten.
-                                if let Some(Waiting::Write { reply, .. }) =
-                                    self.waiting.remove(&old)
-                                {
-                                    self.answer(
-                                        reply,
-                                        503,
-                                        &api::error_json(
-                                            "the entry was replaced by a new leader; retry",
-                                            "retry",
-                                        ),
-                                    );
-                                }
-                            }
+                            self.wait_for_commit(index, term, reply, now);
                             self.collect()
                         }
                         Err(e) => {
@@ -799,6 +775,31 @@ impl Node {
         }
     }
 
+    /// Remembers `reply` until the entry proposed at `index` in `term` applies. An older
+    /// proposal waiting on the same index was overwritten by a new leader: it is told to
+    /// retry.
+    fn wait_for_commit(&mut self, index: Index, term: Term, reply: Reply, now: Instant) {
+        let wid = self.next_wait;
+        self.next_wait += 1;
+        self.waiting.insert(
+            wid,
+            Waiting::Write {
+                term,
+                reply,
+                proposed_at: now,
+            },
+        );
+        if let Some(old) = self.writes.insert(index, wid) {
+            if let Some(Waiting::Write { reply, .. }) = self.waiting.remove(&old) {
+                self.answer(
+                    reply,
+                    503,
+                    &api::error_json("the entry was replaced by a new leader; retry", "retry"),
+                );
+            }
+        }
+    }
+
     fn change_membership(
         &mut self,
         reply: Reply,
@@ -807,28 +808,7 @@ impl Node {
     ) -> Result<(), String> {
         match self.raft.change_membership(now_ns(now), change) {
             Ok((index, term)) => {
-                let wid = self.next_wait;
-                self.next_wait += 1;
-                self.waiting.insert(
-                    wid,
-                    Waiting::Write {
-                        term,
-                        reply,
-                        proposed_at: now,
-                    },
-                );
-                if let Some(old) = self.writes.insert(index, wid) {
-                    if let Some(Waiting::Write { reply, .. }) = self.waiting.remove(&old) {
-                        self.answer(
-                            reply,
-                            503,
-                            &api::error_json(
-                                "the entry was replaced by a new leader; retry",
-                                "retry",
-                            ),
-                        );
-                    }
-                }
+                self.wait_for_commit(index, term, reply, now);
                 self.publish("membership", serde_json::json!({"change": format!("{change:?}"), "index": index, "node_id": self.id}));
                 self.collect()
             }
