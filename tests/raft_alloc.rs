@@ -6,18 +6,31 @@
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use vigil::raft::*;
 
 struct Counting;
 
-static COUNTING: AtomicBool = AtomicBool::new(false);
+thread_local! {
+    /// Counting is per thread: only the thread driving the core is measured, not the
+    /// test harness's own threads (which may allocate at any moment).
+    static COUNTING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn counting() -> bool {
+    // `try_with`: no panic if a thread allocates while its locals are torn down.
+    COUNTING.try_with(|c| c.get()).unwrap_or(false)
+}
+
+fn set_counting(on: bool) -> bool {
+    COUNTING.with(|c| c.replace(on))
+}
 static ALLOCATIONS: AtomicU64 = AtomicU64::new(0);
 
 // SAFETY: delegates to the system allocator; only counts calls.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if counting() {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: same contract as the caller's.
@@ -28,7 +41,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if COUNTING.load(Ordering::Relaxed) {
+        if counting() {
             ALLOCATIONS.fetch_add(1, Ordering::Relaxed);
         }
         // SAFETY: same contract as the caller's.
@@ -41,9 +54,9 @@ static GLOBAL: Counting = Counting;
 
 /// Runs `f` with counting off (test glue).
 fn glue<T>(f: impl FnOnce() -> T) -> T {
-    let was = COUNTING.swap(false, Ordering::Relaxed);
+    let was = set_counting(false);
     let r = f();
-    COUNTING.store(was, Ordering::Relaxed);
+    set_counting(was);
     r
 }
 
@@ -142,7 +155,7 @@ fn steady_state_commits_do_not_allocate() {
             rounds += 1;
             assert!(rounds < 1_000_000, "no progress");
             now += MS / 2;
-            COUNTING.store(count, Ordering::Relaxed);
+            set_counting(count);
             for n in nodes.iter_mut() {
                 n.raft.tick(now);
                 finish(n, &mut storage, &mut queue);
@@ -171,7 +184,7 @@ fn steady_state_commits_do_not_allocate() {
                 finish(n, &mut storage, &mut queue);
                 glue(|| drop(entries));
             }
-            COUNTING.store(false, Ordering::Relaxed);
+            set_counting(false);
         }
         proposed
     };
