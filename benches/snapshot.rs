@@ -5,12 +5,18 @@
 //! per guest size (64 MiB, 512 MiB and 2 GiB; `VIGIL_BENCH_SIZES_MIB=64,4096`
 //! overrides), with the guest writing 1 % of its memory (every page of that 1 % in
 //! each ~10 ms round, so each diff covers the whole 1 %):
-//! - `full-snapshot-<size>`: a full snapshot (state + memory written, fsynced, renamed);
-//! - `full-pause-<size>`: how long the vCPUs were paused for it (pause to resume);
-//! - `diff-snapshot-<size>`: a diff snapshot after the guest touched 1 % of memory;
-//! - `diff-pause-<size>`: how long the vCPUs were paused for the diff;
+//! - `full-snapshot-<size>`: a full snapshot, from its capture until its files are
+//!   written, fsynced and renamed (the guest runs again during the writing);
+//! - `full-pause-<size>`: how long the vCPUs were paused for it (pause, capture,
+//!   resume), as `vigil vmm` does it, with its default snapshot buffer;
+//! - `diff-snapshot-<size>`, `diff-pause-<size>`: the same for a diff snapshot after
+//!   the guest touched 1 % of memory;
+//! - `diff-pause-{dirty-log,copy,state}-<size>`: parts of the diff's capture: the dirty
+//!   log, copying the pages aside, saving vCPU and VM state;
 //! - `restore-to-run-<size>`: from the spawn of `vigil vmm --restore <full> --restore
 //!   <diff>` until its vCPUs are released into KVM_RUN (the VMM logs that instant);
+//!   `restore-exec-<size>`: the part until the VMM's `main` is entered (fork + exec);
+//!   `restore-in-vmm-<size>`: the part in `Vm::restore` (the VMM logs its breakdown);
 //! - `restore-to-report-<size>`: from the same spawn until the restored guest's first
 //!   report (an upper bound on the first guest instruction: the guest resumes in the
 //!   middle of a ~10 ms round of work and reports at its end).
@@ -28,11 +34,28 @@ use std::time::{Duration, Instant};
 
 use vigil_kvm::control::{Client, Request, VmmState};
 use vigil_kvm::monotonic_ns;
-use vigil_kvm::snapshot::SnapshotKind;
+use vigil_kvm::snapshot::{SnapshotInfo, SnapshotKind, SnapshotOptions};
 use vigil_kvm::vm::{Vm, VmConfig};
 
 const MAX_FRAME: usize = vigil::limits::MAX_VMM_CONTROL_FRAME_BYTES;
 const PATIENCE: Duration = Duration::from_secs(120);
+/// What `vigil vmm` uses unless told otherwise.
+const SNAPSHOT_OPTIONS: SnapshotOptions = SnapshotOptions {
+    buffer_cap_bytes: vigil_kvm::vmm::DEFAULT_SNAPSHOT_BUFFER_MIB << 20,
+};
+
+/// One snapshot as `vigil vmm` takes it: pause, capture, resume, then write while the
+/// guest runs. Returns what it wrote, the pause (ms) and capture-to-durable time (ms).
+fn snapshot(vm: &mut Vm, kind: SnapshotKind, dir: &Path) -> (SnapshotInfo, f64, f64) {
+    let paused = Instant::now();
+    vm.pause().unwrap();
+    let start = Instant::now();
+    let capture = vm.capture(kind, dir, &SNAPSHOT_OPTIONS).unwrap();
+    vm.resume().unwrap();
+    let pause = ms(paused.elapsed());
+    let info = vm.finish_snapshot(capture.write()).unwrap();
+    (info, pause, ms(start.elapsed()))
+}
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
@@ -109,7 +132,7 @@ fn report_times(path: &Path) -> Vec<u64> {
 }
 
 /// The number logged after `marker` (e.g. "released at ") in a VMM log.
-fn logged_ns(path: &Path, marker: &str) -> Option<u64> {
+fn logged<T: std::str::FromStr>(path: &Path, marker: &str) -> Option<T> {
     let log = std::fs::read_to_string(path).ok()?;
     let at = log.find(marker)? + marker.len();
     log[at..].split(' ').next()?.parse().ok()
@@ -136,26 +159,26 @@ fn bench_size(mib: u64, rounds: usize, dir: &Path) {
     wait_reports(&vm, 20);
 
     let (mut full, mut full_pause, mut diff, mut diff_pause) = (vec![], vec![], vec![], vec![]);
-    let (mut to_run, mut to_report) = (vec![], vec![]);
+    let (mut dirty_log, mut copy, mut state) = (vec![], vec![], vec![]);
+    let (mut to_run, mut to_report, mut exec, mut in_vmm) = (vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
         let base = dir.join(format!("{label}-{round}-full"));
         let child = dir.join(format!("{label}-{round}-diff"));
-        let paused = Instant::now();
-        vm.pause().unwrap();
-        let start = Instant::now();
-        let full_info = vm.snapshot(SnapshotKind::Full, &base).unwrap();
-        full.push(ms(start.elapsed()));
-        vm.resume().unwrap();
-        full_pause.push(ms(paused.elapsed()));
+        let (full_info, pause, total) = snapshot(&mut vm, SnapshotKind::Full, &base);
+        full.push(total);
+        full_pause.push(pause);
         // Two rounds: the guest has written its whole 1 % since the full snapshot.
         wait_reports(&vm, 2);
-        let paused = Instant::now();
-        vm.pause().unwrap();
-        let start = Instant::now();
-        let diff_info = vm.snapshot(SnapshotKind::Diff, &child).unwrap();
-        diff.push(ms(start.elapsed()));
-        vm.resume().unwrap();
-        diff_pause.push(ms(paused.elapsed()));
+        let (diff_info, pause, total) = snapshot(&mut vm, SnapshotKind::Diff, &child);
+        diff.push(total);
+        diff_pause.push(pause);
+        assert!(
+            !diff_info.written_while_paused,
+            "the diff exceeded the buffer"
+        );
+        dirty_log.push(ns_to_ms(diff_info.pause.dirty_log_ns as i64));
+        copy.push(ns_to_ms(diff_info.pause.memory_ns as i64));
+        state.push(ns_to_ms(diff_info.pause.state_ns as i64));
 
         // Restore in a new process, as the agent does after a host failure.
         let name = format!("{label}-{round}-restored");
@@ -181,20 +204,29 @@ fn bench_size(mib: u64, rounds: usize, dir: &Path) {
             assert!(start.elapsed() < PATIENCE, "the restored VM never reported");
             std::thread::sleep(Duration::from_micros(200));
         };
-        let released = logged_ns(&log, "released at ").expect("no release instant logged");
+        let released = logged::<u64>(&log, "released at ").expect("no release instant logged");
         to_run.push(ns_to_ms(released as i64 - spawned as i64));
+        let entered = logged::<u64>(&log, "main entered at ").expect("no main instant logged");
+        exec.push(ns_to_ms(entered as i64 - spawned as i64));
+        let took = logged::<f64>(&log, "restore took ").expect("no restore time logged");
+        in_vmm.push(took);
         to_report.push(ns_to_ms(first_report as i64 - spawned as i64));
         drop(restored);
         let _ = std::fs::remove_dir_all(&base);
         let _ = std::fs::remove_dir_all(&child);
         eprintln!(
             "  round {round}: full {:.1} ms ({} pages), diff {:.1} ms ({} pages), \
-             restore to run {:.1} ms, to report {:.1} ms",
+             pauses {:.2} / {:.2} ms, restore to run {:.1} ms (exec {:.1}, restore {:.1}), \
+             to report {:.1} ms",
             full[round],
             full_info.pages_written,
             diff[round],
             diff_info.pages_written,
+            full_pause[round],
+            diff_pause[round],
             to_run[round],
+            exec[round],
+            in_vmm[round],
             to_report[round]
         );
     }
@@ -203,7 +235,12 @@ fn bench_size(mib: u64, rounds: usize, dir: &Path) {
     emit(&format!("full-pause-{label}"), &mut full_pause);
     emit(&format!("diff-snapshot-{label}"), &mut diff);
     emit(&format!("diff-pause-{label}"), &mut diff_pause);
+    emit(&format!("diff-pause-dirty-log-{label}"), &mut dirty_log);
+    emit(&format!("diff-pause-copy-{label}"), &mut copy);
+    emit(&format!("diff-pause-state-{label}"), &mut state);
     emit(&format!("restore-to-run-{label}"), &mut to_run);
+    emit(&format!("restore-exec-{label}"), &mut exec);
+    emit(&format!("restore-in-vmm-{label}"), &mut in_vmm);
     emit(&format!("restore-to-report-{label}"), &mut to_report);
 }
 
@@ -230,7 +267,7 @@ fn bench_fencing(rounds: usize, dir: &Path) {
         }
         std::thread::sleep(Duration::from_millis(100));
         let log = dir.join(format!("{name}.log"));
-        let paused = logged_ns(&log, "paused at ").expect("no fencing instant logged");
+        let paused = logged::<u64>(&log, "paused at ").expect("no fencing instant logged");
         let last = *report_times(&dir.join(format!("{name}.reports")))
             .last()
             .expect("the guest never reported");

@@ -254,6 +254,44 @@ impl GuestMemory {
         })
     }
 
+    /// Replaces pages `[first, first + count)` of a private mapping with a private
+    /// (copy-on-write, lazy) mapping of the same range of `file`: nothing is read now,
+    /// the pages come from `file` when first touched. `&mut self`: no vCPU or KVM slot
+    /// may use the memory meanwhile (a restore does this before creating the VM).
+    pub fn map_file_pages(&mut self, file: &File, first: u64, count: u64) -> io::Result<()> {
+        assert!(self.private, "only a private mapping takes file pages");
+        let offset = first * PAGE_SIZE;
+        let len = count * PAGE_SIZE;
+        self.check(offset, len);
+        let file_len = file.metadata()?.len();
+        if offset + len > file_len {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!(
+                    "memory file ends at byte {file_len}, expected {}",
+                    offset + len
+                ),
+            ));
+        }
+        // SAFETY: the target range lies inside our own mapping (checked), so MAP_FIXED
+        // replaces only pages this value owns; nothing else references them (`&mut`).
+        let at = unsafe {
+            libc::mmap(
+                self.ptr.add(offset as usize) as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                file.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if at == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        assert_eq!(at as usize, self.ptr as usize + offset as usize);
+        Ok(())
+    }
+
     /// Runs `call` (a pread or pwrite between the file and guest memory at the same
     /// offset) over pages `[first, first + count)` in chunks of at most 1 GiB, retrying
     /// on EINTR and continuing after short transfers.

@@ -9,6 +9,12 @@
 //! carrying its current fencing token, exits on `stop`, and exits by itself once it has
 //! been fenced for the abandon timeout.
 //!
+//! A snapshot pauses the vCPUs only to capture it (dirty log, state, pages copied
+//! into a bounded buffer, see `Vm::capture`); a writer thread then writes and fsyncs
+//! the files while the guest runs again and this loop keeps serving (renewals, the
+//! watchdog). The snapshot's reply is sent once its files are durable; meanwhile that
+//! connection's further requests, and snapshot requests from other connections, wait.
+//!
 //! The process calls setsid() so it outlives the agent that spawned it.
 
 use std::ffi::OsString;
@@ -17,7 +23,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use crate::control::{
@@ -25,7 +32,7 @@ use crate::control::{
     ERROR_BAD_REQUEST, ERROR_FAILED, ERROR_FENCED, ERROR_STALE_TOKEN,
 };
 use crate::monotonic_ns;
-use crate::snapshot::SnapshotKind;
+use crate::snapshot::{Capture, SnapshotKind, SnapshotOptions, Written};
 use crate::vcpu::{Report, ReportSink};
 use crate::vm::{Error, Result, Vm, VmConfig};
 
@@ -58,7 +65,14 @@ pub struct VmmOptions {
     pub abandon_after_ns: u64,
     /// Guest reports are appended here as `<monotonic_ns> <token> <vcpu> <counter>`.
     pub report_file: Option<PathBuf>,
+    /// Most bytes of guest memory a snapshot copies aside while the vCPUs are paused
+    /// (`SnapshotOptions::buffer_cap_bytes`); the VMM keeps a buffer up to this size.
+    pub snapshot_buffer_bytes: u64,
 }
+
+/// Default of `--snapshot-buffer-mib`: 1 % of a 6 GiB guest. The agent should pass its
+/// own bound (vigil's limits) explicitly.
+pub const DEFAULT_SNAPSHOT_BUFFER_MIB: u64 = 64;
 
 /// Exit codes of `vigil vmm`.
 pub const EXIT_STOPPED: u8 = 0;
@@ -82,6 +96,9 @@ Runs one VM (the built-in guest, or a restored snapshot) until told to stop.
   --restore <DIR>            restore this snapshot instead; repeat for a diff chain
                              (full snapshot first)
   --report-file <PATH>       append guest reports: <monotonic_ns> <token> <vcpu> <counter>
+  --snapshot-buffer-mib <N>  snapshot pages copied aside while paused and written after
+                             resuming, at most this much (default 64); a larger
+                             snapshot is written while paused. 0: always while paused
 ";
 
 fn parse(args: Vec<OsString>, limits: &VmmLimits) -> std::result::Result<VmmOptions, String> {
@@ -97,6 +114,7 @@ fn parse(args: Vec<OsString>, limits: &VmmLimits) -> std::result::Result<VmmOpti
     let mut touch_pages: u64 = 64;
     let mut restore = Vec::new();
     let mut report_file = None;
+    let mut snapshot_buffer_mib = DEFAULT_SNAPSHOT_BUFFER_MIB;
     let e = |e: lexopt::Error| e.to_string();
     while let Some(arg) = parser.next().map_err(e)? {
         match arg {
@@ -116,6 +134,9 @@ fn parse(args: Vec<OsString>, limits: &VmmLimits) -> std::result::Result<VmmOpti
             Long("touch-pages") => touch_pages = parser.value().map_err(e)?.parse().map_err(e)?,
             Long("restore") => restore.push(PathBuf::from(parser.value().map_err(e)?)),
             Long("report-file") => report_file = Some(PathBuf::from(parser.value().map_err(e)?)),
+            Long("snapshot-buffer-mib") => {
+                snapshot_buffer_mib = parser.value().map_err(e)?.parse().map_err(e)?
+            }
             _ => return Err(arg.unexpected().to_string()),
         }
     }
@@ -135,6 +156,16 @@ fn parse(args: Vec<OsString>, limits: &VmmLimits) -> std::result::Result<VmmOpti
     if touch_percent > 100 {
         return Err(format!("--touch-percent {touch_percent}: must be 0..=100"));
     }
+    // Never more than the largest guest: that buffer could hold any snapshot.
+    let snapshot_buffer_bytes = snapshot_buffer_mib
+        .checked_mul(1 << 20)
+        .filter(|&b| b <= limits.max_memory_bytes)
+        .ok_or_else(|| {
+            format!(
+                "--snapshot-buffer-mib {snapshot_buffer_mib}: must be 0..={} MiB",
+                limits.max_memory_bytes >> 20
+            )
+        })?;
     let source = if restore.is_empty() {
         let mut config = VmConfig::new(memory_bytes, vcpus);
         config.touch_percent = touch_percent;
@@ -150,11 +181,17 @@ fn parse(args: Vec<OsString>, limits: &VmmLimits) -> std::result::Result<VmmOpti
         lease_deadline_ns: deadline.ok_or("--lease-deadline-ns is required")?,
         abandon_after_ns: abandon_ms.saturating_mul(1_000_000),
         report_file,
+        snapshot_buffer_bytes,
     })
 }
 
+/// CLOCK_MONOTONIC when `main` was entered (0 if the VMM runs in another process's
+/// `run`), for the restore timings in the log.
+static MAIN_ENTERED_NS: AtomicU64 = AtomicU64::new(0);
+
 /// `vigil vmm`: parses the arguments and runs the VMM until it stops.
 pub fn main(args: Vec<OsString>, limits: &VmmLimits) -> ExitCode {
+    MAIN_ENTERED_NS.store(monotonic_ns(), Ordering::Relaxed);
     if args.iter().any(|a| a == "--help" || a == "-h") {
         print!("{USAGE}");
         return ExitCode::SUCCESS;
@@ -182,6 +219,8 @@ pub fn main(args: Vec<OsString>, limits: &VmmLimits) -> ExitCode {
 }
 
 struct Connection {
+    /// Names the connection a snapshot reply goes to once its files are written.
+    id: u64,
     stream: UnixStream,
     input: Vec<u8>,
     output: Vec<u8>,
@@ -197,6 +236,54 @@ struct Vmm {
     lease_deadline_ns: u64,
     fenced_at_ns: Option<u64>,
     stop_requested: bool,
+    writer: SnapshotWriter,
+    next_connection_id: u64,
+}
+
+/// The snapshot writer thread: captures go in, written (or failed) snapshots come
+/// back, and `wake` becomes readable for each one (it is in the poll set).
+struct SnapshotWriter {
+    jobs: mpsc::Sender<Capture>,
+    done: mpsc::Receiver<Written>,
+    wake: UnixStream,
+    /// The snapshot being written: who asked, and what, for the reply.
+    in_flight: Option<InFlight>,
+}
+
+struct InFlight {
+    connection: u64,
+    kind: SnapshotKindWire,
+    path: PathBuf,
+}
+
+impl SnapshotWriter {
+    fn start() -> Result<SnapshotWriter> {
+        let (wake, wake_writer) =
+            UnixStream::pair().map_err(|e| Error(format!("snapshot writer socket: {e}")))?;
+        wake.set_nonblocking(true)
+            .map_err(|e| Error(format!("snapshot writer socket: {e}")))?;
+        let (jobs, jobs_in) = mpsc::channel::<Capture>();
+        let (done_out, done) = mpsc::channel::<Written>();
+        std::thread::Builder::new()
+            .name("snapshot-writer".into())
+            .spawn(move || {
+                // Ends when the VMM drops `jobs`.
+                for capture in jobs_in {
+                    if done_out.send(capture.write()).is_err() {
+                        return;
+                    }
+                    // One byte per snapshot; the loop drains them.
+                    let _ = (&wake_writer).write_all(&[1]);
+                }
+            })
+            .map_err(|e| Error(format!("spawning the snapshot writer: {e}")))?;
+        Ok(SnapshotWriter {
+            jobs,
+            done,
+            wake,
+            in_flight: None,
+        })
+    }
 }
 
 fn report_sink(options: &VmmOptions) -> Result<Option<ReportSink>> {
@@ -228,6 +315,26 @@ pub fn run(options: VmmOptions, limits: &VmmLimits) -> Result<u8> {
         Source::Fresh(config) => Vm::create(config, sink)?,
         Source::Restore(chain) => Vm::restore(chain, true, sink)?,
     };
+    if let Some(t) = vm.restore_timings() {
+        let ms = |ns: u64| ns as f64 / 1e6;
+        // The instants are for measurements (benches/snapshot.rs, `restore-*`).
+        log::info!(
+            "vmm: main entered at {} ns; restore took {:.2} ms: states {:.2}, memory {:.2} \
+             ({} diff runs mapped, {} copied), VM {:.2}, vCPUs {:.2}, VM state {:.2}, \
+             threads {:.2} ms",
+            MAIN_ENTERED_NS.load(Ordering::Relaxed),
+            ms(t.total_ns),
+            ms(t.read_states_ns),
+            ms(t.memory_ns),
+            t.diff_runs_mapped,
+            t.diff_runs_copied,
+            ms(t.create_vm_ns),
+            ms(t.vcpus_ns),
+            ms(t.vm_state_ns),
+            ms(t.threads_ns)
+        );
+    }
+    let writer = SnapshotWriter::start()?;
     let listener = bind(&options.control_path)?;
     // Wake at the lease deadline itself, not up to the default 50 us timer slack later.
     // SAFETY: prctl(PR_SET_TIMERSLACK) only changes this thread's timer slack.
@@ -240,6 +347,8 @@ pub fn run(options: VmmOptions, limits: &VmmLimits) -> Result<u8> {
         state: VmmState::Paused,
         fenced_at_ns: None,
         stop_requested: false,
+        writer,
+        next_connection_id: 0,
     };
     if monotonic_ns() < vmm.lease_deadline_ns {
         vmm.vm.resume()?;
@@ -338,9 +447,12 @@ impl Vmm {
         loop {
             let now = monotonic_ns();
             if let Some(code) = self.watchdog(now) {
+                self.wait_for_writer(&mut connections);
                 return Ok(code);
             }
             if self.stop_requested {
+                // A snapshot being written is finished and answered first.
+                self.wait_for_writer(&mut connections);
                 flush_before_exit(&mut connections);
                 if let Err(e) = self.vm.pause() {
                     log::warn!("vmm: pausing before exit: {e}");
@@ -348,16 +460,22 @@ impl Vmm {
                 log::info!("vmm: stopped on request");
                 return Ok(EXIT_STOPPED);
             }
-            let mut fds = Vec::with_capacity(connections.len() + 1);
+            let mut fds = Vec::with_capacity(connections.len() + 2);
             let accepting = connections.len() < self.limits.max_connections;
             fds.push(libc::pollfd {
                 fd: listener.as_raw_fd(),
                 events: if accepting { libc::POLLIN } else { 0 },
                 revents: 0,
             });
+            fds.push(libc::pollfd {
+                fd: self.writer.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
             for c in &connections {
                 let mut events = 0;
-                if !c.close_after_flush {
+                // A connection waiting for the writer keeps at most one frame's worth.
+                if !c.close_after_flush && c.input.len() <= self.limits.max_frame_bytes {
                     events |= libc::POLLIN;
                 }
                 if !c.output.is_empty() {
@@ -396,16 +514,19 @@ impl Vmm {
             if let Some(code) = self.watchdog(monotonic_ns()) {
                 return Ok(code);
             }
-            // `fds[1..]` matches `connections` as they were before this poll.
-            assert_eq!(fds.len(), connections.len() + 1);
+            // `fds[2..]` matches `connections` as they were before this poll.
+            assert_eq!(fds.len(), connections.len() + 2);
             let mut keep = Vec::with_capacity(connections.len() + 1);
-            for (mut c, fd) in connections.drain(..).zip(fds.iter().skip(1)) {
+            for (mut c, fd) in connections.drain(..).zip(fds.iter().skip(2)) {
                 if fd.revents != 0 && !self.service(&mut c, fd.revents) {
                     continue; // closed
                 }
                 keep.push(c);
             }
             connections = keep;
+            if fds[1].revents != 0 {
+                self.writer_done(&mut connections);
+            }
             if fds[0].revents & libc::POLLIN != 0 {
                 self.accept(listener, &mut connections);
             }
@@ -419,7 +540,9 @@ impl Vmm {
                     if stream.set_nonblocking(true).is_err() {
                         continue;
                     }
+                    self.next_connection_id += 1;
                     connections.push(Connection {
+                        id: self.next_connection_id,
                         stream,
                         input: Vec::new(),
                         output: Vec::new(),
@@ -471,6 +594,14 @@ impl Vmm {
 
     fn handle_input(&mut self, c: &mut Connection) {
         loop {
+            if self
+                .writer
+                .in_flight
+                .as_ref()
+                .is_some_and(|w| w.connection == c.id)
+            {
+                return; // its snapshot reply comes first
+            }
             let decoded = match control::decode_frame(&c.input, self.limits.max_frame_bytes) {
                 Ok(None) => return,
                 Ok(Some((frame, used))) => Request::decode(&frame).map(|r| (r, used)),
@@ -478,9 +609,15 @@ impl Vmm {
             };
             match decoded {
                 Ok((request, used)) => {
+                    if matches!(request, Request::Snapshot { .. })
+                        && self.writer.in_flight.is_some()
+                    {
+                        return; // one snapshot at a time: this one waits for the writer
+                    }
                     c.input.drain(..used);
-                    let reply = self.handle(request);
-                    c.output.extend_from_slice(&reply.encode());
+                    if let Some(reply) = self.handle(request, c.id) {
+                        c.output.extend_from_slice(&reply.encode());
+                    }
                 }
                 Err(DecodeError { offset, what }) => {
                     log::warn!("vmm: bad control frame: {what} (byte {offset}); closing");
@@ -515,8 +652,18 @@ impl Vmm {
         }
     }
 
-    fn handle(&mut self, request: Request) -> Reply {
+    /// The reply to `request`; `None` for a snapshot whose reply comes when the writer
+    /// is done (`writer_done`).
+    fn handle(&mut self, request: Request, connection: u64) -> Option<Reply> {
         log::debug!("vmm: request {request:?}");
+        match request {
+            Request::Snapshot { kind, path } => self.snapshot(kind, path, connection),
+            other => Some(self.handle_now(other)),
+        }
+    }
+
+    /// The reply to any request but a snapshot.
+    fn handle_now(&mut self, request: Request) -> Reply {
         match request {
             Request::Status => Reply::Status(self.status()),
             Request::Stop => {
@@ -576,7 +723,7 @@ impl Vmm {
                 }
                 Reply::Status(self.status())
             }
-            Request::Snapshot { kind, path } => self.snapshot(kind, &path),
+            Request::Snapshot { .. } => unreachable!("`handle` answers snapshots"),
         }
     }
 
@@ -597,46 +744,131 @@ impl Vmm {
         }
     }
 
-    fn snapshot(&mut self, kind: SnapshotKindWire, path: &std::path::Path) -> Reply {
+    /// Captures a snapshot (vCPUs paused only for that) and hands it to the writer;
+    /// `None`: the reply follows when it is written.
+    fn snapshot(
+        &mut self,
+        kind: SnapshotKindWire,
+        path: PathBuf,
+        connection: u64,
+    ) -> Option<Reply> {
+        assert!(self.writer.in_flight.is_none(), "one snapshot at a time");
         if self.state == VmmState::Failed {
-            return Self::error(ERROR_FAILED, "the VM failed; its state is not worth saving");
+            return Some(Self::error(
+                ERROR_FAILED,
+                "the VM failed; its state is not worth saving",
+            ));
         }
         let was_running = self.state == VmmState::Running;
         if was_running {
             if let Err(e) = self.vm.pause() {
-                return Self::error(ERROR_FAILED, e.to_string());
+                return Some(Self::error(ERROR_FAILED, e.to_string()));
             }
             self.state = VmmState::Paused;
         }
-        let result = self.vm.snapshot(
-            match kind {
-                SnapshotKindWire::Full => SnapshotKind::Full,
-                SnapshotKindWire::Diff => SnapshotKind::Diff,
-            },
-            path,
-        );
-        // Resume only if the lease still holds after the (possibly long) write.
+        let options = SnapshotOptions {
+            buffer_cap_bytes: self.options.snapshot_buffer_bytes,
+        };
+        let kind_now = match kind {
+            SnapshotKindWire::Full => SnapshotKind::Full,
+            SnapshotKindWire::Diff => SnapshotKind::Diff,
+        };
+        let captured = self.vm.capture(kind_now, &path, &options);
+        // Resume only if the lease still holds after the capture.
         if was_running {
             let _ = self.resume_if_leased();
         }
-        match result {
+        let capture = match captured {
+            Ok(capture) => capture,
+            Err(e) => return Some(Self::error(ERROR_FAILED, format!("snapshot failed: {e}"))),
+        };
+        self.writer
+            .jobs
+            .send(capture)
+            .expect("the snapshot writer thread never exits before the VMM");
+        self.writer.in_flight = Some(InFlight {
+            connection,
+            kind,
+            path,
+        });
+        None
+    }
+
+    /// The writer finished a snapshot: end it in the VM, answer the connection that
+    /// asked (if still open), and go on with the requests that waited for it.
+    fn writer_done(&mut self, connections: &mut [Connection]) {
+        let mut byte = [0u8; 16];
+        while matches!((&self.writer.wake).read(&mut byte), Ok(n) if n > 0) {}
+        let Ok(written) = self.writer.done.try_recv() else {
+            return;
+        };
+        self.finish_snapshot(written, connections);
+    }
+
+    /// Blocks until the snapshot being written (if any) is finished and answered.
+    fn wait_for_writer(&mut self, connections: &mut [Connection]) {
+        if self.writer.in_flight.is_none() {
+            return;
+        }
+        match self.writer.done.recv() {
+            Ok(written) => self.finish_snapshot(written, connections),
+            Err(_) => log::error!("vmm: the snapshot writer is gone"),
+        }
+    }
+
+    fn finish_snapshot(&mut self, written: Written, connections: &mut [Connection]) {
+        let in_flight = self
+            .writer
+            .in_flight
+            .take()
+            .expect("a written snapshot was in flight");
+        let path = in_flight.path.display();
+        let reply = match self.vm.finish_snapshot(written) {
             Ok(info) => {
+                let ms = |ns: u64| ns as f64 / 1e6;
+                let p = info.pause;
                 log::info!(
-                    "vmm: {:?} snapshot {:#x} to {}: {} pages in {} ms",
+                    "vmm: {:?} snapshot {:#x} to {path}: {} pages; vCPUs paused {:.2} ms \
+                     (dirty log {:.2}, select {:.2}, memory {:.2}, state {:.2}){}; \
+                     written in {:.2} ms",
                     info.kind,
                     info.snapshot_id,
-                    path.display(),
                     info.pages_written,
-                    info.duration_ns / 1_000_000
+                    ms(info.duration_ns),
+                    ms(p.dirty_log_ns),
+                    ms(p.select_ns),
+                    ms(p.memory_ns),
+                    ms(p.state_ns),
+                    if info.written_while_paused {
+                        ", memory written while paused (over the snapshot buffer)"
+                    } else {
+                        ""
+                    },
+                    ms(info.write_ns)
                 );
                 Reply::Snapshot {
                     snapshot_id: info.snapshot_id,
-                    kind,
+                    kind: in_flight.kind,
                     pages_written: info.pages_written,
                     duration_ns: info.duration_ns,
                 }
             }
-            Err(e) => Self::error(ERROR_FAILED, format!("snapshot failed: {e}")),
+            Err(e) => {
+                log::warn!("vmm: snapshot to {path} failed: {e}");
+                Self::error(ERROR_FAILED, format!("snapshot failed: {e}"))
+            }
+        };
+        if let Some(c) = connections
+            .iter_mut()
+            .find(|c| c.id == in_flight.connection)
+        {
+            c.output.extend_from_slice(&reply.encode());
+        }
+        // Requests that waited for the writer (on any connection) go on now.
+        for c in connections.iter_mut() {
+            if !c.close_after_flush {
+                self.handle_input(c);
+            }
         }
     }
 }

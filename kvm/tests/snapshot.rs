@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vigil_kvm::snapshot::SnapshotKind;
+use vigil_kvm::snapshot::{SnapshotKind, SnapshotOptions};
 use vigil_kvm::vm::{Vm, VmConfig};
 
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
@@ -236,4 +236,163 @@ fn large_guest_restores_through_a_full_and_diff_chain() {
             restored.counter_in_memory(0) > counter + 2
         },
     );
+}
+
+/// A capture with a buffer big enough for the pages: the snapshot is memory at the
+/// pause instant, also when the guest runs (and rewrites those pages) before it is
+/// written. Full, then two diffs, each written only after the guest ran on; the chain
+/// restores to exactly the memory of the last capture, and the guest continues.
+#[test]
+fn a_snapshot_written_after_resume_holds_memory_at_the_pause_instant() {
+    if let Err(why) = vigil_kvm::kvm_available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = TempDir::new("deferred");
+    let mut config = VmConfig::new(64 << 20, 1);
+    config.touch_percent = 25;
+    config.touch_pages_per_round = 64;
+    let mut vm = Vm::create(&config, None).expect("create");
+    let options = SnapshotOptions {
+        buffer_cap_bytes: 64 << 20,
+    };
+    let mut chain = Vec::new();
+    let mut at_capture = Vec::new();
+    let mut counter_at_capture = 0;
+    for (i, kind) in [SnapshotKind::Full, SnapshotKind::Diff, SnapshotKind::Diff]
+        .into_iter()
+        .enumerate()
+    {
+        run_until_counter_grows(&vm, 3);
+        let path = dir.path().join(format!("{i}"));
+        let capture = vm.capture(kind, &path, &options).expect("capture");
+        assert!(!capture.written_while_paused());
+        assert!(capture.pages() > 0);
+        at_capture = memory_copy(&vm);
+        counter_at_capture = vm.counter_in_memory(0);
+        // The guest runs on and rewrites its pages before the snapshot is written.
+        run_until_counter_grows(&vm, 3);
+        assert_ne!(memory_copy(&vm), at_capture, "the guest changed nothing");
+        let info = vm.finish_snapshot(capture.write()).expect("write");
+        assert!(!info.written_while_paused);
+        assert_eq!(vm.last_snapshot_id(), Some(info.snapshot_id));
+        chain.push(path);
+    }
+    drop(vm);
+
+    let restored = Vm::restore(&chain, true, None).expect("restore the chain");
+    let actual = memory_copy(&restored);
+    let first_difference = at_capture.iter().zip(&actual).position(|(a, b)| a != b);
+    assert_eq!(
+        first_difference, None,
+        "restored memory differs from memory at the last capture"
+    );
+    assert_eq!(restored.counter_in_memory(0), counter_at_capture);
+    restored.resume().unwrap();
+    wait_for(
+        "the restored counter to grow",
+        Duration::from_secs(60),
+        || {
+            assert!(restored.failure().is_none(), "{:?}", restored.failure());
+            restored.counter_in_memory(0) > counter_at_capture + 2
+        },
+    );
+}
+
+/// A diff whose pages exceed the buffer is written while the vCPUs are paused (and
+/// says so); it restores exactly too.
+#[test]
+fn a_diff_over_the_buffer_is_written_while_paused_and_restores() {
+    if let Err(why) = vigil_kvm::kvm_available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = TempDir::new("overcap");
+    let mut config = VmConfig::new(64 << 20, 1);
+    config.touch_percent = 25;
+    config.touch_pages_per_round = 64;
+    let mut vm = Vm::create(&config, None).expect("create");
+    run_until_counter_grows(&vm, 3);
+    let base = dir.path().join("full");
+    vm.snapshot(SnapshotKind::Full, &base).expect("full");
+    run_until_counter_grows(&vm, 3);
+    let diff = dir.path().join("diff");
+    // Room for two pages: the guest dirtied far more.
+    let options = SnapshotOptions {
+        buffer_cap_bytes: 2 * 4096,
+    };
+    let capture = vm
+        .capture(SnapshotKind::Diff, &diff, &options)
+        .expect("capture");
+    assert!(capture.pages() > 2, "only {} dirty pages", capture.pages());
+    assert!(capture.written_while_paused());
+    let at_capture = memory_copy(&vm);
+    let counter = vm.counter_in_memory(0);
+    run_until_counter_grows(&vm, 3);
+    let info = vm.finish_snapshot(capture.write()).expect("write");
+    assert!(info.written_while_paused);
+    drop(vm);
+
+    let restored = Vm::restore(&[base, diff], true, None).expect("restore");
+    let actual = memory_copy(&restored);
+    let first_difference = at_capture.iter().zip(&actual).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "restored memory differs");
+    assert_eq!(restored.counter_in_memory(0), counter);
+}
+
+/// A snapshot whose write fails does not become the parent: the next diff is relative
+/// to the previous snapshot and includes the pages the failed one took. One capture at
+/// a time.
+#[test]
+fn a_failed_write_keeps_the_parent_and_the_next_diff_covers_its_pages() {
+    if let Err(why) = vigil_kvm::kvm_available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = TempDir::new("failed");
+    let mut config = VmConfig::new(64 << 20, 1);
+    config.touch_percent = 25;
+    config.touch_pages_per_round = 64;
+    let mut vm = Vm::create(&config, None).expect("create");
+    let options = SnapshotOptions {
+        buffer_cap_bytes: 64 << 20,
+    };
+    run_until_counter_grows(&vm, 3);
+    let base = dir.path().join("full");
+    let full_id = vm
+        .snapshot(SnapshotKind::Full, &base)
+        .expect("full")
+        .snapshot_id;
+    run_until_counter_grows(&vm, 3);
+    // A file where the snapshot directory should go: the write cannot succeed.
+    let blocked = dir.path().join("blocked");
+    std::fs::write(&blocked, b"not a directory").unwrap();
+    let capture = vm
+        .capture(SnapshotKind::Diff, &blocked, &options)
+        .expect("capture");
+    let other = vm.capture(SnapshotKind::Diff, &dir.path().join("x"), &options);
+    assert!(other
+        .err()
+        .expect("a second capture in flight")
+        .to_string()
+        .contains("one snapshot at a time"));
+    run_until_counter_grows(&vm, 3);
+    let err = vm
+        .finish_snapshot(capture.write())
+        .expect_err("write into a file succeeded");
+    assert!(err.to_string().contains("blocked"), "{err}");
+    assert_eq!(vm.last_snapshot_id(), Some(full_id));
+
+    run_until_counter_grows(&vm, 3);
+    let diff = dir.path().join("diff");
+    vm.snapshot(SnapshotKind::Diff, &diff)
+        .expect("diff after the failure");
+    let expected = memory_copy(&vm);
+    let counter = vm.counter_in_memory(0);
+    drop(vm);
+    let restored = Vm::restore(&[base, diff], true, None).expect("restore");
+    let actual = memory_copy(&restored);
+    let first_difference = expected.iter().zip(&actual).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "restored memory differs");
+    assert_eq!(restored.counter_in_memory(0), counter);
 }
