@@ -18,8 +18,12 @@
 //!   5 status     (empty)              0x8F error    code u16, message (UTF-8)
 //!   6 stop       (empty)
 //! ```
-//! Every request gets exactly one reply. pause, resume, renew, status and stop answer
-//! with a status; snapshot with a snapshot reply; failures with an error. A frame that
+//! Every request gets exactly one reply, in order. pause, resume, renew, status and stop
+//! answer with a status; snapshot with a snapshot reply, sent once the snapshot's files
+//! are written and fsynced (its `duration_ns` is how long the vCPUs were paused for it;
+//! the writing happens after they resume); failures with an error. Requests behind a
+//! snapshot on the same connection, and snapshots from other connections, wait until
+//! it is written. A frame that
 //! cannot be decoded gets an error reply and the connection is closed (the stream can
 //! no longer be trusted to be in sync).
 //!

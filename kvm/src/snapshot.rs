@@ -10,9 +10,17 @@
 //! Each file is written under a temporary name, fsynced and renamed, `state` last, then
 //! the directory and its parent are fsynced: a directory with a `state` file is complete.
 //!
-//! Restore maps the full snapshot's memory MAP_PRIVATE (lazy, copy-on-write), copies
-//! each diff's pages onto that private mapping in chain order, then loads the last
-//! snapshot's state.
+//! Taking a snapshot has two steps, so the vCPUs are paused only for the first:
+//! `Vm::capture` (vCPUs paused) takes the dirty log, saves the state and copies the
+//! pages into a buffer bounded by `SnapshotOptions::buffer_cap_bytes` (more pages than
+//! that: it writes the memory file right then, still paused); `Capture::write` (vCPUs
+//! running, any thread) writes the files; `Vm::finish_snapshot` makes the snapshot the
+//! parent of the next diff if the write succeeded, and otherwise puts the pages it took
+//! back into dirty tracking, so the old parent stays valid.
+//!
+//! Restore maps the full snapshot's memory MAP_PRIVATE (lazy, copy-on-write), then maps
+//! each diff's page runs over it in chain order, also MAP_PRIVATE (copying them in
+//! instead past `MAX_MAPPED_DIFF_RUNS`), then loads the last snapshot's state.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;

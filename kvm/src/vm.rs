@@ -297,14 +297,7 @@ impl Vm {
         let mut rest = listed;
         while !rest.is_empty() {
             let batch = &rest[..rest.len().min(kvm_bindings::KVM_MAX_MSR_ENTRIES)];
-            let entries: Vec<kvm_msr_entry> = batch
-                .iter()
-                .map(|&index| kvm_msr_entry {
-                    index,
-                    ..Default::default()
-                })
-                .collect();
-            let mut msrs = Msrs::from_entries(&entries).context("MSR buffer")?;
+            let mut msrs = msr_buffer(batch)?;
             let read = fd.get_msrs(&mut msrs).unwrap_or(0).min(batch.len());
             readable.extend_from_slice(&batch[..read]);
             // Go on after the batch, or after the MSR that stopped the call (skipped).
@@ -661,6 +654,18 @@ fn set_apic_id(cpuid: &mut CpuId, id: u32) {
     }
 }
 
+/// A KVM_GET_MSRS buffer asking for these MSRs.
+fn msr_buffer(indices: &[u32]) -> Result<Msrs> {
+    let entries: Vec<kvm_msr_entry> = indices
+        .iter()
+        .map(|&index| kvm_msr_entry {
+            index,
+            ..Default::default()
+        })
+        .collect();
+    Msrs::from_entries(&entries).context("MSR buffer")
+}
+
 /// Saves one vCPU (paused).
 pub fn get_vcpu_state(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState> {
     let cpuid = fd
@@ -676,20 +681,13 @@ pub fn get_vcpu_state(fd: &VcpuFd, msr_indices: &[u32]) -> Result<VcpuState> {
     let lapic = fd.get_lapic().context("KVM_GET_LAPIC")?;
     let mut msrs = Vec::with_capacity(msr_indices.len());
     for chunk in msr_indices.chunks(kvm_bindings::KVM_MAX_MSR_ENTRIES) {
-        let entries: Vec<kvm_msr_entry> = chunk
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut buffer = Msrs::from_entries(&entries).context("MSR buffer")?;
+        let mut buffer = msr_buffer(chunk)?;
         let read = fd.get_msrs(&mut buffer).context("KVM_GET_MSRS")?;
-        if read != entries.len() {
+        if read != chunk.len() {
             return Err(Error(format!(
                 "KVM_GET_MSRS read {read} of {} MSRs; MSR {:#x} failed",
-                entries.len(),
-                entries[read].index
+                chunk.len(),
+                chunk[read]
             )));
         }
         msrs.extend_from_slice(buffer.as_slice());

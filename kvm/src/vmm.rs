@@ -805,14 +805,17 @@ impl Vmm {
         self.finish_snapshot(written, connections);
     }
 
-    /// Blocks until the snapshot being written (if any) is finished and answered.
+    /// Blocks until no snapshot is being written, each finished and answered (one
+    /// that waited behind another starts when that one is done).
     fn wait_for_writer(&mut self, connections: &mut [Connection]) {
-        if self.writer.in_flight.is_none() {
-            return;
-        }
-        match self.writer.done.recv() {
-            Ok(written) => self.finish_snapshot(written, connections),
-            Err(_) => log::error!("vmm: the snapshot writer is gone"),
+        while self.writer.in_flight.is_some() {
+            match self.writer.done.recv() {
+                Ok(written) => self.finish_snapshot(written, connections),
+                Err(_) => {
+                    log::error!("vmm: the snapshot writer is gone");
+                    return;
+                }
+            }
         }
     }
 

@@ -238,6 +238,29 @@ fn large_guest_restores_through_a_full_and_diff_chain() {
     );
 }
 
+/// A 64 MiB guest that keeps rewriting a quarter of its memory.
+fn busy_vm() -> Vm {
+    let mut config = VmConfig::new(64 << 20, 1);
+    config.touch_percent = 25;
+    config.touch_pages_per_round = 64;
+    Vm::create(&config, None).expect("create")
+}
+
+/// A snapshot buffer that holds every page of a 64 MiB guest.
+const BUFFER_FOR_ALL: SnapshotOptions = SnapshotOptions {
+    buffer_cap_bytes: 64 << 20,
+};
+
+/// Restores `chain` and checks memory byte for byte and vCPU 0's counter.
+fn restores_to(chain: &[PathBuf], memory: &[u8], counter: u64) -> Vm {
+    let restored = Vm::restore(chain, true, None).expect("restore");
+    let actual = memory_copy(&restored);
+    let first_difference = memory.iter().zip(&actual).position(|(a, b)| a != b);
+    assert_eq!(first_difference, None, "restored memory differs");
+    assert_eq!(restored.counter_in_memory(0), counter);
+    restored
+}
+
 /// A capture with a buffer big enough for the pages: the snapshot is memory at the
 /// pause instant, also when the guest runs (and rewrites those pages) before it is
 /// written. Full, then two diffs, each written only after the guest ran on; the chain
@@ -249,13 +272,8 @@ fn a_snapshot_written_after_resume_holds_memory_at_the_pause_instant() {
         return;
     }
     let dir = TempDir::new("deferred");
-    let mut config = VmConfig::new(64 << 20, 1);
-    config.touch_percent = 25;
-    config.touch_pages_per_round = 64;
-    let mut vm = Vm::create(&config, None).expect("create");
-    let options = SnapshotOptions {
-        buffer_cap_bytes: 64 << 20,
-    };
+    let mut vm = busy_vm();
+    let options = BUFFER_FOR_ALL;
     let mut chain = Vec::new();
     let mut at_capture = Vec::new();
     let mut counter_at_capture = 0;
@@ -280,14 +298,7 @@ fn a_snapshot_written_after_resume_holds_memory_at_the_pause_instant() {
     }
     drop(vm);
 
-    let restored = Vm::restore(&chain, true, None).expect("restore the chain");
-    let actual = memory_copy(&restored);
-    let first_difference = at_capture.iter().zip(&actual).position(|(a, b)| a != b);
-    assert_eq!(
-        first_difference, None,
-        "restored memory differs from memory at the last capture"
-    );
-    assert_eq!(restored.counter_in_memory(0), counter_at_capture);
+    let restored = restores_to(&chain, &at_capture, counter_at_capture);
     restored.resume().unwrap();
     wait_for(
         "the restored counter to grow",
@@ -308,10 +319,7 @@ fn a_diff_over_the_buffer_is_written_while_paused_and_restores() {
         return;
     }
     let dir = TempDir::new("overcap");
-    let mut config = VmConfig::new(64 << 20, 1);
-    config.touch_percent = 25;
-    config.touch_pages_per_round = 64;
-    let mut vm = Vm::create(&config, None).expect("create");
+    let mut vm = busy_vm();
     run_until_counter_grows(&vm, 3);
     let base = dir.path().join("full");
     vm.snapshot(SnapshotKind::Full, &base).expect("full");
@@ -333,11 +341,7 @@ fn a_diff_over_the_buffer_is_written_while_paused_and_restores() {
     assert!(info.written_while_paused);
     drop(vm);
 
-    let restored = Vm::restore(&[base, diff], true, None).expect("restore");
-    let actual = memory_copy(&restored);
-    let first_difference = at_capture.iter().zip(&actual).position(|(a, b)| a != b);
-    assert_eq!(first_difference, None, "restored memory differs");
-    assert_eq!(restored.counter_in_memory(0), counter);
+    restores_to(&[base, diff], &at_capture, counter);
 }
 
 /// A snapshot whose write fails does not become the parent: the next diff is relative
@@ -350,13 +354,8 @@ fn a_failed_write_keeps_the_parent_and_the_next_diff_covers_its_pages() {
         return;
     }
     let dir = TempDir::new("failed");
-    let mut config = VmConfig::new(64 << 20, 1);
-    config.touch_percent = 25;
-    config.touch_pages_per_round = 64;
-    let mut vm = Vm::create(&config, None).expect("create");
-    let options = SnapshotOptions {
-        buffer_cap_bytes: 64 << 20,
-    };
+    let mut vm = busy_vm();
+    let options = BUFFER_FOR_ALL;
     run_until_counter_grows(&vm, 3);
     let base = dir.path().join("full");
     let full_id = vm
@@ -390,9 +389,5 @@ fn a_failed_write_keeps_the_parent_and_the_next_diff_covers_its_pages() {
     let expected = memory_copy(&vm);
     let counter = vm.counter_in_memory(0);
     drop(vm);
-    let restored = Vm::restore(&[base, diff], true, None).expect("restore");
-    let actual = memory_copy(&restored);
-    let first_difference = expected.iter().zip(&actual).position(|(a, b)| a != b);
-    assert_eq!(first_difference, None, "restored memory differs");
-    assert_eq!(restored.counter_in_memory(0), counter);
+    restores_to(&[base, diff], &expected, counter);
 }
