@@ -11,8 +11,9 @@
 //!   resume), as `vigil vmm` does it, with its default snapshot buffer;
 //! - `diff-snapshot-<size>`, `diff-pause-<size>`: the same for a diff snapshot after
 //!   the guest touched 1 % of memory;
-//! - `diff-pause-{dirty-log,copy,state}-<size>`: parts of the diff's capture: the dirty
-//!   log, copying the pages aside, saving vCPU and VM state;
+//! - `{full,diff}-pause-{dirty-log,select,copy,state}-<size>`: parts of the capture:
+//!   the dirty log (full: also SEEK_DATA), finding the non-zero pages (full only),
+//!   copying the pages aside, saving vCPU and VM state;
 //! - `restore-to-run-<size>`: from the spawn of `vigil vmm --restore <full> --restore
 //!   <diff>` until its vCPUs are released into KVM_RUN (the VMM logs that instant);
 //!   `restore-exec-<size>`: the part until the VMM's `main` is entered (fork + exec);
@@ -34,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use vigil_kvm::control::{Client, Request, VmmState};
 use vigil_kvm::monotonic_ns;
-use vigil_kvm::snapshot::{SnapshotInfo, SnapshotKind, SnapshotOptions};
+use vigil_kvm::snapshot::{CaptureTimings, SnapshotInfo, SnapshotKind, SnapshotOptions};
 use vigil_kvm::vm::{Vm, VmConfig};
 
 const MAX_FRAME: usize = vigil::limits::MAX_VMM_CONTROL_FRAME_BYTES;
@@ -72,6 +73,19 @@ fn emit(case: &str, samples: &mut [f64]) {
         percentile(samples, 99.0),
         samples[samples.len() - 1]
     );
+}
+
+/// The parts of captures, one case each (`%` in `case` names the part).
+fn emit_parts(case: &str, parts: &[CaptureTimings], with_select: bool) {
+    let ms = |f: fn(&CaptureTimings) -> u64| -> Vec<f64> {
+        parts.iter().map(|p| ns_to_ms(f(p) as i64)).collect()
+    };
+    emit(&case.replace('%', "dirty-log"), &mut ms(|p| p.dirty_log_ns));
+    if with_select {
+        emit(&case.replace('%', "select"), &mut ms(|p| p.select_ns));
+    }
+    emit(&case.replace('%', "copy"), &mut ms(|p| p.memory_ns));
+    emit(&case.replace('%', "state"), &mut ms(|p| p.state_ns));
 }
 
 fn ms(d: Duration) -> f64 {
@@ -159,7 +173,7 @@ fn bench_size(mib: u64, rounds: usize, dir: &Path) {
     wait_reports(&vm, 20);
 
     let (mut full, mut full_pause, mut diff, mut diff_pause) = (vec![], vec![], vec![], vec![]);
-    let (mut dirty_log, mut copy, mut state) = (vec![], vec![], vec![]);
+    let (mut full_parts, mut diff_parts) = (vec![], vec![]);
     let (mut to_run, mut to_report, mut exec, mut in_vmm) = (vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
         let base = dir.join(format!("{label}-{round}-full"));
@@ -176,9 +190,8 @@ fn bench_size(mib: u64, rounds: usize, dir: &Path) {
             !diff_info.written_while_paused,
             "the diff exceeded the buffer"
         );
-        dirty_log.push(ns_to_ms(diff_info.pause.dirty_log_ns as i64));
-        copy.push(ns_to_ms(diff_info.pause.memory_ns as i64));
-        state.push(ns_to_ms(diff_info.pause.state_ns as i64));
+        full_parts.push(full_info.pause);
+        diff_parts.push(diff_info.pause);
 
         // Restore in a new process, as the agent does after a host failure.
         let name = format!("{label}-{round}-restored");
@@ -238,9 +251,8 @@ fn bench_size(mib: u64, rounds: usize, dir: &Path) {
     emit(&format!("full-pause-{label}"), &mut full_pause);
     emit(&format!("diff-snapshot-{label}"), &mut diff);
     emit(&format!("diff-pause-{label}"), &mut diff_pause);
-    emit(&format!("diff-pause-dirty-log-{label}"), &mut dirty_log);
-    emit(&format!("diff-pause-copy-{label}"), &mut copy);
-    emit(&format!("diff-pause-state-{label}"), &mut state);
+    emit_parts(&format!("full-pause-%-{label}"), &full_parts, true);
+    emit_parts(&format!("diff-pause-%-{label}"), &diff_parts, false);
     emit(&format!("restore-to-run-{label}"), &mut to_run);
     emit(&format!("restore-exec-{label}"), &mut exec);
     emit(&format!("restore-in-vmm-{label}"), &mut in_vmm);

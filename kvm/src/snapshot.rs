@@ -302,11 +302,11 @@ impl Vm {
                 let (mut bitmap, taken) = self.full_snapshot_candidates()?;
                 pause.dirty_log_ns = elapsed_ns(started);
                 let selecting = Instant::now();
-                for page in 0..pages {
-                    let bit = 1 << (page % 64);
-                    let word = &mut bitmap[(page / 64) as usize];
-                    if *word & bit != 0 && memory.page_is_zero(page) {
-                        *word &= !bit;
+                for (first, count) in page_runs(&bitmap, pages) {
+                    for page in first..first + count {
+                        if memory.page_is_zero(page) {
+                            bitmap[(page / 64) as usize] &= !(1 << (page % 64));
+                        }
                     }
                 }
                 pause.select_ns = elapsed_ns(selecting);
