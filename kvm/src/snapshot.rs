@@ -20,7 +20,8 @@
 //!
 //! Restore maps the full snapshot's memory MAP_PRIVATE (lazy, copy-on-write), then maps
 //! each diff's page runs over it in chain order, also MAP_PRIVATE (copying them in
-//! instead past `MAX_MAPPED_DIFF_RUNS`), then loads the last snapshot's state.
+//! instead past `RestoreOptions::max_mapped_diff_runs`), then loads the last snapshot's
+//! state.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -427,6 +428,16 @@ impl Vm {
     /// Restores a VM from a snapshot chain: a full snapshot, then zero or more diffs,
     /// each the child of the one before. The vCPUs start paused; call `resume`.
     pub fn restore(chain: &[PathBuf], track_dirty: bool, sink: Option<ReportSink>) -> Result<Vm> {
+        Vm::restore_with(chain, track_dirty, sink, &RestoreOptions::default())
+    }
+
+    /// `restore` with explicit options.
+    pub fn restore_with(
+        chain: &[PathBuf],
+        track_dirty: bool,
+        sink: Option<ReportSink>,
+        options: &RestoreOptions,
+    ) -> Result<Vm> {
         let started = Instant::now();
         let mut timings = RestoreTimings::default();
         let states = read_chain(chain)?;
@@ -439,7 +450,7 @@ impl Vm {
         let mut memory = GuestMemory::map_image_private(image, memory_bytes)
             .context(&format!("map {}", image_path.display()))?;
         let mut copied_in = vec![0u64; memory.pages().div_ceil(64) as usize];
-        let mut runs_left = MAX_MAPPED_DIFF_RUNS;
+        let mut runs_left = options.max_mapped_diff_runs;
         for (dir, saved) in chain.iter().zip(&states).skip(1) {
             let MemoryKind::Diff { dirty_bitmap, .. } = &saved.memory else {
                 unreachable!("read_chain checked that every later snapshot is a diff");
@@ -491,10 +502,22 @@ impl Vm {
     }
 }
 
-/// Diff page runs one restore maps rather than copies. Each mapped run costs the
-/// process up to two more VMAs (the kernel's default limit, vm.max_map_count, is
-/// 65530); past this many, a diff's pages are copied in instead.
-pub const MAX_MAPPED_DIFF_RUNS: usize = 4096;
+/// How a restore treats the diffs of a chain.
+#[derive(Clone, Copy, Debug)]
+pub struct RestoreOptions {
+    /// Diff page runs one restore maps rather than copies. Each mapped run costs the
+    /// process up to two more VMAs (the kernel's default limit, vm.max_map_count, is
+    /// 65530); a diff whose runs do not fit in what is left is copied in instead.
+    pub max_mapped_diff_runs: usize,
+}
+
+impl Default for RestoreOptions {
+    fn default() -> RestoreOptions {
+        RestoreOptions {
+            max_mapped_diff_runs: 4096,
+        }
+    }
+}
 
 /// Where the time of one restore went, in nanoseconds (from `Vm::restore`'s start).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

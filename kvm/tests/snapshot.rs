@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use vigil_kvm::snapshot::{SnapshotKind, SnapshotOptions};
+use vigil_kvm::snapshot::{RestoreOptions, SnapshotKind, SnapshotOptions};
 use vigil_kvm::vm::{Vm, VmConfig};
 
 fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
@@ -253,7 +253,11 @@ const BUFFER_FOR_ALL: SnapshotOptions = SnapshotOptions {
 
 /// Restores `chain` and checks memory byte for byte and vCPU 0's counter.
 fn restores_to(chain: &[PathBuf], memory: &[u8], counter: u64) -> Vm {
-    let restored = Vm::restore(chain, true, None).expect("restore");
+    restores_with(chain, &RestoreOptions::default(), memory, counter)
+}
+
+fn restores_with(chain: &[PathBuf], options: &RestoreOptions, memory: &[u8], counter: u64) -> Vm {
+    let restored = Vm::restore_with(chain, true, None, options).expect("restore");
     let actual = memory_copy(&restored);
     let first_difference = memory.iter().zip(&actual).position(|(a, b)| a != b);
     assert_eq!(first_difference, None, "restored memory differs");
@@ -390,4 +394,38 @@ fn a_failed_write_keeps_the_parent_and_the_next_diff_covers_its_pages() {
     let counter = vm.counter_in_memory(0);
     drop(vm);
     restores_to(&[base, diff], &expected, counter);
+}
+
+/// A chain restores the same whether its diffs' pages are mapped over the image (the
+/// default) or copied in (no mappings allowed).
+#[test]
+fn diff_pages_mapped_or_copied_restore_the_same_memory() {
+    if let Err(why) = vigil_kvm::kvm_available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = TempDir::new("mapped");
+    let mut vm = busy_vm();
+    run_until_counter_grows(&vm, 3);
+    let mut chain = vec![dir.path().join("full")];
+    vm.snapshot(SnapshotKind::Full, &chain[0]).expect("full");
+    for i in 1..=2 {
+        run_until_counter_grows(&vm, 3);
+        let path = dir.path().join(format!("diff-{i}"));
+        vm.snapshot(SnapshotKind::Diff, &path).expect("diff");
+        chain.push(path);
+    }
+    let expected = memory_copy(&vm);
+    let counter = vm.counter_in_memory(0);
+    drop(vm);
+    let mapped = restores_to(&chain, &expected, counter);
+    let timings = mapped.restore_timings().expect("restore timings");
+    assert!(timings.diff_runs_mapped > 0 && timings.diff_runs_copied == 0);
+    drop(mapped);
+    let copy_all = RestoreOptions {
+        max_mapped_diff_runs: 0,
+    };
+    let copied = restores_with(&chain, &copy_all, &expected, counter);
+    let timings = copied.restore_timings().expect("restore timings");
+    assert!(timings.diff_runs_copied > 0 && timings.diff_runs_mapped == 0);
 }
