@@ -740,7 +740,12 @@ impl Node {
                 }
                 Err(e) => {
                     let p = &self.vms.procs[i];
-                    if matches!(p.process, Process::Unknown) {
+                    let nobody = matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNREFUSED) | Some(libc::ENOENT)
+                    );
+                    let late = self.vms.discovery_until.is_none_or(|t| now >= t);
+                    if matches!(p.process, Process::Unknown) && (nobody || late) {
                         // Found on disk, but nobody listens: that VMM is gone.
                         log::info!(
                             "vmm {}: {} does not answer ({e}); not adopted",
@@ -757,7 +762,6 @@ impl Node {
                 self.vms.procs.remove(i);
             }
         }
-        let _ = now;
     }
 
     fn vms_drop_conn(&mut self, i: usize, why: &str) {
