@@ -320,8 +320,8 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
 
 fn print_vms(vms: &[serde_json::Value]) {
     println!(
-        "{:<16} {:>5} {:>8} {:<8} {:>6} {:>5} {:<10} {:>10}  {}",
-        "VM", "HOST", "TOKEN", "DESIRED", "MiB", "vCPU", "LOCAL", "COUNTER", "SNAPSHOT / WAITING"
+        "{:<16} {:>5} {:>8} {:<8} {:>6} {:>5} {:<10} {:>10}  SNAPSHOT / WAITING",
+        "VM", "HOST", "TOKEN", "DESIRED", "MiB", "vCPU", "LOCAL", "COUNTER"
     );
     for v in vms {
         let note = if v["waiting"].is_string() {
