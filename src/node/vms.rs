@@ -1176,10 +1176,12 @@ impl Node {
         };
         let mut event = None;
         let mut propose = None;
+        let mut found = None;
         match reply {
             VmmReply::Status(st) => {
                 if !p.known {
                     p.known = true;
+                    found = Some((p.local.vm.clone(), st.token));
                     p.local.token = st.token;
                     p.local.last_snapshot_id = st.last_snapshot_id;
                     log::info!(
@@ -1227,6 +1229,12 @@ impl Node {
                     _ => {}
                 }
             }
+        }
+        if let Some((vm, token)) = found {
+            // Snapshot directories this token's VMM wrote (committed or not) are not
+            // written again.
+            let seq = self.vms.highest_seq(&vm, token);
+            self.vms.procs[i].local.last_seq_used = seq;
         }
         if let Some(fields) = event {
             self.vm_event("vm_started", fields, now);
