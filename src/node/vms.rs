@@ -451,6 +451,7 @@ impl Node {
             .map(|(id, _)| *id)
             .collect();
         self.vms.internal.retain(|(id, _)| !expired.contains(id));
+        self.vms.start_backoff.retain(|_, until| now < *until);
         self.vms_check_waiters(now)?;
         Ok(())
     }
