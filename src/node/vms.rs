@@ -264,6 +264,8 @@ pub(super) struct Vms {
     /// Per VM, the chain head (committed index of its full snapshot) whose older
     /// directories this host already removed.
     collected: BTreeMap<String, u64>,
+    /// This host's own lease expiry as the last reconcile computed it.
+    own_lease: Option<u64>,
     vmm_starts: u64,
     vmm_kills: u64,
 }
@@ -296,6 +298,7 @@ impl Vms {
             view_at: 0,
             start_backoff: BTreeMap::new(),
             collected: BTreeMap::new(),
+            own_lease: None,
             vmm_starts: 0,
             vmm_kills: 0,
         };
@@ -841,7 +844,9 @@ impl Node {
             }
             self.vms.discovery_until = None;
         }
+        // The one place the host's own lease is computed (shown by /status as well).
         let lease = own_lease_expiry(&self.raft, &self.vms.rules);
+        self.vms.own_lease = lease;
         let locals: Vec<LocalVmm> = self
             .vms
             .procs
@@ -1451,7 +1456,9 @@ impl Node {
                 })
             })
             .collect();
-        let lease_ms = own_lease_expiry(&self.raft, &self.vms.rules)
+        let lease_ms = self
+            .vms
+            .own_lease
             .map(|e| (e as f64 - now_ns(now) as f64) / 1e6);
         serde_json::json!({
             "enabled": self.vms.config.is_some(),
