@@ -226,6 +226,53 @@ fn lease_expiry_fences_and_only_the_current_token_resumes() {
 }
 
 #[test]
+fn a_paused_vmm_stays_paused_after_fencing_and_renewal() {
+    if skip() {
+        return;
+    }
+    let dir = TempDir::new("pause-fence");
+    let vmm = Vmm::spawn(
+        &dir,
+        "vmm",
+        7,
+        Duration::from_secs(3),
+        &["--abandon-after-ms", "600000"],
+    );
+    vmm.wait_until("the guest to report", |s| s.counter > 0);
+    let mut client = vmm.client();
+    // Paused by the agent (say, for a migration's final snapshot), then the lease runs out.
+    let paused = client.status_of(&Request::Pause).expect("pause");
+    assert_eq!(paused.state, VmmState::Paused);
+    let fenced = vmm.wait_until("fencing", |s| s.state == VmmState::Fenced);
+    assert_eq!(fenced.counter, paused.counter);
+    // A renewal with the current token lifts the fence but not the pause.
+    let deadline = vigil_kvm::monotonic_ns() + 600_000_000_000;
+    let renewed = client
+        .status_of(&Request::Renew {
+            token: 7,
+            deadline_ns: deadline,
+        })
+        .expect("renew");
+    assert_eq!(
+        renewed.state,
+        VmmState::Paused,
+        "a renewal resumed a paused VM"
+    );
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(50));
+        let now = vmm.status();
+        assert_eq!(now.state, VmmState::Paused);
+        assert_eq!(now.counter, paused.counter, "a paused guest advanced");
+    }
+    // Only an explicit resume runs it again.
+    let resumed = client.status_of(&Request::Resume).expect("resume");
+    assert_eq!(resumed.state, VmmState::Running);
+    vmm.wait_until("the counter to advance after resume", |s| {
+        s.counter > paused.counter
+    });
+}
+
+#[test]
 fn fenced_vmm_exits_after_the_abandon_timeout() {
     if skip() {
         return;

@@ -6,8 +6,9 @@
 //! runs out even if no agent ever talks to it again (agent SIGSTOPped, killed or cut
 //! off). Then it fences: it kicks every vCPU out of KVM_RUN (signal + immediate_exit)
 //! and keeps them paused; guest memory is kept. A fenced VMM resumes only on a renewal
-//! carrying its current fencing token, exits on `stop`, and exits by itself once it has
-//! been fenced for the abandon timeout.
+//! carrying its current fencing token (a VMM paused by request before it fenced stays
+//! paused until `resume`), exits on `stop`, and exits by itself once it has been fenced
+//! for the abandon timeout.
 //!
 //! A snapshot pauses the vCPUs only to capture it (dirty log, state, pages copied
 //! into a bounded buffer, see `Vm::capture`); a writer thread then writes and fsyncs
@@ -235,6 +236,10 @@ struct Vmm {
     state: VmmState,
     lease_deadline_ns: u64,
     fenced_at_ns: Option<u64>,
+    /// The agent asked for a pause (and no resume since). Fencing does not forget it: a
+    /// renewal of a fenced VMM that was paused by request leaves the vCPUs paused, so a
+    /// VM paused for its final migration snapshot never runs again here.
+    pause_requested: bool,
     stop_requested: bool,
     writer: SnapshotWriter,
     next_connection_id: u64,
@@ -346,6 +351,7 @@ pub fn run(options: VmmOptions, limits: &VmmLimits) -> Result<u8> {
         limits: limits.clone(),
         state: VmmState::Paused,
         fenced_at_ns: None,
+        pause_requested: false,
         stop_requested: false,
         writer,
         next_connection_id: 0,
@@ -674,17 +680,24 @@ impl Vmm {
                 VmmState::Running => match self.vm.pause() {
                     Ok(()) => {
                         self.state = VmmState::Paused;
+                        self.pause_requested = true;
                         Reply::Status(self.status())
                     }
                     Err(e) => Self::error(ERROR_FAILED, e.to_string()),
                 },
-                VmmState::Paused => Reply::Status(self.status()),
-                VmmState::Fenced => Self::error(ERROR_FENCED, "fenced: the VM is already stopped"),
+                // Already stopped; a fenced VMM remembers the pause for its renewal.
+                VmmState::Paused | VmmState::Fenced => {
+                    self.pause_requested = true;
+                    Reply::Status(self.status())
+                }
                 VmmState::Failed => Self::error(ERROR_FAILED, "the VM failed"),
             },
             Request::Resume => match self.state {
                 VmmState::Running => Reply::Status(self.status()),
-                VmmState::Paused => self.resume_if_leased(),
+                VmmState::Paused => {
+                    self.pause_requested = false;
+                    self.resume_if_leased()
+                }
                 VmmState::Fenced => Self::error(
                     ERROR_FENCED,
                     "fenced: renew the lease with the current token to resume",
@@ -708,7 +721,13 @@ impl Vmm {
                 if self.state == VmmState::Failed {
                     self.fenced_at_ns = None;
                 }
-                if self.state == VmmState::Fenced {
+                if self.state == VmmState::Fenced && self.pause_requested {
+                    // The vCPUs are already paused: the VMM is leased again but stays
+                    // paused until it is asked to resume.
+                    self.fenced_at_ns = None;
+                    log::info!("vmm: lease renewed with the current token; staying paused");
+                    self.state = VmmState::Paused;
+                } else if self.state == VmmState::Fenced {
                     self.fenced_at_ns = None;
                     match self.vm.resume() {
                         Ok(()) => {
