@@ -249,6 +249,7 @@ pub fn run(config: Config, backend: BackendChoice) -> Result<(), String> {
 
 impl Node {
     fn start(config: &Config, backend: BackendChoice) -> Result<Node, String> {
+        let keys = crate::auth::load_key_ring(&config.key_file, config.next_key_file.as_deref())?;
         let signals = io::signals::SignalFd::new(&[libc::SIGTERM, libc::SIGINT])
             .map_err(|e| format!("signalfd: {e}"))?;
         let io_config = io::Config {
@@ -311,7 +312,7 @@ impl Node {
             raft,
             driver: Driver::new(limits::RAFT_OUTPUT_MESSAGES * 4, limits::MAX_PENDING_READS),
             storage,
-            peers: Peers::new(config.node_id, &addrs, seed),
+            peers: Peers::new(config.node_id, &addrs, seed, keys),
             app: App {
                 state,
                 applied: Vec::new(),
@@ -435,7 +436,7 @@ impl Node {
             }
             (_, _) if c.token == TOKEN_LISTEN => {
                 for fd in peers::accept_all(&self.listener) {
-                    self.peers.accepted(&mut self.io, fd);
+                    self.peers.accepted(&mut self.io, fd, now);
                 }
                 self.io
                     .poll_in(TOKEN_LISTEN, self.listener.as_raw_fd())
@@ -1246,6 +1247,7 @@ impl Node {
             "Frames dropped (peer down or queue full).",
             self.peers.dropped_frames,
         );
+        self.peers.render_metrics(&mut out);
         self.commit_latency.render(
             &mut out,
             "vigil_commit_latency_seconds",

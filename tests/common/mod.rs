@@ -184,6 +184,10 @@ impl Cluster {
                 host(i)
             ));
         }
+        // One cluster key for all members (the agent refuses to start without one).
+        let key_file = dir.join("cluster.key");
+        let key = vigil::auth::ClusterKey::generate().expect("getrandom");
+        vigil::auth::write_key_file(&key_file, &key, false).expect("write the cluster key");
         let mut nodes = Vec::new();
         for (i, p) in ports.iter().enumerate() {
             let id = i as u64 + 1;
@@ -197,11 +201,12 @@ impl Cluster {
                 format!("[timing]\n{timing}\n")
             };
             let config = format!(
-                "node_id = {id}\nlisten = \"{}:{p}\"\ndata_dir = \"{}\"\nshared_dir = \"{}\"\ncontrol_socket = \"{}\"\n\n{timing_table}{peers}",
+                "node_id = {id}\nlisten = \"{}:{p}\"\ndata_dir = \"{}\"\nshared_dir = \"{}\"\ncontrol_socket = \"{}\"\nkey_file = \"{}\"\n\n{timing_table}{peers}",
                 host(i),
                 ndir.join("data").display(),
                 ndir.join("shared").display(),
-                socket.display()
+                socket.display(),
+                key_file.display()
             );
             let config_path = ndir.join("config.toml");
             std::fs::write(&config_path, config).unwrap();
