@@ -491,8 +491,7 @@ impl Reader<'_> {
             Value::String(s)
                 if !s.is_empty()
                     && s.len() <= 32
-                    && s
-                        .bytes()
+                    && s.bytes()
                         .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) =>
             {
                 Ok(GroupSpec::Name(s.clone()))

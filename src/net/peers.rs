@@ -28,6 +28,7 @@ use super::send_queue::SendQueue;
 use crate::auth::{handshake, Handshake, KeyRing, Session, Step, TAG_BYTES};
 use crate::io::{socket, Instant, Io};
 use crate::limits;
+use crate::logging::RateLimit;
 use crate::metrics;
 use crate::raft::{Message, NodeId, Payload, Transport};
 
@@ -108,7 +109,11 @@ pub struct PeerCounters {
 
 impl PeerCounters {
     fn handshake_failed(&mut self, reason: &'static str) {
-        match self.handshake_failures.iter_mut().find(|(r, _)| *r == reason) {
+        match self
+            .handshake_failures
+            .iter_mut()
+            .find(|(r, _)| *r == reason)
+        {
             Some((_, n)) => *n += 1,
             None => self.handshake_failures.push((reason, 1)),
         }
@@ -122,38 +127,8 @@ impl PeerCounters {
     }
 }
 
-/// At most `LOG_BUDGET_PER_SECOND` warnings a second about hostile or broken inbound
-/// connections; the rest are only counted, so a flood cannot turn into a log flood.
-const LOG_BUDGET_PER_SECOND: u32 = 20;
-
-struct LogBudget {
-    window: Instant,
-    used: u32,
-    suppressed: u64,
-}
-
-impl LogBudget {
-    fn allow(&mut self, now: Instant) -> bool {
-        if now.saturating_duration_since(self.window) >= Duration::from_secs(1) {
-            if self.suppressed > 0 {
-                log::warn!(
-                    "peer transport: {} more warnings suppressed in the last second",
-                    self.suppressed
-                );
-            }
-            self.window = now;
-            self.used = 0;
-            self.suppressed = 0;
-        }
-        if self.used < LOG_BUDGET_PER_SECOND {
-            self.used += 1;
-            true
-        } else {
-            self.suppressed += 1;
-            false
-        }
-    }
-}
+/// Warnings a second about hostile or broken inbound connections; the rest are counted.
+const LOG_LINES_PER_SECOND: u32 = 20;
 
 struct Slot {
     id: NodeId,
@@ -175,16 +150,11 @@ pub struct Peers {
     /// Frames dropped because the peer was not connected or its queue was full.
     pub dropped_frames: u64,
     pub counters: PeerCounters,
-    log_budget: LogBudget,
+    log_budget: RateLimit,
 }
 
 impl Peers {
-    pub fn new(
-        me: NodeId,
-        peers: &[(NodeId, SocketAddr)],
-        seed: u64,
-        keys: KeyRing,
-    ) -> Peers {
+    pub fn new(me: NodeId, peers: &[(NodeId, SocketAddr)], seed: u64, keys: KeyRing) -> Peers {
         let slots = peers
             .iter()
             .filter(|(id, _)| *id != me)
@@ -210,11 +180,7 @@ impl Peers {
             rng: seed | 1,
             dropped_frames: 0,
             counters: PeerCounters::default(),
-            log_budget: LogBudget {
-                window: Instant::ZERO,
-                used: 0,
-                suppressed: 0,
-            },
+            log_budget: RateLimit::new(LOG_LINES_PER_SECOND),
         }
     }
 
@@ -289,10 +255,14 @@ impl Peers {
             self.counters.handshake_failed("timeout");
             if let Some(c) = self.conns.get(&id) {
                 let (peer, inbound) = (c.peer, c.inbound);
-                if !inbound || self.log_budget.allow(now) {
+                if !inbound || self.log_budget.allow("peer transport warning") {
                     log::warn!(
                         "peer {}: handshake not finished within {} ms; closing",
-                        if inbound { "(inbound)".to_string() } else { peer.to_string() },
+                        if inbound {
+                            "(inbound)".to_string()
+                        } else {
+                            peer.to_string()
+                        },
                         limits::PEER_HANDSHAKE_TIMEOUT_MS
                     );
                 }
@@ -331,7 +301,8 @@ impl Peers {
                 self.schedule_dial(i, now);
                 continue;
             }
-            self.conns.insert(id, Conn::new(fd, peer, false, Auth::Connecting, now));
+            self.conns
+                .insert(id, Conn::new(fd, peer, false, Auth::Connecting, now));
             self.slots[i].conn = Some(id);
         }
         next
@@ -349,7 +320,7 @@ impl Peers {
         let pending = self.conns.values().filter(|c| c.pending_inbound()).count();
         if pending >= limits::MAX_PENDING_HANDSHAKES {
             self.counters.handshake_failed("too_many_pending");
-            if self.log_budget.allow(now) {
+            if self.log_budget.allow("peer transport warning") {
                 log::warn!(
                     "peer transport: {pending} inbound handshakes pending; closing a new connection"
                 );
@@ -499,7 +470,7 @@ impl Peers {
                 }
                 Err(e) => {
                     self.counters.handshake_failed(e.reason());
-                    if !conn.inbound || self.log_budget.allow(now) {
+                    if !conn.inbound || self.log_budget.allow("peer transport warning") {
                         let who = if conn.inbound {
                             "inbound connection".to_string()
                         } else {

@@ -288,9 +288,8 @@ impl Node {
                 .map_err(|e| format!("snapshot state: {e}"))?;
         }
         let listener = listen_retrying(config.listen)?;
-        let _ = std::fs::remove_file(&config.control_socket);
-        let control_listener = io::socket::unix_listen(&config.control_socket, 0o600, 128)
-            .map_err(|e| format!("control socket {}: {e}", config.control_socket.display()))?;
+        let (control_listener, access) =
+            ctlserver::listen(&config.control_socket, config.control_group.as_ref())?;
         io.poll_in(TOKEN_LISTEN, listener.as_raw_fd())
             .map_err(|e| e.to_string())?;
         io.poll_in(TOKEN_CONTROL_LISTEN, control_listener.as_raw_fd())
@@ -319,7 +318,7 @@ impl Node {
                 reads: Vec::new(),
                 reads_failed: Vec::new(),
             },
-            control: ControlServer::new(),
+            control: ControlServer::new(access),
             listener,
             control_listener,
             control_path: config.control_socket.clone(),
@@ -1248,6 +1247,7 @@ impl Node {
             self.peers.dropped_frames,
         );
         self.peers.render_metrics(&mut out);
+        self.control.render_metrics(&mut out);
         self.commit_latency.render(
             &mut out,
             "vigil_commit_latency_seconds",

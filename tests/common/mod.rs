@@ -267,6 +267,37 @@ impl Cluster {
         node.stopped = false;
     }
 
+    /// The cluster key file every member uses.
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.join("cluster.key")
+    }
+
+    /// The peer (Raft) address of a node, as its config file says.
+    pub fn peer_addr(&self, id: u64) -> std::net::SocketAddr {
+        let text = std::fs::read_to_string(&self.node(id).config).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("listen = "))
+            .expect("listen in config");
+        line["listen = ".len()..].trim_matches('"').parse().unwrap()
+    }
+
+    /// The value of one metric line (`name` with its labels, as printed) from /metrics.
+    pub fn metric(&self, id: u64, name: &str) -> Option<f64> {
+        let r = self.client(id).request("GET", "/metrics", None).ok()?;
+        let text = String::from_utf8_lossy(&r.body).to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// Whether the node's process is still running (it did not exit or abort).
+    pub fn running(&mut self, id: u64) -> bool {
+        match self.nodes[id as usize - 1].child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
+    }
+
     pub fn client(&self, id: u64) -> Client {
         Client::new(&self.node(id).socket, Duration::from_secs(10))
     }
