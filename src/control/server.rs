@@ -186,6 +186,8 @@ pub fn token(id: u64) -> u64 {
 pub struct ControlConn {
     fd: OwnedFd,
     cred: PeerCred,
+    /// The credentials passed the access check; if not, the request is answered 403.
+    allowed: bool,
     /// When the first byte of the request now being read arrived.
     request_started: Option<Instant>,
     rbuf: Vec<u8>,
@@ -227,40 +229,11 @@ impl ControlServer {
                 return;
             }
         };
-        if !self.access.allows(&cred) {
+        // A refused client still gets its request read (under the usual limits), so that
+        // it sees the 403 instead of a broken pipe; nothing of it is served.
+        let allowed = self.access.allows(&cred);
+        if !allowed {
             self.counters.refused_uid += 1;
-            if self.log_budget.allow("control access") {
-                log::warn!(
-                    "control: refused uid {} gid {} pid {}: only {} may use the control socket",
-                    cred.uid,
-                    cred.gid,
-                    cred.pid,
-                    self.access.describe()
-                );
-            }
-            let e = format!(
-                "uid {} may not use this control socket (allowed: {})",
-                cred.uid,
-                self.access.describe()
-            );
-            let mut answer = Vec::new();
-            http::write_json_response(
-                &mut answer,
-                403,
-                &serde_json::json!({ "error": e, "code": "forbidden" }).to_string(),
-                true,
-            );
-            // Best effort: a fresh socket's buffer takes the short answer whole.
-            // SAFETY: `answer` is a valid readable slice.
-            unsafe {
-                libc::send(
-                    fd.as_raw_fd(),
-                    answer.as_ptr() as *const libc::c_void,
-                    answer.len(),
-                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                )
-            };
-            return;
         }
         if self.conns.len() >= limits::MAX_CONTROL_CONNECTIONS {
             // Make room by closing the connection idle the longest, unless every one is
@@ -305,6 +278,7 @@ impl ControlServer {
                 ControlConn {
                     fd,
                     cred,
+                    allowed,
                     request_started: None,
                     rbuf: Vec::new(),
                     out: Vec::new(),
@@ -392,6 +366,34 @@ impl ControlServer {
                 conn.busy_since = Some(conn.last_activity);
                 // A pipelined next request started when its bytes came in.
                 conn.request_started = (!conn.rbuf.is_empty()).then_some(conn.last_activity);
+                if !conn.allowed {
+                    if self.log_budget.allow("control access") {
+                        log::warn!(
+                            "control: refused uid {} gid {} pid {}: {} {}: only {} may use \
+                             the control socket",
+                            conn.cred.uid,
+                            conn.cred.gid,
+                            conn.cred.pid,
+                            req.method.as_str(),
+                            req.path,
+                            self.access.describe()
+                        );
+                    }
+                    let e = format!(
+                        "uid {} may not use this control socket (allowed: {})",
+                        conn.cred.uid,
+                        self.access.describe()
+                    );
+                    http::write_json_response(
+                        &mut conn.out,
+                        403,
+                        &serde_json::json!({ "error": e, "code": "forbidden" }).to_string(),
+                        true,
+                    );
+                    conn.busy_since = None;
+                    conn.close_after_write = true;
+                    return None;
+                }
                 if self.log_budget.allow("control access") {
                     log::info!(
                         "control: uid {} pid {}: {} {}",
