@@ -81,6 +81,9 @@ fn sealed(session: &mut Session, kind: u8, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Builds one hostile frame for an authenticated connection.
+type MakeFrame = Box<dyn Fn(&mut Session) -> Vec<u8>>;
+
 fn failures(c: &Cluster, node: u64, reason: &str) -> f64 {
     c.metric(
         node,
@@ -166,7 +169,7 @@ fn hostile_peer_bytes_close_the_connection_and_the_node_keeps_serving() {
     c.kill9(member);
     let bad_mac_before = c.metric(leader, "vigil_peer_bad_mac_total").unwrap();
     let bad_frames_before = c.metric(leader, "vigil_peer_bad_frames_total").unwrap();
-    let frames: Vec<(&str, Box<dyn Fn(&mut Session) -> Vec<u8>>)> = vec![
+    let frames: Vec<(&str, MakeFrame)> = vec![
         (
             "a flipped MAC",
             Box::new(|s: &mut Session| {
