@@ -75,9 +75,11 @@ pub const MAX_FRAME_BYTES: usize = MAX_APPEND_BYTES + 64 * 1024;
 pub const PEER_SEND_QUEUE_BYTES: usize = MAX_INFLIGHT_BYTES + 2 * MAX_FRAME_BYTES;
 /// A frame on an authenticated connection: the frame and its MAC tag.
 pub const MAX_SEALED_FRAME_BYTES: usize = MAX_FRAME_BYTES + crate::auth::TAG_BYTES;
-/// Accepted peer connections still in their handshake (not yet authenticated); further
-/// ones are closed at once, so strangers cannot hold more than this many slots.
-pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Accepted peer connections still in their handshake (not yet authenticated), in each
+/// of two pools: from members' IP addresses, and from anywhere else. Further ones are
+/// closed at once, so strangers cannot hold more than this many slots, and strangers on
+/// other hosts cannot take the members' slots.
+pub const MAX_PENDING_HANDSHAKES: usize = 32;
 /// A peer connection must finish its handshake this long after the dial or the accept
 /// (the TCP connect included), or it is closed: an honest peer needs 1.5 round trips.
 pub const PEER_HANDSHAKE_TIMEOUT_MS: u64 = 2_000;
@@ -271,7 +273,7 @@ const _: () = assert!(
     "every voter can redial every other at once after a restart"
 );
 const _: () = assert!(
-    IO_BUFFER_COUNT >= 2 * (MAX_MEMBERS + MAX_CONTROL_CONNECTIONS) + MAX_PENDING_HANDSHAKES,
+    IO_BUFFER_COUNT >= 2 * (MAX_MEMBERS + MAX_CONTROL_CONNECTIONS) + 2 * MAX_PENDING_HANDSHAKES,
     "a receive buffer for every pending handshake on top of the established connections"
 );
 const _: () = assert!(IO_COMPLETIONS_PER_WAIT <= IO_MAX_IN_FLIGHT);

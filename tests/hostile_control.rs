@@ -15,14 +15,17 @@ use std::time::Duration;
 
 use common::Cluster;
 
-/// Sends raw bytes and reads the answer until the node closes or 15 s pass.
+/// Sends raw bytes and reads the answer until the node closes the connection (every
+/// case here is a framing error or asks for `Connection: close`).
 fn raw(socket: &Path, bytes: &[u8]) -> String {
     let mut s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
     let _ = s.write_all(bytes);
     let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    String::from_utf8_lossy(&out).to_string()
+    let closed = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    assert!(closed.is_ok(), "the node kept the connection open: {text}");
+    text
 }
 
 /// The status code and the JSON body of a raw HTTP answer.

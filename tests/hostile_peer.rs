@@ -249,6 +249,40 @@ fn hostile_peer_bytes_close_the_connection_and_the_node_keeps_serving() {
     }
 }
 
+/// A TCP connection to `to` from the loopback address `from` (any of 127.0.0.0/8).
+fn connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let sin = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let SocketAddr::V4(to) = to else {
+        panic!("IPv4 only")
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns, with valid
+    // sockaddr_in values and their size.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let local = sin(from, 0);
+        assert_eq!(
+            libc::bind(fd, &local as *const _ as *const libc::sockaddr, len),
+            0
+        );
+        let remote = sin(*to.ip(), to.port());
+        assert_eq!(
+            libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len),
+            0
+        );
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
 #[test]
 fn handshakes_beyond_the_pending_limit_are_closed_at_once() {
     let mut c = Cluster::start("hostile-pending", 3, "auto");
@@ -280,14 +314,36 @@ fn handshakes_beyond_the_pending_limit_are_closed_at_once() {
         );
     }
     assert!(failures(&c, leader, "too_many_pending") >= 8.0);
+    // Strangers (not from a member's IP address) have a pool of their own: the members'
+    // pool being full does not close theirs at once, and their pool being full does not
+    // close a connection from a member's address.
+    let stranger_ip = std::net::Ipv4Addr::new(127, 0, 0, 2);
+    let mut strangers: Vec<TcpStream> = (0..limit)
+        .map(|_| connect_from(stranger_ip, addr))
+        .collect();
+    // Let the node accept them, then one more stranger is one too many.
+    std::thread::sleep(Duration::from_millis(200));
+    let refused = failures(&c, leader, "too_many_pending");
+    let mut extra = connect_from(stranger_ip, addr);
+    assert!(
+        closed_by_node(&mut extra, Duration::from_secs(1)),
+        "extra stranger kept"
+    );
+    assert!(failures(&c, leader, "too_many_pending") > refused);
+    for s in strangers.iter_mut().take(2) {
+        assert!(
+            !closed_by_node(s, Duration::from_millis(200)),
+            "a stranger in its pool was closed before the handshake timeout"
+        );
+    }
     // The silent ones are cut at the handshake timeout.
-    for s in silent.iter_mut() {
+    for s in silent.iter_mut().chain(strangers.iter_mut()) {
         assert!(
             closed_by_node(s, Duration::from_secs(10)),
             "silent connection kept"
         );
     }
-    assert!(failures(&c, leader, "timeout") >= limit as f64);
+    assert!(failures(&c, leader, "timeout") >= 2.0 * limit as f64);
     c.put_retry("after-pending", "ok");
     assert!(c.running(leader));
 }

@@ -188,6 +188,9 @@ pub struct ControlConn {
     cred: PeerCred,
     /// The credentials passed the access check; if not, the request is answered 403.
     allowed: bool,
+    /// The request being served asked for `Connection: close` (or is HTTP/1.0): the
+    /// connection closes after its answer, whatever the answer.
+    close_requested: bool,
     /// When the first byte of the request now being read arrived.
     request_started: Option<Instant>,
     rbuf: Vec<u8>,
@@ -279,6 +282,7 @@ impl ControlServer {
                     fd,
                     cred,
                     allowed,
+                    close_requested: false,
                     request_started: None,
                     rbuf: Vec::new(),
                     out: Vec::new(),
@@ -394,6 +398,7 @@ impl ControlServer {
                     conn.close_after_write = true;
                     return None;
                 }
+                conn.close_requested = req.close;
                 if self.log_budget.allow("control access") {
                     log::info!(
                         "control: uid {} pid {}: {} {}",
@@ -419,6 +424,7 @@ impl ControlServer {
             return;
         };
         conn.busy_since = None;
+        let close = close || conn.close_requested;
         http::write_response(&mut conn.out, status, content_type, body, close);
         if close {
             conn.close_after_write = true;

@@ -76,6 +76,9 @@ struct Conn {
     peer: NodeId,
     /// Accepted (not dialled) by this node.
     inbound: bool,
+    /// Inbound from the IP address of a configured member: its handshake counts against
+    /// the members' own pending pool, which strangers elsewhere cannot fill.
+    from_member_ip: bool,
     auth: Auth,
     /// The handshake must be over by then (set at dial or accept).
     deadline: Instant,
@@ -91,6 +94,10 @@ impl Conn {
 
     fn pending_inbound(&self) -> bool {
         self.inbound && !matches!(self.auth, Auth::Established(_))
+    }
+
+    fn pending_in_pool(&self, member_pool: bool) -> bool {
+        self.pending_inbound() && self.from_member_ip == member_pool
     }
 }
 
@@ -315,9 +322,18 @@ impl Peers {
     }
 
     /// A new inbound connection (accepted by the node): the responder's side of the
-    /// handshake starts. Beyond `MAX_PENDING_HANDSHAKES` it is closed at once.
+    /// handshake starts. Connections from a member's IP address and from elsewhere have
+    /// separate pools of `MAX_PENDING_HANDSHAKES`; beyond its pool's limit a connection is
+    /// closed at once. (So strangers on other hosts holding their pool full cannot keep
+    /// a restarted member from reconnecting; an attacker on a member's own host can.)
     pub fn accepted(&mut self, io: &mut Io, fd: OwnedFd, now: Instant) {
-        let pending = self.conns.values().filter(|c| c.pending_inbound()).count();
+        let from_member_ip =
+            peer_ip(&fd).is_some_and(|ip| self.slots.iter().any(|s| s.addr.ip() == ip));
+        let pending = self
+            .conns
+            .values()
+            .filter(|c| c.pending_in_pool(from_member_ip))
+            .count();
         if pending >= limits::MAX_PENDING_HANDSHAKES {
             self.counters.handshake_failed("too_many_pending");
             if self.log_budget.allow("peer transport warning") {
@@ -340,7 +356,8 @@ impl Peers {
         self.next_conn += 1;
         let raw = fd.as_raw_fd();
         let responder = Handshake::responder(&self.keys, self.me, nonce);
-        let conn = Conn::new(fd, 0, true, Auth::Handshaking(Box::new(responder)), now);
+        let mut conn = Conn::new(fd, 0, true, Auth::Handshaking(Box::new(responder)), now);
+        conn.from_member_ip = from_member_ip;
         if io.poll_in(token(TOKEN_PEER_POLL, id), raw).is_ok() {
             self.conns.insert(id, conn);
         }
@@ -772,6 +789,7 @@ impl Conn {
             fd,
             peer,
             inbound,
+            from_member_ip: false,
             auth,
             deadline: now.saturating_add(Duration::from_millis(limits::PEER_HANDSHAKE_TIMEOUT_MS)),
             rbuf: Vec::new(),
@@ -779,6 +797,25 @@ impl Conn {
             broken: false,
         }
     }
+}
+
+/// The IP address at the other end of a TCP connection.
+fn peer_ip(fd: &OwnedFd) -> Option<std::net::IpAddr> {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` is writable for `len` bytes; getpeername writes at most that.
+    let rc = unsafe {
+        libc::getpeername(
+            fd.as_raw_fd(),
+            &mut storage as *mut libc::sockaddr_storage as *mut libc::sockaddr,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    socket::sockaddr_to(&storage).map(|a| a.ip())
 }
 
 /// Accepts every pending connection on a non-blocking listener.
