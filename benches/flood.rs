@@ -10,8 +10,9 @@
 //!   oversized bodies (`--control-rate`/s), and `--control-slow` slowloris connections
 //!   trickling a request head one byte a second (more than the connection limit).
 //!
-//! Meanwhile one client PUTs to the leader in a loop, and the two followers' `/status`
-//! is sampled every 10 ms for the time since they last heard from the leader. A quiet
+//! Meanwhile one client PUTs to the first leader in a loop (a follower forwards), and
+//! every node's `/status` is sampled every 10 ms for the time since it last heard from the
+//! leader it knows (the leader itself is skipped). A quiet
 //! phase of `--quiet-seconds` before the flood gives the same figures without it.
 //!
 //! Lines (JSON, stdout): `rss` (leader VmRSS in kB sampled every second: before, after,
@@ -144,13 +145,23 @@ struct Phase {
     puts: Vec<f64>,
     put_errors: u64,
     seconds: f64,
+    /// CPU used by the flooded agent, percent of one core.
+    cpu_percent: f64,
+    /// /proc/loadavg at the end (the machine is shared).
+    load: String,
 }
 
-fn follower_silence(socket: &Path, leader: u64) -> Option<f64> {
+/// How long ago this node last heard from the leader it knows, unless it is the leader
+/// itself or knows none.
+fn silence_from_leader(socket: &Path) -> Option<f64> {
     let r = Client::new(socket, Duration::from_secs(2))
         .request("GET", "/status", None)
         .ok()?;
     let v = r.json().ok()?;
+    let leader = v["leader"]["node_id"].as_u64()?;
+    if Some(leader) == v["node_id"].as_u64() {
+        return None;
+    }
     v["members"]
         .as_array()?
         .iter()
@@ -158,21 +169,35 @@ fn follower_silence(socket: &Path, leader: u64) -> Option<f64> {
         .as_f64()
 }
 
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: i32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let rest = stat.rsplit(')').next().unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
 /// Measures for `seconds`: puts to the leader, follower silence, leader RSS.
 fn measure(c: &common::Cluster, leader: u64, pid: i32, seconds: u64, heartbeat_ms: f64) -> Phase {
     let stop = Arc::new(AtomicBool::new(false));
     let phase = Arc::new(Mutex::new(Phase::default()));
-    let followers: Vec<PathBuf> = (1..=3)
-        .filter(|&i| i != leader)
-        .map(|i| c.node(i).socket.clone())
-        .collect();
+    let followers: Vec<PathBuf> = (1..=3).map(|i| c.node(i).socket.clone()).collect();
     let mut threads = Vec::new();
     for socket in followers {
         let (stop, phase) = (stop.clone(), phase.clone());
         threads.push(std::thread::spawn(move || {
             let mut in_gap = false;
             while !stop.load(Ordering::Relaxed) {
-                if let Some(ms) = follower_silence(&socket, leader) {
+                if let Some(ms) = silence_from_leader(&socket) {
                     let mut p = phase.lock().unwrap();
                     p.silence.push(ms);
                     let gap = ms > 2.0 * heartbeat_ms;
@@ -196,6 +221,7 @@ fn measure(c: &common::Cluster, leader: u64, pid: i32, seconds: u64, heartbeat_m
         }));
     }
     let start = Instant::now();
+    let cpu_start = cpu_seconds(pid);
     let mut k = 0u64;
     while start.elapsed() < Duration::from_secs(seconds) {
         let t = Instant::now();
@@ -215,6 +241,11 @@ fn measure(c: &common::Cluster, leader: u64, pid: i32, seconds: u64, heartbeat_m
     }
     let mut p = std::mem::take(&mut *phase.lock().unwrap());
     p.seconds = start.elapsed().as_secs_f64();
+    p.cpu_percent = (cpu_seconds(pid) - cpu_start) / p.seconds * 100.0;
+    p.load = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     p
 }
 
@@ -233,6 +264,8 @@ fn report(case: &str, p: &Phase, terms: (f64, f64), changes: f64, heartbeat_ms: 
         serde_json::json!({
             "rss_first": p.rss.first(), "rss_last": p.rss.last(),
             "interval_s": 1,
+            "agent_cpu_percent": (p.cpu_percent * 10.0).round() / 10.0,
+            "loadavg_at_end": p.load,
         }),
     );
     emit(

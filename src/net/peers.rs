@@ -418,11 +418,18 @@ impl Peers {
             return;
         };
         let mut closed = false;
+        // During the handshake read no more than its largest message, so that a pending
+        // connection costs a few hundred bytes, not a 64 KiB read buffer (bytes beyond
+        // stay in the socket and are read on the next readiness).
+        let limit = match conn.auth {
+            Auth::Established(_) => limits::MAX_SEALED_FRAME_BYTES,
+            _ => handshake::MAX_MESSAGE_BYTES,
+        };
         loop {
-            if conn.rbuf.len() >= limits::MAX_SEALED_FRAME_BYTES {
+            if conn.rbuf.len() >= limit {
                 break;
             }
-            let room = (limits::MAX_SEALED_FRAME_BYTES - conn.rbuf.len()).min(64 * 1024);
+            let room = (limit - conn.rbuf.len()).min(64 * 1024);
             let len = conn.rbuf.len();
             conn.rbuf.resize(len + room, 0);
             // SAFETY: the pointer and length describe the writable tail of rbuf.
