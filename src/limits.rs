@@ -75,9 +75,14 @@ pub const MAX_FRAME_BYTES: usize = MAX_APPEND_BYTES + 64 * 1024;
 pub const PEER_SEND_QUEUE_BYTES: usize = MAX_INFLIGHT_BYTES + 2 * MAX_FRAME_BYTES;
 /// A frame on an authenticated connection: the frame and its MAC tag.
 pub const MAX_SEALED_FRAME_BYTES: usize = MAX_FRAME_BYTES + crate::auth::TAG_BYTES;
-/// Accepted peer connections still in their handshake (not yet authenticated); further
-/// ones are closed at once, so strangers cannot hold more than this many slots.
-pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Accepted peer connections still in their handshake (not yet authenticated), in each
+/// of two pools: from members' IP addresses, and from anywhere else. Further ones are
+/// closed at once, so strangers cannot hold more than this many slots, and strangers on
+/// other hosts cannot take the members' slots.
+pub const MAX_PENDING_HANDSHAKES: usize = 32;
+/// A peer connection must finish its handshake this long after the dial or the accept
+/// (the TCP connect included), or it is closed: an honest peer needs 1.5 round trips.
+pub const PEER_HANDSHAKE_TIMEOUT_MS: u64 = 2_000;
 /// First and largest delay between redials of a lost peer connection (plus jitter).
 pub const PEER_RECONNECT_INITIAL_MS: u64 = 5;
 pub const PEER_RECONNECT_MAX_MS: u64 = 1000;
@@ -107,6 +112,10 @@ pub const MAX_EVENT_SUBSCRIBERS: usize = 32;
 pub const MAX_EVENTS_BUFFERED: usize = 1024;
 /// A control connection silent this long (no complete request) is closed.
 pub const CONTROL_IDLE_TIMEOUT_MS: u64 = 30_000;
+/// A request must arrive whole (head and body) this long after its first byte, or the
+/// connection is answered 408 and closed: a slowloris client trickling bytes cannot hold
+/// a connection slot past this.
+pub const CONTROL_READ_TIMEOUT_MS: u64 = 10_000;
 /// A request waiting for commit, a read or the leader is answered with a timeout error
 /// after this long.
 pub const CONTROL_REQUEST_TIMEOUT_MS: u64 = 5_000;
@@ -118,6 +127,11 @@ pub const RAFT_COMPACT_AFTER_ENTRIES: u64 = 4096;
 
 const _: () = assert!(RAFT_COMPACT_AFTER_ENTRIES * 2 < RAFT_LOG_CAPACITY as u64);
 const _: () = assert!(CONTROL_REQUEST_TIMEOUT_MS < CONTROL_IDLE_TIMEOUT_MS);
+const _: () = assert!(CONTROL_READ_TIMEOUT_MS < CONTROL_IDLE_TIMEOUT_MS);
+const _: () = assert!(
+    PEER_HANDSHAKE_TIMEOUT_MS >= 10 * PEER_RECONNECT_INITIAL_MS,
+    "a handshake gets many round trips on a slow link before it is cut"
+);
 
 // ---- Event loop I/O -------------------------------------------------------------------
 
@@ -288,7 +302,7 @@ const _: () = assert!(
     "every voter can redial every other at once after a restart"
 );
 const _: () = assert!(
-    IO_BUFFER_COUNT >= 2 * (MAX_MEMBERS + MAX_CONTROL_CONNECTIONS) + MAX_PENDING_HANDSHAKES,
+    IO_BUFFER_COUNT >= 2 * (MAX_MEMBERS + MAX_CONTROL_CONNECTIONS) + 2 * MAX_PENDING_HANDSHAKES,
     "a receive buffer for every pending handshake on top of the established connections"
 );
 const _: () = assert!(IO_COMPLETIONS_PER_WAIT <= IO_MAX_IN_FLIGHT);

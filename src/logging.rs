@@ -55,3 +55,46 @@ pub fn init() {
         log::set_max_level(level);
     }
 }
+
+/// A budget of log lines per second for messages that hostile input can trigger at will
+/// (refused connections, bad handshakes, the control access log): beyond it lines are
+/// only counted, and the count is logged once the next second starts. A flood of bad
+/// input then costs a counter increment, not a write to stderr.
+pub struct RateLimit {
+    per_second: u32,
+    window_ms: u64,
+    used: u32,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub const fn new(per_second: u32) -> RateLimit {
+        RateLimit {
+            per_second,
+            window_ms: 0,
+            used: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// Whether one more line may be logged now; `what` names the lines in the note about
+    /// suppressed ones.
+    pub fn allow(&mut self, what: &str) -> bool {
+        let now = monotonic_ms();
+        if now.saturating_sub(self.window_ms) >= 1000 {
+            if self.suppressed > 0 {
+                log::warn!("{} more {what} lines suppressed", self.suppressed);
+            }
+            self.window_ms = now;
+            self.used = 0;
+            self.suppressed = 0;
+        }
+        if self.used < self.per_second {
+            self.used += 1;
+            true
+        } else {
+            self.suppressed += 1;
+            false
+        }
+    }
+}

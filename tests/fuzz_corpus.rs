@@ -278,6 +278,7 @@ listen = "127.0.0.1:7001"
 data_dir = "/var/lib/vigil"
 shared_dir = "/srv/vigil-shared"
 control_socket = "/run/vigil/vigil.sock"
+key_file = "/etc/vigil/cluster.key"
 
 [timing]
 heartbeat_ms = 20

@@ -7,7 +7,7 @@
 //! - [`session`]: sealing and opening frames with a per-direction key and sequence number.
 //!
 //! All MACs are HMAC-SHA256 from RustCrypto's `hmac` and `sha2` crates; comparisons are
-//! constant-time (`verify_slice`). The transport (not built yet) uses them like this: dial
+//! constant-time (`verify_slice`). The transport (`net::peers`) uses them like this: dial
 //! or accept, run the [`Handshake`] until `Established` (closing on any error and counting
 //! `HandshakeError::reason`), then [`session::Sealer::seal`] every frame it sends and
 //! [`session::Opener::open`] every frame it receives, closing the connection on a
@@ -37,6 +37,32 @@
 pub mod handshake;
 pub mod key;
 pub mod session;
+
+/// Loads a node's keys at start: the current key file and, during a rotation, the next
+/// one. Each must be mode 0600 or stricter (see [`ClusterKey::load`]); the error names the
+/// file and says why.
+pub fn load_key_ring(
+    current: &std::path::Path,
+    next: Option<&std::path::Path>,
+) -> Result<KeyRing, String> {
+    let current = ClusterKey::load(current).map_err(|e| e.to_string())?;
+    let next = match next {
+        Some(path) => {
+            let key = ClusterKey::load(path).map_err(|e| e.to_string())?;
+            if key.id() == current.id() {
+                return Err(format!(
+                    "{}: the next key is the current key (key id {}); generate a new one with \
+                     `vigil keygen`",
+                    path.display(),
+                    key.id()
+                ));
+            }
+            Some(key)
+        }
+        None => None,
+    };
+    Ok(KeyRing::new(current, next))
+}
 
 pub use handshake::{Established, Handshake, HandshakeError, Step};
 pub use key::{write_key_file, ClusterKey, KeyFileError, KeyId, KeyRing, KEY_BYTES};

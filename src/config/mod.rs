@@ -6,6 +6,9 @@
 //! data_dir = "/var/lib/vigil"
 //! shared_dir = "/srv/vigil-shared"
 //! control_socket = "/run/vigil/vigil.sock"
+//! key_file = "/etc/vigil/cluster.key"       # required: `vigil keygen PATH`, mode 0600
+//! next_key_file = "/etc/vigil/cluster.key.next"  # optional: during a key rotation
+//! control_group = "vigil-ops"  # optional: socket mode 0660, this group may connect
 //!
 //! [timing]               # optional; these are the defaults
 //! heartbeat_ms = 20
@@ -104,11 +107,26 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub shared_dir: PathBuf,
     pub control_socket: PathBuf,
+    /// The cluster key (32 bytes, mode 0600): peers prove they hold it.
+    pub key_file: PathBuf,
+    /// A second accepted key, during a rotation (see the README).
+    pub next_key_file: Option<PathBuf>,
+    /// A group (name or numeric gid) whose members may use the control socket: the
+    /// socket is then created 0660 with this group. Without it: 0600, root and the
+    /// agent's own user only.
+    pub control_group: Option<GroupSpec>,
     pub timing: Timing,
     /// Every member, this node included, in file order.
     pub peers: Vec<Peer>,
     /// `[vms]`: None when this host runs no VMs.
     pub vms: Option<VmsConfig>,
+}
+
+/// A group named in the config: a name (looked up in /etc/group at start) or a gid.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GroupSpec {
+    Name(String),
+    Id(u32),
 }
 
 /// What was wrong with a config file, and where.
@@ -230,6 +248,33 @@ impl Reader<'_> {
         let data_dir = self.required(&mut keys, "data_dir", |r, e| r.path(e))?;
         let shared_dir = self.required(&mut keys, "shared_dir", |r, e| r.path(e))?;
         let control_socket = self.required(&mut keys, "control_socket", |r, e| r.path(e))?;
+        let Some(key_entry) = keys.take("key_file") else {
+            return Err(self.error(
+                top.line,
+                "top level: missing key 'key_file': peers authenticate with a shared cluster \
+                 key; create one with `vigil keygen PATH`, copy it (mode 0600) to every \
+                 member and set key_file = \"PATH\""
+                    .into(),
+            ));
+        };
+        let key_file = self.path(key_entry)?;
+        let next_key_file = match keys.take("next_key_file") {
+            Some(entry) => {
+                let path = self.path(entry)?;
+                if path == key_file {
+                    return Err(self.error(
+                        entry.line,
+                        "next_key_file names the same file as key_file".into(),
+                    ));
+                }
+                Some(path)
+            }
+            None => None,
+        };
+        let control_group = match keys.take("control_group") {
+            Some(entry) => Some(self.group(entry)?),
+            None => None,
+        };
         self.reject_unknown(&keys, "top level")?;
 
         let mut timing = Timing::default();
@@ -260,6 +305,9 @@ impl Reader<'_> {
             data_dir,
             shared_dir,
             control_socket,
+            key_file,
+            next_key_file,
+            control_group,
             timing,
             peers,
             vms,
@@ -502,6 +550,28 @@ impl Reader<'_> {
         }
     }
 
+    fn group(&self, entry: &Entry) -> Result<GroupSpec, ConfigError> {
+        match &entry.value {
+            Value::Integer(n) if (0..=u32::MAX as i64).contains(n) => Ok(GroupSpec::Id(*n as u32)),
+            Value::String(s)
+                if !s.is_empty()
+                    && s.len() <= 32
+                    && s.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b)) =>
+            {
+                Ok(GroupSpec::Name(s.clone()))
+            }
+            other => Err(self.error(
+                entry.line,
+                format!(
+                    "key '{}': expected a group name or a numeric gid, found {}",
+                    entry.key,
+                    show(other)
+                ),
+            )),
+        }
+    }
+
     fn path(&self, entry: &Entry) -> Result<PathBuf, ConfigError> {
         match &entry.value {
             Value::String(s) if !s.is_empty() => Ok(PathBuf::from(s)),
@@ -537,6 +607,7 @@ listen = "127.0.0.1:7002"
 data_dir = "/tmp/v2"
 shared_dir = "/tmp/shared"
 control_socket = "/tmp/v2/vigil.sock"
+key_file = "/etc/vigil/cluster.key"
 
 [timing]
 heartbeat_ms = 25
@@ -585,7 +656,7 @@ role = "observer"
     fn names_key_and_line_of_bad_input() {
         expect_error(
             &GOOD.replace("heartbeat_ms = 25", "heartbeat_msec = 25"),
-            Some(9),
+            Some(10),
             "unknown key 'heartbeat_msec'",
         );
         expect_error(
@@ -600,17 +671,17 @@ role = "observer"
         );
         expect_error(
             &GOOD.replace("\"127.0.0.1:7001\"", "\"host1:7001\""),
-            Some(13),
+            Some(14),
             "not an IP:port",
         );
         expect_error(
             &GOOD.replace("role = \"observer\"", "role = \"boss\""),
-            Some(23),
+            Some(24),
             "key 'role'",
         );
         expect_error(
             &GOOD.replace("[timing]", "[timings]"),
-            Some(8),
+            Some(9),
             "unknown table [timings]",
         );
         expect_error(
@@ -620,7 +691,7 @@ role = "observer"
         );
         expect_error(
             &GOOD.replace("heartbeat_ms = 25", "heartbeat_ms = 25.0"),
-            Some(9),
+            Some(10),
             "floating-point",
         );
         expect_error(
@@ -640,17 +711,17 @@ role = "observer"
         expect_error(&GOOD.replace("id = 3", "id = 1"), None, "id 1 listed twice");
         expect_error(
             &GOOD.replace("heartbeat_ms = 25", "heartbeat_ms = 60"),
-            Some(8),
+            Some(9),
             "at most half",
         );
         expect_error(
             &GOOD.replace("heartbeat_ms = 25", "election_max_ms = 90"),
-            Some(8),
+            Some(9),
             "below election_max_ms",
         );
         expect_error(
             &GOOD.replace("heartbeat_ms = 25", "lease_ms = 150"),
-            Some(8),
+            Some(9),
             "longer than election_max_ms",
         );
         expect_error(
@@ -718,5 +789,37 @@ role = "observer"
             &bad,
             "key 'capacity_memory_mib': expected a positive integer",
         );
+    }
+
+    #[test]
+    fn key_and_group_settings() {
+        expect_error(
+            &GOOD.replace("key_file = \"/etc/vigil/cluster.key\"\n", ""),
+            None,
+            "missing key 'key_file'",
+        );
+        expect_error(
+            &GOOD.replace(
+                "key_file = \"/etc/vigil/cluster.key\"",
+                "key_file = \"/k\"\nnext_key_file = \"/k\"",
+            ),
+            Some(8),
+            "same file as key_file",
+        );
+        expect_error(
+            &GOOD.replace("key_file", "control_group = \"a b\"\nkey_file"),
+            Some(7),
+            "group name or a numeric gid",
+        );
+        let config = parse(&GOOD.replace(
+            "key_file",
+            "control_group = 1234\nnext_key_file = \"/n\"\nkey_file",
+        ))
+        .unwrap();
+        assert_eq!(config.control_group, Some(GroupSpec::Id(1234)));
+        assert_eq!(config.next_key_file, Some(PathBuf::from("/n")));
+        assert_eq!(config.key_file, PathBuf::from("/etc/vigil/cluster.key"));
+        let config = parse(&GOOD.replace("key_file", "control_group = \"ops\"\nkey_file")).unwrap();
+        assert_eq!(config.control_group, Some(GroupSpec::Name("ops".into())));
     }
 }

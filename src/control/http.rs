@@ -58,8 +58,13 @@ pub enum HttpError {
     UnsupportedMethod(String),
     UnsupportedVersion,
     NotFound(String),
-    MethodNotAllowed { method: &'static str, path: String },
+    MethodNotAllowed {
+        method: &'static str,
+        path: String,
+    },
     BadBody(String),
+    /// The request did not arrive whole within the read timeout.
+    RequestTimeout,
 }
 
 impl HttpError {
@@ -68,6 +73,7 @@ impl HttpError {
             HttpError::Malformed(_) | HttpError::BadBody(_) => 400,
             HttpError::NotFound(_) => 404,
             HttpError::MethodNotAllowed { .. } => 405,
+            HttpError::RequestTimeout => 408,
             HttpError::LengthRequired => 411,
             HttpError::BodyTooLarge(_) => 413,
             HttpError::HeadTooLarge => 431,
@@ -87,6 +93,7 @@ impl HttpError {
             HttpError::NotFound(_) => "not_found",
             HttpError::MethodNotAllowed { .. } => "method_not_allowed",
             HttpError::BadBody(_) => "bad_body",
+            HttpError::RequestTimeout => "request_timeout",
         }
     }
 
@@ -125,6 +132,11 @@ impl fmt::Display for HttpError {
                 write!(f, "{method} is not allowed on {path}")
             }
             HttpError::BadBody(why) => write!(f, "bad request body: {why}"),
+            HttpError::RequestTimeout => write!(
+                f,
+                "the request did not arrive whole within {} ms",
+                crate::limits::CONTROL_READ_TIMEOUT_MS
+            ),
         }
     }
 }

@@ -4,14 +4,15 @@
 //!
 //! | kind | name             | payload                                                   |
 //! |------|------------------|-----------------------------------------------------------|
-//! | 1    | hello            | node id u64, cluster key length u16 + bytes (empty for now) |
+//! | 1    | (retired)        | was the unauthenticated hello; refused since the handshake  |
 //! | 2    | raft             | a Raft message and its payload (entries or snapshot chunk) |
 //! | 3    | forward request  | request id u64, method u8, path str, body bytes            |
 //! | 4    | forward response | request id u64, status u16, body bytes                     |
 //!
-//! The hello's key field is the seam for cluster-key authentication (a later issue): a
-//! receiver today only checks that it is empty. Decoding never panics: every failure is a
-//! [`DecodeError`] naming the field and byte offset.
+//! A connection starts with the peer handshake (`auth::handshake`), which proves the
+//! peer's node id and cluster key; every frame after it carries a MAC (`auth::session`).
+//! Decoding never panics: every failure is a [`DecodeError`] naming the field and byte
+//! offset.
 
 use crate::codec::{put_bool, put_bytes, put_u16, put_u32, put_u64, put_u8, DecodeError, Reader};
 use crate::limits::{
@@ -19,34 +20,12 @@ use crate::limits::{
 };
 use crate::raft::{Body, Entry, EntryKind, Message, Payload};
 
-pub const KIND_HELLO: u8 = 1;
 pub const KIND_RAFT: u8 = 2;
 pub const KIND_FORWARD_REQUEST: u8 = 3;
 pub const KIND_FORWARD_RESPONSE: u8 = 4;
 
-/// The largest cluster key a hello may carry.
-const MAX_CLUSTER_KEY_BYTES: usize = 64;
 /// The longest control path a forwarded request may carry.
 pub const MAX_FORWARD_PATH_BYTES: usize = 1024;
-
-pub fn encode_hello(node: u64, out: &mut Vec<u8>) {
-    put_u64(out, node);
-    put_bytes(out, &[]);
-}
-
-pub fn decode_hello(bytes: &[u8]) -> Result<u64, DecodeError> {
-    let mut r = Reader::new(bytes);
-    let node = r.u64("hello.node_id")?;
-    let key = r.bytes("hello.cluster_key", MAX_CLUSTER_KEY_BYTES)?;
-    if !key.is_empty() {
-        return Err(r.invalid("hello.cluster_key", "cluster keys are not supported yet"));
-    }
-    if node == 0 {
-        return Err(r.invalid("hello.node_id", "node id 0 is reserved"));
-    }
-    r.finish("hello")?;
-    Ok(node)
-}
 
 /// What a decoded Raft frame carries next to its message.
 #[derive(Debug, PartialEq, Eq)]
@@ -398,7 +377,6 @@ mod tests {
                 })
                 .collect();
             let _ = decode_message(&bytes);
-            let _ = decode_hello(&bytes);
             let _ = decode_forward_request(&bytes);
             let _ = decode_forward_response(&bytes);
         }

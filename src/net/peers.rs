@@ -1,8 +1,15 @@
 //! Peer connections: one TCP connection per peer pair, the lower node id dials.
 //!
-//! Each connection starts with a hello frame naming the sender's node id (its cluster
-//! key field is the seam for authentication, see `codec`). The dialer reconnects with
-//! capped exponential backoff and jitter. Every connection has a bounded send queue:
+//! Each connection starts with the peer handshake (`auth::handshake`): the dialler is the
+//! initiator, the acceptor the responder; both prove they hold a cluster key and the
+//! responder refuses ids outside the membership. Every frame after it is sealed with a
+//! MAC under the connection's per-direction session key (`auth::session`); a frame whose
+//! MAC fails closes the connection and is counted (`vigil_peer_bad_mac_total`). A
+//! handshake not finished within `PEER_HANDSHAKE_TIMEOUT_MS` (counted from the dial or
+//! the accept) is closed, and at most `MAX_PENDING_HANDSHAKES` accepted connections may
+//! be in their handshake at once: further ones are closed at once. Every failure is
+//! counted by reason (`vigil_peer_handshake_failures_total{reason}`). The dialer
+//! reconnects with capped exponential backoff and jitter. Every connection has a bounded send queue:
 //! when a peer is too slow to drain it, the connection is dropped (and redialled), so
 //! memory never grows without bound. Reads go through `Io::poll_in` readiness, then
 //! non-blocking `recv` into a read buffer bounded by the maximum frame size; writes are
@@ -12,12 +19,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use std::time::Duration;
+
 use super::backoff::Backoff;
 use super::codec::{self, OwnedPayload};
 use super::frame;
 use super::send_queue::SendQueue;
+use crate::auth::{handshake, Handshake, KeyRing, Session, Step, TAG_BYTES};
 use crate::io::{socket, Instant, Io};
 use crate::limits;
+use crate::logging::RateLimit;
+use crate::metrics;
 use crate::raft::{Message, NodeId, Payload, Transport};
 
 /// Token kinds for peer operations (the top byte of an I/O token).
@@ -48,16 +60,82 @@ pub enum PeerEvent {
     Lost(NodeId),
 }
 
+/// Where a connection is in proving who is at the other end.
+enum Auth {
+    /// Outbound, TCP connect still in flight.
+    Connecting,
+    /// Handshake messages are being exchanged; no frame is accepted yet.
+    Handshaking(Box<Handshake>),
+    /// The peer proved its id and key: frames flow, each sealed under the session.
+    Established(Box<Session>),
+}
+
 struct Conn {
     fd: OwnedFd,
-    /// The peer, once known (dialled, or its hello arrived).
+    /// The peer: the dialled member, or (inbound) the member the handshake proved.
     peer: NodeId,
-    /// Outbound connection still connecting.
-    connecting: bool,
+    /// Accepted (not dialled) by this node.
+    inbound: bool,
+    /// Inbound from the IP address of a configured member: its handshake counts against
+    /// the members' own pending pool, which strangers elsewhere cannot fill.
+    from_member_ip: bool,
+    auth: Auth,
+    /// The handshake must be over by then (set at dial or accept).
+    deadline: Instant,
     rbuf: Vec<u8>,
     queue: SendQueue,
     broken: bool,
 }
+
+impl Conn {
+    fn established(&self) -> bool {
+        matches!(self.auth, Auth::Established(_)) && !self.broken
+    }
+
+    fn pending_inbound(&self) -> bool {
+        self.inbound && !matches!(self.auth, Auth::Established(_))
+    }
+
+    fn pending_in_pool(&self, member_pool: bool) -> bool {
+        self.pending_inbound() && self.from_member_ip == member_pool
+    }
+}
+
+/// Security counters of the peer transport, rendered into /metrics.
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    /// Frames whose MAC failed (each closed its connection).
+    pub bad_mac: u64,
+    /// Frames that were not valid frames or messages on an authenticated connection.
+    pub bad_frames: u64,
+    /// Handshakes that finished.
+    pub handshakes: u64,
+    /// Failed handshakes by reason (`HandshakeError::reason`, or a transport reason).
+    pub handshake_failures: Vec<(&'static str, u64)>,
+}
+
+impl PeerCounters {
+    fn handshake_failed(&mut self, reason: &'static str) {
+        match self
+            .handshake_failures
+            .iter_mut()
+            .find(|(r, _)| *r == reason)
+        {
+            Some((_, n)) => *n += 1,
+            None => self.handshake_failures.push((reason, 1)),
+        }
+    }
+
+    pub fn handshake_failures(&self, reason: &str) -> u64 {
+        self.handshake_failures
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// Warnings a second about hostile or broken inbound connections; the rest are counted.
+const LOG_LINES_PER_SECOND: u32 = 20;
 
 struct Slot {
     id: NodeId,
@@ -70,6 +148,7 @@ struct Slot {
 
 pub struct Peers {
     me: NodeId,
+    keys: KeyRing,
     slots: Vec<Slot>,
     conns: HashMap<u64, Conn>,
     next_conn: u64,
@@ -77,10 +156,12 @@ pub struct Peers {
     rng: u64,
     /// Frames dropped because the peer was not connected or its queue was full.
     pub dropped_frames: u64,
+    pub counters: PeerCounters,
+    log_budget: RateLimit,
 }
 
 impl Peers {
-    pub fn new(me: NodeId, peers: &[(NodeId, SocketAddr)], seed: u64) -> Peers {
+    pub fn new(me: NodeId, peers: &[(NodeId, SocketAddr)], seed: u64, keys: KeyRing) -> Peers {
         let slots = peers
             .iter()
             .filter(|(id, _)| *id != me)
@@ -98,12 +179,15 @@ impl Peers {
             .collect();
         Peers {
             me,
+            keys,
             slots,
             conns: HashMap::new(),
             next_conn: 1,
             scratch: Vec::with_capacity(limits::MAX_FRAME_BYTES),
             rng: seed | 1,
             dropped_frames: 0,
+            counters: PeerCounters::default(),
+            log_budget: RateLimit::new(LOG_LINES_PER_SECOND),
         }
     }
 
@@ -141,7 +225,7 @@ impl Peers {
             .find(|s| s.id == peer)
             .and_then(|s| s.conn)
             .and_then(|c| self.conns.get(&c))
-            .is_some_and(|c| !c.connecting && !c.broken)
+            .is_some_and(Conn::established)
     }
 
     pub fn last_received(&self, peer: NodeId) -> Option<Instant> {
@@ -168,7 +252,36 @@ impl Peers {
         for id in broken {
             self.close(io, id, events);
         }
-        let mut next: Option<Instant> = None;
+        let late: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| !matches!(c.auth, Auth::Established(_)) && c.deadline <= now)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in late {
+            self.counters.handshake_failed("timeout");
+            if let Some(c) = self.conns.get(&id) {
+                let (peer, inbound) = (c.peer, c.inbound);
+                if !inbound || self.log_budget.allow("peer transport warning") {
+                    log::warn!(
+                        "peer {}: handshake not finished within {} ms; closing",
+                        if inbound {
+                            "(inbound)".to_string()
+                        } else {
+                            peer.to_string()
+                        },
+                        limits::PEER_HANDSHAKE_TIMEOUT_MS
+                    );
+                }
+            }
+            self.close(io, id, events);
+        }
+        let mut next: Option<Instant> = self
+            .conns
+            .values()
+            .filter(|c| !matches!(c.auth, Auth::Established(_)))
+            .map(|c| c.deadline)
+            .min();
         for i in 0..self.slots.len() {
             if self.slots[i].id < self.me || self.slots[i].conn.is_some() {
                 continue;
@@ -195,7 +308,8 @@ impl Peers {
                 self.schedule_dial(i, now);
                 continue;
             }
-            self.conns.insert(id, Conn::new(fd, peer, true));
+            self.conns
+                .insert(id, Conn::new(fd, peer, false, Auth::Connecting, now));
             self.slots[i].conn = Some(id);
         }
         next
@@ -207,22 +321,49 @@ impl Peers {
         self.slots[slot].next_dial = now.saturating_add(std::time::Duration::from_nanos(delay));
     }
 
-    /// A new inbound connection (accepted by the node).
-    pub fn accepted(&mut self, io: &mut Io, fd: OwnedFd) {
+    /// A new inbound connection (accepted by the node): the responder's side of the
+    /// handshake starts. Connections from a member's IP address and from elsewhere have
+    /// separate pools of `MAX_PENDING_HANDSHAKES`; beyond its pool's limit a connection is
+    /// closed at once. (So strangers on other hosts holding their pool full cannot keep
+    /// a restarted member from reconnecting; an attacker on a member's own host can.)
+    pub fn accepted(&mut self, io: &mut Io, fd: OwnedFd, now: Instant) {
+        let from_member_ip =
+            peer_ip(&fd).is_some_and(|ip| self.slots.iter().any(|s| s.addr.ip() == ip));
+        let pending = self
+            .conns
+            .values()
+            .filter(|c| c.pending_in_pool(from_member_ip))
+            .count();
+        if pending >= limits::MAX_PENDING_HANDSHAKES {
+            self.counters.handshake_failed("too_many_pending");
+            if self.log_budget.allow("peer transport warning") {
+                log::warn!(
+                    "peer transport: {pending} inbound handshakes pending; closing a new connection"
+                );
+            }
+            return;
+        }
+        let nonce = match handshake::fresh_nonce() {
+            Ok(nonce) => nonce,
+            Err(e) => {
+                log::error!("peer transport: getrandom for a handshake nonce: {e}");
+                self.counters.handshake_failed("no_randomness");
+                return;
+            }
+        };
         let _ = socket::set_tcp_nodelay(fd.as_raw_fd());
         let id = self.next_conn;
         self.next_conn += 1;
         let raw = fd.as_raw_fd();
-        let mut conn = Conn::new(fd, 0, false);
-        self.scratch.clear();
-        codec::encode_hello(self.me, &mut self.scratch);
-        let _ = conn.queue.push_frame(codec::KIND_HELLO, &self.scratch);
+        let responder = Handshake::responder(&self.keys, self.me, nonce);
+        let mut conn = Conn::new(fd, 0, true, Auth::Handshaking(Box::new(responder)), now);
+        conn.from_member_ip = from_member_ip;
         if io.poll_in(token(TOKEN_PEER_POLL, id), raw).is_ok() {
             self.conns.insert(id, conn);
         }
     }
 
-    /// An outbound connect finished.
+    /// An outbound connect finished: the initiator's side of the handshake starts.
     pub fn connected(
         &mut self,
         io: &mut Io,
@@ -237,18 +378,26 @@ impl Peers {
         let peer = conn.peer;
         match result {
             Ok(_) => {
-                conn.connecting = false;
+                let nonce = match handshake::fresh_nonce() {
+                    Ok(nonce) => nonce,
+                    Err(e) => {
+                        log::error!("peer {peer}: getrandom for a handshake nonce: {e}");
+                        conn.broken = true;
+                        return;
+                    }
+                };
                 self.scratch.clear();
-                codec::encode_hello(self.me, &mut self.scratch);
-                let _ = conn.queue.push_frame(codec::KIND_HELLO, &self.scratch);
+                let initiator =
+                    Handshake::initiator(&self.keys, self.me, peer, nonce, &mut self.scratch);
+                conn.auth = Auth::Handshaking(Box::new(initiator));
+                if conn.queue.push_raw(&self.scratch).is_err() {
+                    conn.broken = true;
+                }
                 let raw = conn.fd.as_raw_fd();
                 if io.poll_in(token(TOKEN_PEER_POLL, id), raw).is_err() {
                     conn.broken = true;
                 }
-                log::info!("peer {peer}: connected");
-                if let Some(i) = self.slots.iter().position(|s| s.id == peer) {
-                    self.slots[i].backoff.reset();
-                }
+                log::debug!("peer {peer}: connected; handshake started");
             }
             Err(e) => {
                 log::debug!("peer {peer}: connect failed: {}", e.io_error());
@@ -262,17 +411,25 @@ impl Peers {
         }
     }
 
-    /// The connection is readable: reads what is there, decodes frames, re-arms.
+    /// The connection is readable: reads what is there, runs the handshake or opens and
+    /// decodes frames, re-arms.
     pub fn readable(&mut self, io: &mut Io, id: u64, now: Instant, events: &mut Vec<PeerEvent>) {
         let Some(conn) = self.conns.get_mut(&id) else {
             return;
         };
         let mut closed = false;
+        // During the handshake read no more than its largest message, so that a pending
+        // connection costs a few hundred bytes, not a 64 KiB read buffer (bytes beyond
+        // stay in the socket and are read on the next readiness).
+        let limit = match conn.auth {
+            Auth::Established(_) => limits::MAX_SEALED_FRAME_BYTES,
+            _ => handshake::MAX_MESSAGE_BYTES,
+        };
         loop {
-            if conn.rbuf.len() >= limits::MAX_FRAME_BYTES {
+            if conn.rbuf.len() >= limit {
                 break;
             }
-            let room = (limits::MAX_FRAME_BYTES - conn.rbuf.len()).min(64 * 1024);
+            let room = (limit - conn.rbuf.len()).min(64 * 1024);
             let len = conn.rbuf.len();
             conn.rbuf.resize(len + room, 0);
             // SAFETY: the pointer and length describe the writable tail of rbuf.
@@ -299,127 +456,163 @@ impl Peers {
             }
             conn.rbuf.truncate(len + n as usize);
         }
-        // Decode every whole frame.
         let mut at = 0;
         let mut bad = false;
-        let mut hello = None;
-        while !bad {
-            match frame::decode(&conn.rbuf[at..]) {
-                Ok(None) => break,
-                Err(e) => {
-                    log::warn!("peer {}: bad frame: {e}; closing", conn.peer);
-                    bad = true;
-                }
-                Ok(Some(f)) => {
-                    at += f.consumed;
-                    match f.kind {
-                        codec::KIND_HELLO => match codec::decode_hello(f.payload) {
-                            Ok(node) if conn.peer == 0 || conn.peer == node => {
-                                if conn.peer == 0 {
-                                    if self.slots.iter().any(|s| s.id == node) {
-                                        conn.peer = node;
-                                        hello = Some(node);
-                                    } else {
-                                        log::warn!("hello from unknown node {node}; closing");
-                                        bad = true;
-                                    }
-                                }
-                            }
-                            Ok(node) => {
-                                log::warn!(
-                                    "hello from {node} on the connection to {}; closing",
-                                    conn.peer
-                                );
-                                bad = true;
-                            }
-                            Err(e) => {
-                                log::warn!("bad hello: {e}; closing");
-                                bad = true;
-                            }
-                        },
-                        _ if conn.peer == 0 => {
-                            log::warn!("frame kind {} before hello; closing", f.kind);
-                            bad = true;
-                        }
-                        codec::KIND_RAFT => match codec::decode_message(f.payload) {
-                            Ok((m, p)) if m.from == conn.peer && m.to == self.me => {
-                                events.push(PeerEvent::Raft(m, p))
-                            }
-                            Ok((m, _)) => {
-                                log::warn!(
-                                    "peer {}: message from {} to {} on its connection; closing",
-                                    conn.peer,
-                                    m.from,
-                                    m.to
-                                );
-                                bad = true;
-                            }
-                            Err(e) => {
-                                log::warn!("peer {}: bad raft message: {e}; closing", conn.peer);
-                                bad = true;
-                            }
-                        },
-                        codec::KIND_FORWARD_REQUEST => {
-                            match codec::decode_forward_request(f.payload) {
-                                Ok(r) => events.push(PeerEvent::ForwardRequest {
-                                    from: conn.peer,
-                                    id: r.id,
-                                    method: r.method,
-                                    path: r.path.to_string(),
-                                    body: r.body.to_vec(),
-                                }),
-                                Err(e) => {
-                                    log::warn!(
-                                        "peer {}: bad forward request: {e}; closing",
-                                        conn.peer
-                                    );
-                                    bad = true;
-                                }
-                            }
-                        }
-                        codec::KIND_FORWARD_RESPONSE => {
-                            match codec::decode_forward_response(f.payload) {
-                                Ok((rid, status, body)) => {
-                                    events.push(PeerEvent::ForwardResponse {
-                                        id: rid,
-                                        status,
-                                        body: body.to_vec(),
-                                    })
-                                }
-                                Err(e) => {
-                                    log::warn!(
-                                        "peer {}: bad forward response: {e}; closing",
-                                        conn.peer
-                                    );
-                                    bad = true;
-                                }
-                            }
-                        }
-                        other => {
-                            log::warn!("peer {}: unknown frame kind {other}; closing", conn.peer);
-                            bad = true;
-                        }
+        let mut proven = None;
+        // The handshake first: nothing but its messages until the peer proved itself.
+        if let Auth::Handshaking(hs) = &mut conn.auth {
+            let slots = &self.slots;
+            let is_member = |node: NodeId| slots.iter().any(|s| s.id == node);
+            self.scratch.clear();
+            match hs.receive(&conn.rbuf, &is_member, &mut self.scratch) {
+                Ok(Step::NeedMore) => {
+                    if closed {
+                        self.counters.handshake_failed("closed");
                     }
                 }
+                Ok(Step::Continue { consumed }) => {
+                    at = consumed;
+                    if conn.queue.push_raw(&self.scratch).is_err() {
+                        bad = true;
+                    }
+                }
+                Ok(Step::Established(e)) => {
+                    at = e.consumed;
+                    if conn.queue.push_raw(&self.scratch).is_err() {
+                        bad = true;
+                    }
+                    log::info!(
+                        "peer {}: authenticated ({}, key {})",
+                        e.peer,
+                        if conn.inbound { "accepted" } else { "dialled" },
+                        e.key
+                    );
+                    conn.peer = e.peer;
+                    conn.auth = Auth::Established(Box::new(e.session));
+                    self.counters.handshakes += 1;
+                    proven = Some(e.peer);
+                }
+                Err(e) => {
+                    self.counters.handshake_failed(e.reason());
+                    if !conn.inbound || self.log_budget.allow("peer transport warning") {
+                        let who = if conn.inbound {
+                            "inbound connection".to_string()
+                        } else {
+                            format!("peer {}", conn.peer)
+                        };
+                        log::warn!("{who}: handshake failed: {e}; closing");
+                    }
+                    bad = true;
+                }
+            }
+        }
+        // Then sealed frames: header, MAC, checksum, message, in that order.
+        while !bad {
+            let Auth::Established(session) = &mut conn.auth else {
+                break;
+            };
+            let rest = &conn.rbuf[at..];
+            let header = match frame::decode_header(rest) {
+                Ok(None) => break,
+                Ok(Some(h)) => h,
+                Err(e) => {
+                    log::warn!("peer {}: bad frame: {e}; closing", conn.peer);
+                    self.counters.bad_frames += 1;
+                    bad = true;
+                    break;
+                }
+            };
+            let sealed_len = header.frame_len() + TAG_BYTES;
+            if rest.len() < sealed_len {
+                break;
+            }
+            let framed = match session.opener.open(&rest[..sealed_len]) {
+                Ok(framed) => framed,
+                Err(e) => {
+                    log::warn!("peer {}: {e}; closing", conn.peer);
+                    self.counters.bad_mac += 1;
+                    bad = true;
+                    break;
+                }
+            };
+            let f = match frame::decode(framed) {
+                Ok(Some(f)) if f.consumed == framed.len() => f,
+                Ok(_) => {
+                    log::warn!("peer {}: frame length disagrees; closing", conn.peer);
+                    self.counters.bad_frames += 1;
+                    bad = true;
+                    break;
+                }
+                Err(e) => {
+                    log::warn!("peer {}: bad frame: {e}; closing", conn.peer);
+                    self.counters.bad_frames += 1;
+                    bad = true;
+                    break;
+                }
+            };
+            at += sealed_len;
+            let problem = match f.kind {
+                codec::KIND_RAFT => match codec::decode_message(f.payload) {
+                    Ok((m, p)) if m.from == conn.peer && m.to == self.me => {
+                        events.push(PeerEvent::Raft(m, p));
+                        None
+                    }
+                    Ok((m, _)) => Some(format!(
+                        "message from {} to {} on its connection",
+                        m.from, m.to
+                    )),
+                    Err(e) => Some(format!("bad raft message: {e}")),
+                },
+                codec::KIND_FORWARD_REQUEST => match codec::decode_forward_request(f.payload) {
+                    Ok(r) => {
+                        events.push(PeerEvent::ForwardRequest {
+                            from: conn.peer,
+                            id: r.id,
+                            method: r.method,
+                            path: r.path.to_string(),
+                            body: r.body.to_vec(),
+                        });
+                        None
+                    }
+                    Err(e) => Some(format!("bad forward request: {e}")),
+                },
+                codec::KIND_FORWARD_RESPONSE => match codec::decode_forward_response(f.payload) {
+                    Ok((rid, status, body)) => {
+                        events.push(PeerEvent::ForwardResponse {
+                            id: rid,
+                            status,
+                            body: body.to_vec(),
+                        });
+                        None
+                    }
+                    Err(e) => Some(format!("bad forward response: {e}")),
+                },
+                other => Some(format!("unknown frame kind {other}")),
+            };
+            if let Some(problem) = problem {
+                log::warn!("peer {}: {problem}; closing", conn.peer);
+                self.counters.bad_frames += 1;
+                bad = true;
             }
         }
         conn.rbuf.drain(..at);
         let peer = conn.peer;
         let raw = conn.fd.as_raw_fd();
-        if let Some(node) = hello {
+        let received = at > 0 && matches!(conn.auth, Auth::Established(_));
+        if let Some(node) = proven {
             // Bind the connection to the peer's slot; an older connection is replaced.
-            if let Some(slot) = self.slots.iter_mut().find(|s| s.id == node) {
-                if let Some(old) = slot.conn.replace(id) {
+            if let Some(i) = self.slots.iter().position(|s| s.id == node) {
+                if let Some(old) = self.slots[i].conn.replace(id) {
                     if old != id {
                         if let Some(o) = self.conns.get_mut(&old) {
                             o.broken = true;
                         }
                     }
                 }
-                log::info!("peer {node}: accepted");
+                self.slots[i].backoff.reset();
             }
         }
-        if peer != 0 && at > 0 {
+        if received {
             if let Some(slot) = self.slots.iter_mut().find(|s| s.id == peer) {
                 slot.last_received = Some(now);
             }
@@ -449,7 +642,7 @@ impl Peers {
     pub fn flush(&mut self) -> bool {
         let mut pending = false;
         for conn in self.conns.values_mut() {
-            if conn.connecting || conn.broken {
+            if matches!(conn.auth, Auth::Connecting) || conn.broken {
                 continue;
             }
             while !conn.queue.is_empty() {
@@ -492,12 +685,19 @@ impl Peers {
         let Some(conn) = self.conns.get_mut(&cid) else {
             return false;
         };
-        if conn.connecting || conn.broken {
+        let Auth::Established(session) = &mut conn.auth else {
+            self.dropped_frames += 1;
+            return false;
+        };
+        if conn.broken {
             self.dropped_frames += 1;
             return false;
         }
-        if let Err(full) = conn.queue.push_frame(kind, payload) {
-            log::warn!("peer {peer}: {full}; dropping the connection");
+        if let Err(e) = conn
+            .queue
+            .push_sealed_frame(kind, payload, &mut session.sealer)
+        {
+            log::warn!("peer {peer}: {e}; dropping the connection");
             conn.broken = true;
             self.dropped_frames += 1;
             return false;
@@ -529,6 +729,47 @@ impl Peers {
         ok
     }
 
+    /// The transport's counters in Prometheus text.
+    pub fn render_metrics(&self, out: &mut String) {
+        metrics::render_scalar(
+            out,
+            "vigil_peer_bad_mac_total",
+            "counter",
+            "Peer frames whose MAC failed (each closed its connection).",
+            self.counters.bad_mac,
+        );
+        metrics::render_scalar(
+            out,
+            "vigil_peer_bad_frames_total",
+            "counter",
+            "Undecodable frames on authenticated peer connections (each closed it).",
+            self.counters.bad_frames,
+        );
+        metrics::render_scalar(
+            out,
+            "vigil_peer_handshakes_total",
+            "counter",
+            "Peer handshakes that finished.",
+            self.counters.handshakes,
+        );
+        metrics::render_scalar(
+            out,
+            "vigil_peer_pending_handshakes",
+            "gauge",
+            "Accepted peer connections still in their handshake.",
+            self.conns.values().filter(|c| c.pending_inbound()).count() as u64,
+        );
+        out.push_str(
+            "# HELP vigil_peer_handshake_failures_total Failed peer handshakes by reason.\n\
+             # TYPE vigil_peer_handshake_failures_total counter\n",
+        );
+        for (reason, n) in &self.counters.handshake_failures {
+            out.push_str(&format!(
+                "vigil_peer_handshake_failures_total{{reason=\"{reason}\"}} {n}\n"
+            ));
+        }
+    }
+
     /// Closes every connection (shutdown).
     pub fn close_all(&mut self, io: &mut Io) {
         let ids: Vec<u64> = self.conns.keys().copied().collect();
@@ -550,16 +791,38 @@ impl Transport for Peers {
 }
 
 impl Conn {
-    fn new(fd: OwnedFd, peer: NodeId, connecting: bool) -> Conn {
+    fn new(fd: OwnedFd, peer: NodeId, inbound: bool, auth: Auth, now: Instant) -> Conn {
         Conn {
             fd,
             peer,
-            connecting,
+            inbound,
+            from_member_ip: false,
+            auth,
+            deadline: now.saturating_add(Duration::from_millis(limits::PEER_HANDSHAKE_TIMEOUT_MS)),
             rbuf: Vec::new(),
             queue: SendQueue::new(limits::PEER_SEND_QUEUE_BYTES),
             broken: false,
         }
     }
+}
+
+/// The IP address at the other end of a TCP connection.
+fn peer_ip(fd: &OwnedFd) -> Option<std::net::IpAddr> {
+    // SAFETY: sockaddr_storage is plain old data; all zeroes is valid.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `storage` is writable for `len` bytes; getpeername writes at most that.
+    let rc = unsafe {
+        libc::getpeername(
+            fd.as_raw_fd(),
+            &mut storage as *mut libc::sockaddr_storage as *mut libc::sockaddr,
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    socket::sockaddr_to(&storage).map(|a| a.ip())
 }
 
 /// Accepts every pending connection on a non-blocking listener.

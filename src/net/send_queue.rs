@@ -7,6 +7,7 @@
 //! state pushing a frame does not allocate.
 
 use super::frame;
+use crate::auth::{MacError, Sealer, TAG_BYTES};
 
 #[derive(Debug)]
 pub struct SendQueue {
@@ -31,6 +32,22 @@ impl std::fmt::Display for QueueFull {
             "send queue full: {} bytes queued + a {}-byte frame exceed the {}-byte limit",
             self.queued, self.frame, self.limit
         )
+    }
+}
+
+/// Why a sealed frame was not queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushError {
+    Full(QueueFull),
+    Mac(MacError),
+}
+
+impl std::fmt::Display for PushError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PushError::Full(e) => e.fmt(f),
+            PushError::Mac(e) => e.fmt(f),
+        }
     }
 }
 
@@ -65,6 +82,47 @@ impl SendQueue {
         }
         self.make_room(size);
         frame::encode(kind, payload, &mut self.buffer);
+        Ok(())
+    }
+
+    /// Encodes a frame onto the end of the queue followed by its MAC tag (an
+    /// authenticated connection), or refuses it whole. The frame is sealed in place, so
+    /// this does not allocate once the buffer has grown.
+    pub fn push_sealed_frame(
+        &mut self,
+        kind: u8,
+        payload: &[u8],
+        sealer: &mut Sealer,
+    ) -> Result<(), PushError> {
+        let size = frame::HEADER_BYTES + payload.len() + TAG_BYTES;
+        if self.len() + size > self.limit {
+            return Err(PushError::Full(QueueFull {
+                queued: self.len(),
+                frame: size,
+                limit: self.limit,
+            }));
+        }
+        self.make_room(size);
+        let start = self.buffer.len();
+        frame::encode(kind, payload, &mut self.buffer);
+        if let Err(e) = sealer.seal(&mut self.buffer, start) {
+            self.buffer.truncate(start);
+            return Err(PushError::Mac(e));
+        }
+        Ok(())
+    }
+
+    /// Queues raw bytes (the handshake messages, before any frame).
+    pub fn push_raw(&mut self, bytes: &[u8]) -> Result<(), QueueFull> {
+        if self.len() + bytes.len() > self.limit {
+            return Err(QueueFull {
+                queued: self.len(),
+                frame: bytes.len(),
+                limit: self.limit,
+            });
+        }
+        self.make_room(bytes.len());
+        self.buffer.extend_from_slice(bytes);
         Ok(())
     }
 

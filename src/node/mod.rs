@@ -253,6 +253,7 @@ pub fn run(config: Config, backend: BackendChoice) -> Result<(), String> {
 
 impl Node {
     fn start(config: &Config, backend: BackendChoice) -> Result<Node, String> {
+        let keys = crate::auth::load_key_ring(&config.key_file, config.next_key_file.as_deref())?;
         let signals = io::signals::SignalFd::new(&[libc::SIGTERM, libc::SIGINT])
             .map_err(|e| format!("signalfd: {e}"))?;
         let io_config = io::Config {
@@ -291,9 +292,8 @@ impl Node {
                 .map_err(|e| format!("snapshot state: {e}"))?;
         }
         let listener = listen_retrying(config.listen)?;
-        let _ = std::fs::remove_file(&config.control_socket);
-        let control_listener = io::socket::unix_listen(&config.control_socket, 0o600, 128)
-            .map_err(|e| format!("control socket {}: {e}", config.control_socket.display()))?;
+        let (control_listener, access) =
+            ctlserver::listen(&config.control_socket, config.control_group.as_ref())?;
         io.poll_in(TOKEN_LISTEN, listener.as_raw_fd())
             .map_err(|e| e.to_string())?;
         io.poll_in(TOKEN_CONTROL_LISTEN, control_listener.as_raw_fd())
@@ -315,14 +315,14 @@ impl Node {
             raft,
             driver: Driver::new(limits::RAFT_OUTPUT_MESSAGES * 4, limits::MAX_PENDING_READS),
             storage,
-            peers: Peers::new(config.node_id, &addrs, seed),
+            peers: Peers::new(config.node_id, &addrs, seed, keys),
             app: App {
                 state,
                 applied: Vec::new(),
                 reads: Vec::new(),
                 reads_failed: Vec::new(),
             },
-            control: ControlServer::new(),
+            control: ControlServer::new(access),
             listener,
             control_listener,
             control_path: config.control_socket.clone(),
@@ -440,7 +440,7 @@ impl Node {
             }
             (_, _) if c.token == TOKEN_LISTEN => {
                 for fd in peers::accept_all(&self.listener) {
-                    self.peers.accepted(&mut self.io, fd);
+                    self.peers.accepted(&mut self.io, fd, now);
                 }
                 self.io
                     .poll_in(TOKEN_LISTEN, self.listener.as_raw_fd())
@@ -1270,6 +1270,8 @@ impl Node {
             "Frames dropped (peer down or queue full).",
             self.peers.dropped_frames,
         );
+        self.peers.render_metrics(&mut out);
+        self.control.render_metrics(&mut out);
         self.commit_latency.render(
             &mut out,
             "vigil_commit_latency_seconds",

@@ -2036,7 +2036,7 @@ mod tests {
         }
         let config = Config::parse(
             &format!(
-                "node_id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"{0}/data\"\nshared_dir = \"{0}\"\ncontrol_socket = \"{0}/s\"\n[[peers]]\nid = 1\naddress = \"127.0.0.1:7001\"\n",
+                "node_id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"{0}/data\"\nshared_dir = \"{0}\"\ncontrol_socket = \"{0}/s\"\nkey_file = \"{0}/k\"\n[[peers]]\nid = 1\naddress = \"127.0.0.1:7001\"\n",
                 dir.display()
             ),
             Path::new("t.toml"),

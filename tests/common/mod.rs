@@ -213,6 +213,10 @@ impl Cluster {
                 host(i)
             ));
         }
+        // One cluster key for all members (the agent refuses to start without one).
+        let key_file = dir.join("cluster.key");
+        let key = vigil::auth::ClusterKey::generate().expect("getrandom");
+        vigil::auth::write_key_file(&key_file, &key, false).expect("write the cluster key");
         let mut nodes = Vec::new();
         for (i, p) in ports.iter().enumerate() {
             let id = i as u64 + 1;
@@ -234,11 +238,12 @@ impl Cluster {
             };
             std::fs::create_dir_all(&shared).unwrap();
             let config = format!(
-                "node_id = {id}\nlisten = \"{}:{p}\"\ndata_dir = \"{}\"\nshared_dir = \"{}\"\ncontrol_socket = \"{}\"\n\n{timing_table}{peers}",
+                "node_id = {id}\nlisten = \"{}:{p}\"\ndata_dir = \"{}\"\nshared_dir = \"{}\"\ncontrol_socket = \"{}\"\nkey_file = \"{}\"\n\n{timing_table}{peers}",
                 host(i),
                 ndir.join("data").display(),
                 shared.display(),
-                socket.display()
+                socket.display(),
+                key_file.display()
             );
             let config_path = ndir.join("config.toml");
             std::fs::write(&config_path, config).unwrap();
@@ -297,6 +302,37 @@ impl Cluster {
             .expect("spawn vigil agent");
         node.child = Some(child);
         node.stopped = false;
+    }
+
+    /// The cluster key file every member uses.
+    pub fn key_file(&self) -> PathBuf {
+        self.dir.join("cluster.key")
+    }
+
+    /// The peer (Raft) address of a node, as its config file says.
+    pub fn peer_addr(&self, id: u64) -> std::net::SocketAddr {
+        let text = std::fs::read_to_string(&self.node(id).config).unwrap();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("listen = "))
+            .expect("listen in config");
+        line["listen = ".len()..].trim_matches('"').parse().unwrap()
+    }
+
+    /// The value of one metric line (`name` with its labels, as printed) from /metrics.
+    pub fn metric(&self, id: u64, name: &str) -> Option<f64> {
+        let r = self.client(id).request("GET", "/metrics", None).ok()?;
+        let text = String::from_utf8_lossy(&r.body).to_string();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+    }
+
+    /// Whether the node's process is still running (it did not exit or abort).
+    pub fn running(&mut self, id: u64) -> bool {
+        match self.nodes[id as usize - 1].child.as_mut() {
+            Some(c) => c.try_wait().unwrap().is_none(),
+            None => false,
+        }
     }
 
     pub fn client(&self, id: u64) -> Client {
