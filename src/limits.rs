@@ -133,6 +133,19 @@ pub const IO_BUFFER_BYTES: usize = 64 * 1024;
 /// Completions the loop takes out of one `wait` call (its preallocated array).
 pub const IO_COMPLETIONS_PER_WAIT: usize = 256;
 
+// ---- `vigil demo`, the VM tests and the resurrect benchmark ---------------------------
+
+/// A VMM's report file is read whole; at 100 lines/s per vCPU and about 40 bytes a line
+/// this is hours of reports.
+pub const MAX_REPORT_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// Hosts `vigil demo` starts at most (all voters).
+pub const MAX_DEMO_HOSTS: usize = MAX_VOTERS;
+/// VMs `vigil demo` creates at most.
+pub const MAX_DEMO_VMS: usize = 8;
+/// Events kept from the agents' `/events` streams for one timeline; older ones are
+/// dropped first (a timeline needs the few after the kill).
+pub const MAX_DEMO_EVENTS: usize = 4096;
+
 // ---- VMs -----------------------------------------------------------------------------
 
 /// VMs in the cluster.
@@ -162,19 +175,6 @@ pub const PHI_WINDOW: usize = 64;
 pub const MAX_VMM_CONTROL_FRAME_BYTES: usize = 8 * 1024;
 /// Control connections one VMM accepts at once (the agent, plus people debugging).
 pub const MAX_VMM_CONTROL_CONNECTIONS: usize = 8;
-
-// ---- `vigil demo`, the VM tests and the resurrect benchmark ---------------------------
-
-/// A VMM's report file is read whole; at 100 lines/s per vCPU and about 40 bytes a line
-/// this is hours of reports.
-pub const MAX_REPORT_FILE_BYTES: u64 = 64 * 1024 * 1024;
-/// Hosts `vigil demo` starts at most (all voters).
-pub const MAX_DEMO_HOSTS: usize = MAX_VOTERS;
-/// VMs `vigil demo` creates at most.
-pub const MAX_DEMO_VMS: usize = 8;
-/// Events kept from the agents' `/events` streams for one timeline; older ones are
-/// dropped first (a timeline needs the few after the kill).
-pub const MAX_DEMO_EVENTS: usize = 4096;
 
 // ---- How the limits relate -----------------------------------------------------------
 
@@ -276,6 +276,8 @@ const _: () = assert!(
     "a receive buffer for every pending handshake on top of the established connections"
 );
 const _: () = assert!(IO_COMPLETIONS_PER_WAIT <= IO_MAX_IN_FLIGHT);
+const _: () = assert!(MAX_DEMO_HOSTS <= MAX_VOTERS, "every demo host is a voter");
+const _: () = assert!(MAX_DEMO_VMS <= MAX_VMS, "the demo's VMs fit the cluster");
 const _: () = assert!(MAX_HOSTS >= MAX_MEMBERS, "every member is a host");
 const _: () = assert!(
     MAX_SNAPSHOT_CHAIN >= 2,
@@ -290,8 +292,6 @@ const _: () = assert!(
     "every cluster command fits one log entry"
 );
 const _: () = assert!(PHI_WINDOW >= 2, "phi needs a mean and a deviation");
-const _: () = assert!(MAX_DEMO_HOSTS <= MAX_VOTERS, "every demo host is a voter");
-const _: () = assert!(MAX_DEMO_VMS <= MAX_VMS, "the demo's VMs fit the cluster");
 
 #[cfg(test)]
 mod tests {

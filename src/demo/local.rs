@@ -39,8 +39,21 @@ pub struct Options {
     pub exe: PathBuf,
     /// The agent's `--io` choice.
     pub io: String,
-    /// Start every agent with this environment variable (e.g. `VIGIL_LOG=debug`).
+    /// `VIGIL_LOG` for every agent (e.g. `debug`).
     pub log_level: Option<String>,
+    /// Network namespaces (tests, root): host i runs in namespace `{prefix}n{i}` with
+    /// address 10.200.0.{i}; the caller creates and deletes them. None: all on 127.0.0.1.
+    pub netns: Option<String>,
+}
+
+impl Options {
+    /// The address host `id` listens on.
+    pub fn ip(&self, id: u64) -> String {
+        match self.netns {
+            Some(_) => format!("10.200.0.{id}"),
+            None => "127.0.0.1".to_string(),
+        }
+    }
 }
 
 pub struct Host {
@@ -127,7 +140,8 @@ pub fn config_text(
     options: &Options,
 ) -> String {
     let mut text = format!(
-        "node_id = {id}\nlisten = \"127.0.0.1:{}\"\ndata_dir = \"{}\"\nshared_dir = \"{}\"\ncontrol_socket = \"{}\"\n\n",
+        "node_id = {id}\nlisten = \"{}:{}\"\ndata_dir = \"{}\"\nshared_dir = \"{}\"\ncontrol_socket = \"{}\"\n\n",
+        options.ip(id),
         ports[id as usize - 1],
         data_dir.display(),
         shared.display(),
@@ -144,8 +158,9 @@ pub fn config_text(
     }
     for (i, port) in ports.iter().enumerate() {
         text.push_str(&format!(
-            "[[peers]]\nid = {}\naddress = \"127.0.0.1:{port}\"\nrole = \"voter\"\n\n",
-            i + 1
+            "[[peers]]\nid = {}\naddress = \"{}:{port}\"\nrole = \"voter\"\n\n",
+            i + 1,
+            options.ip(i as u64 + 1)
         ));
     }
     text
@@ -232,6 +247,7 @@ impl LocalCluster {
         let exe = self.options.exe.clone();
         let io = self.options.io.clone();
         let level = self.options.log_level.clone();
+        let netns = self.options.netns.clone();
         let host = &mut self.hosts[id as usize - 1];
         assert!(host.child.is_none(), "host {id} already runs");
         let log = std::fs::OpenOptions::new()
@@ -242,7 +258,16 @@ impl LocalCluster {
         let log2 = log
             .try_clone()
             .map_err(|e| format!("{}: {e}", host.log.display()))?;
-        let mut command = Command::new(&exe);
+        // `ip netns exec` execs the agent in place: the child's PID is the agent's.
+        let mut command = match &netns {
+            Some(prefix) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &format!("{prefix}n{id}")])
+                    .arg(&exe);
+                c
+            }
+            None => Command::new(&exe),
+        };
         command
             .arg("agent")
             .arg("--config")
@@ -554,6 +579,7 @@ mod tests {
             exe: "vigil".into(),
             io: "auto".into(),
             log_level: None,
+            netns: None,
         };
         let text = config_text(
             2,

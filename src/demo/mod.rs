@@ -199,6 +199,7 @@ fn run(options: &DemoOptions) -> Result<(), String> {
         exe,
         io: "auto".into(),
         log_level: None,
+        netns: None,
     };
     println!("starting 3 agents on 127.0.0.1 ...");
     let mut cluster = LocalCluster::start(cluster_options).map_err(|e| {

@@ -144,6 +144,15 @@ pub struct Failure {
     pub term_before: u64,
 }
 
+/// A `vm_started` event of the followed VM on a new host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Started {
+    pub host: u64,
+    pub token: Option<u64>,
+    /// The snapshot its VMM restored (None: booted afresh).
+    pub restored_from: Option<String>,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Timeline {
     /// (new leader, term)
@@ -152,8 +161,7 @@ pub struct Timeline {
     pub dead: Option<Mark<Option<u64>>>,
     /// (host, token)
     pub placed: Option<Mark<(u64, u64)>>,
-    /// (host, token, snapshot restored from)
-    pub started: Option<Mark<(u64, Option<u64>, Option<String>)>>,
+    pub started: Option<Mark<Started>>,
     /// (host, counter) of the first guest report on the new host, from its report file
     pub first_report: Option<Mark<(u64, u64)>>,
 }
@@ -202,7 +210,15 @@ impl Timeline {
                             Value::String(s) => Some(s.clone()),
                             other => Some(other.to_string()),
                         };
-                        self.started = mark(at_ms, event, (host, v["token"].as_u64(), from));
+                        self.started = mark(
+                            at_ms,
+                            event,
+                            Started {
+                                host,
+                                token: v["token"].as_u64(),
+                                restored_from: from,
+                            },
+                        );
                     }
                 }
             }
@@ -274,8 +290,8 @@ impl Timeline {
             Some(m) => format!(
                 "{}  {vm} restored on host {}{}",
                 t(m.at_ms),
-                m.what.0,
-                match &m.what.2 {
+                m.what.host,
+                match &m.what.restored_from {
                     Some(s) => format!(" from snapshot {s}"),
                     None => " (no snapshot yet: booted afresh)".to_string(),
                 }
@@ -343,7 +359,8 @@ mod tests {
         assert_eq!(t.dead.as_ref().unwrap().what, Some(41));
         assert_eq!(t.placed.as_ref().unwrap().what, (3, 43));
         let started = t.started.clone().unwrap();
-        assert_eq!(started.what.2.as_deref(), Some("vms/vm1/5-3"));
+        assert_eq!(started.what.restored_from.as_deref(), Some("vms/vm1/5-3"));
+        assert_eq!((started.what.host, started.what.token), (3, Some(43)));
         t.first_report = Some(Mark {
             at_ms: 1790.0,
             from: 3,
