@@ -176,6 +176,35 @@ pub const MAX_VMM_CONTROL_FRAME_BYTES: usize = 8 * 1024;
 /// Control connections one VMM accepts at once (the agent, plus people debugging).
 pub const MAX_VMM_CONTROL_CONNECTIONS: usize = 8;
 
+/// Memory a host may offer in its `[vms]` section.
+pub const MAX_HOST_MEMORY_BYTES: u64 = 16 * 1024 * 1024 * 1024 * 1024;
+/// vCPUs a host may offer in its `[vms]` section.
+pub const MAX_HOST_VCPUS: u32 = 4096;
+/// `vigil vmm` processes one agent looks after at once (started, adopted or stopping);
+/// each has at most one control request in flight, so this also bounds those.
+pub const MAX_LOCAL_VMMS: usize = 256;
+/// Requests queued for one VMM behind the one in flight.
+pub const MAX_VMM_QUEUED_REQUESTS: usize = 8;
+/// A VMM that does not answer a control request within this long is reported and
+/// killed (a hung VMM never holds the agent's loop).
+pub const VMM_REQUEST_TIMEOUT_MS: u64 = 2_000;
+/// The same for a snapshot request (it writes guest memory to shared storage).
+pub const VMM_SNAPSHOT_TIMEOUT_MS: u64 = 60_000;
+/// A started VMM whose control socket does not accept a connection within this long is
+/// killed (and started again by reconcile).
+pub const VMM_START_TIMEOUT_MS: u64 = 30_000;
+/// A written snapshot whose record did not commit within this long is given up (the
+/// next scheduled snapshot is a full one).
+pub const SNAPSHOT_COMMIT_TIMEOUT_MS: u64 = 5_000;
+/// Internal proposals (this host's registration, snapshot records) a follower has
+/// forwarded to the leader and not yet seen answered.
+pub const MAX_INTERNAL_FORWARDS: usize = MAX_LOCAL_VMMS + 1;
+/// VM API requests (create, snapshot, migrate, drain...) waiting for their outcome.
+pub const MAX_VM_WAITERS: usize = MAX_CONTROL_CONNECTIONS * MAX_MEMBERS;
+/// A VM request still waiting after this long is answered 202 (in progress); below the
+/// control timeout so the answer beats the generic 504.
+pub const VM_WAIT_MS: u64 = CONTROL_REQUEST_TIMEOUT_MS - 1_000;
+
 // ---- How the limits relate -----------------------------------------------------------
 
 const _: () = assert!(
@@ -292,6 +321,22 @@ const _: () = assert!(
     "every cluster command fits one log entry"
 );
 const _: () = assert!(PHI_WINDOW >= 2, "phi needs a mean and a deviation");
+const _: () = assert!(
+    MAX_LOCAL_VMMS <= MAX_VMS,
+    "a host never looks after more VMMs than the cluster has VMs"
+);
+const _: () = assert!(
+    VM_WAIT_MS > 0 && VM_WAIT_MS < CONTROL_REQUEST_TIMEOUT_MS,
+    "a VM request is answered before the control socket's own timeout"
+);
+const _: () = assert!(
+    VMM_REQUEST_TIMEOUT_MS < VMM_SNAPSHOT_TIMEOUT_MS,
+    "a snapshot gets longer than a plain request"
+);
+const _: () = assert!(
+    MAX_HOST_MEMORY_BYTES >= MAX_GUEST_MEMORY_BYTES && MAX_HOST_VCPUS as usize >= MAX_VCPUS,
+    "a host can offer room for the largest guest"
+);
 
 #[cfg(test)]
 mod tests {

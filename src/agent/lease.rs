@@ -80,6 +80,26 @@ impl LeaseRules {
     }
 }
 
+/// This host's own lease expiry on its clock (None: no lease), exactly as the simulator
+/// computes it (`own_lease` in `sim/world/hosts.rs`). The lease runs from a leader
+/// contact only once this host's state machine applied everything the leader had
+/// committed at that contact; otherwise a host whose state lags the log (restart,
+/// partition) would renew VMMs of VMs that were moved meanwhile. A leader's lease runs
+/// from its last quorum contact; a follower's from `Raft::host_lease_anchor`. Never
+/// from a wall-clock reading.
+pub fn own_lease_expiry(raft: &crate::raft::Raft, rules: &LeaseRules) -> Option<u64> {
+    let start = if raft.is_leader() {
+        let caught_up = raft.applied_index() >= raft.commit_index()
+            && raft.term_at(raft.commit_index()) == Some(raft.term());
+        raft.quorum_contact().filter(|_| caught_up)
+    } else {
+        raft.host_lease_anchor()
+            .filter(|&(_, commit)| raft.applied_index() >= commit)
+            .map(|(t, _)| t)
+    }?;
+    Some(rules.host_lease_expiry(start))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -287,6 +287,28 @@ fn stop(actions: &mut Vec<Action>, vmm: &LocalVmm, reason: StopReason) {
     }
 }
 
+/// A snapshot asked for through the API (`POST /vms/{id}/snapshot`): of `kind`, when
+/// a diff can continue the committed chain from this VMM's last snapshot.
+pub fn requested_snapshot(
+    vm: &Vm,
+    vmm: &LocalVmm,
+    kind: SnapshotKind,
+) -> Result<SnapshotRequest, String> {
+    let mut request = next_snapshot(vm, vmm, false);
+    match (kind, request.kind) {
+        (SnapshotKind::Diff, SnapshotKind::Full) => Err(format!(
+            "a diff of vm {} must continue the committed chain from this VMM's last snapshot (and the chain must have room): take a full one",
+            vm.id
+        )),
+        (SnapshotKind::Full, SnapshotKind::Diff) => {
+            request.kind = SnapshotKind::Full;
+            request.parent_id = 0;
+            Ok(request)
+        }
+        _ => Ok(request),
+    }
+}
+
 /// The next snapshot of `vm`: a diff when it continues the committed chain and the
 /// chain is shorter than the VM's `full_every`, a full one otherwise.
 fn next_snapshot(vm: &Vm, vmm: &LocalVmm, final_for_migration: bool) -> SnapshotRequest {

@@ -15,6 +15,12 @@
 //! clock_rate_bound_ppm = 10000   # eps = 1 %
 //! fence_margin_ms = 50
 //!
+//! [vms]                  # optional; absent: this host runs no VMs
+//! capacity_memory_mib = 4096
+//! capacity_vcpus = 8
+//! vmm_binary = "/usr/bin/vigil"  # optional; default: the running executable
+//! abandon_after_ms = 60000       # optional; a fenced VMM exits after this long
+//!
 //! [[peers]]              # every member, this node included
 //! id = 1
 //! address = "127.0.0.1:7001"
@@ -76,6 +82,21 @@ impl Default for Timing {
     }
 }
 
+/// The `[vms]` section: this host runs VMs (with `vigil vmm` processes).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmsConfig {
+    /// What this host offers the cluster.
+    pub capacity_memory_mib: u64,
+    pub capacity_vcpus: u32,
+    /// The executable started as `<vmm_binary> vmm ...` (None: the running executable).
+    pub vmm_binary: Option<PathBuf>,
+    /// A fenced VMM that hears nothing exits after this long.
+    pub abandon_after_ms: u64,
+}
+
+/// Default of `[vms] abandon_after_ms`.
+pub const DEFAULT_ABANDON_AFTER_MS: u64 = 60_000;
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Config {
     pub node_id: NodeId,
@@ -86,6 +107,8 @@ pub struct Config {
     pub timing: Timing,
     /// Every member, this node included, in file order.
     pub peers: Vec<Peer>,
+    /// `[vms]`: None when this host runs no VMs.
+    pub vms: Option<VmsConfig>,
 }
 
 /// What was wrong with a config file, and where.
@@ -212,8 +235,10 @@ impl Reader<'_> {
         let mut timing = Timing::default();
         let mut peers = Vec::new();
         let mut timing_line = 0;
+        let mut vms = None;
         for table in &tables[1..] {
             match (table.name.as_str(), table.is_array_element) {
+                ("vms", false) => vms = Some(self.vms(table)?),
                 ("timing", false) => {
                     timing = self.timing(table)?;
                     timing_line = table.line;
@@ -237,6 +262,46 @@ impl Reader<'_> {
             control_socket,
             timing,
             peers,
+            vms,
+        })
+    }
+
+    fn vms(&self, table: &Table) -> Result<VmsConfig, ConfigError> {
+        let mut keys = Keys::new(table);
+        let memory = self.required_in(&mut keys, "capacity_memory_mib", "[vms]", |r, e| {
+            r.positive(e)
+        })?;
+        let max_mib = crate::limits::MAX_HOST_MEMORY_BYTES >> 20;
+        if memory > max_mib {
+            return Err(self.error(
+                table.line,
+                format!("[vms]: capacity_memory_mib {memory} is above the limit of {max_mib}"),
+            ));
+        }
+        let vcpus = self.required_in(&mut keys, "capacity_vcpus", "[vms]", |r, e| r.positive(e))?;
+        if vcpus > crate::limits::MAX_HOST_VCPUS as u64 {
+            return Err(self.error(
+                table.line,
+                format!(
+                    "[vms]: capacity_vcpus {vcpus} is above the limit of {}",
+                    crate::limits::MAX_HOST_VCPUS
+                ),
+            ));
+        }
+        let vmm_binary = match keys.take("vmm_binary") {
+            Some(entry) => Some(self.path(entry)?),
+            None => None,
+        };
+        let abandon_after_ms = match keys.take("abandon_after_ms") {
+            Some(entry) => self.positive(entry)?,
+            None => DEFAULT_ABANDON_AFTER_MS,
+        };
+        self.reject_unknown(&keys, "[vms]")?;
+        Ok(VmsConfig {
+            capacity_memory_mib: memory,
+            capacity_vcpus: vcpus as u32,
+            vmm_binary,
+            abandon_after_ms,
         })
     }
 
@@ -601,5 +666,57 @@ role = "observer"
             ));
         }
         expect_error(&many, None, "9 voters");
+    }
+
+    #[test]
+    fn reads_the_vms_section() {
+        assert_eq!(
+            parse(GOOD).unwrap().vms,
+            None,
+            "absent: no VMs on this host"
+        );
+        let text = GOOD.replace(
+            "[[peers]]\nid = 1",
+            "[vms]\ncapacity_memory_mib = 2048\ncapacity_vcpus = 4\n\n[[peers]]\nid = 1",
+        );
+        let vms = parse(&text).unwrap().vms.unwrap();
+        assert_eq!(
+            vms,
+            VmsConfig {
+                capacity_memory_mib: 2048,
+                capacity_vcpus: 4,
+                vmm_binary: None,
+                abandon_after_ms: DEFAULT_ABANDON_AFTER_MS,
+            }
+        );
+        let text = text.replace(
+            "capacity_vcpus = 4",
+            "capacity_vcpus = 4\nvmm_binary = \"/bin/vigil\"\nabandon_after_ms = 500",
+        );
+        let vms = parse(&text).unwrap().vms.unwrap();
+        assert_eq!(vms.vmm_binary, Some(PathBuf::from("/bin/vigil")));
+        assert_eq!(vms.abandon_after_ms, 500);
+        let missing = GOOD.replace(
+            "[[peers]]\nid = 1",
+            "[vms]\ncapacity_vcpus = 4\n[[peers]]\nid = 1",
+        );
+        let has = |text: &str, needle: &str| {
+            let shown = parse(text).expect_err(needle).to_string();
+            assert!(shown.contains(needle), "'{shown}' lacks '{needle}'");
+        };
+        has(&missing, "[vms]: missing key 'capacity_memory_mib'");
+        let unknown = GOOD.replace(
+            "[[peers]]\nid = 1",
+            "[vms]\ncapacity_memory_mib = 64\ncapacity_vcpus = 1\ncpus = 2\n[[peers]]\nid = 1",
+        );
+        has(&unknown, "[vms]: unknown key 'cpus'");
+        let bad = GOOD.replace(
+            "[[peers]]\nid = 1",
+            "[vms]\ncapacity_memory_mib = \"lots\"\ncapacity_vcpus = 1\n[[peers]]\nid = 1",
+        );
+        has(
+            &bad,
+            "key 'capacity_memory_mib': expected a positive integer",
+        );
     }
 }

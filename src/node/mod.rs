@@ -23,6 +23,8 @@
 //! refuse it).
 
 pub mod storage;
+mod vmm_conn;
+mod vms;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -157,6 +159,8 @@ struct Node {
     /// A campaign planned because the connection to the leader dropped.
     hint: Option<Hint>,
     rng: u64,
+    /// VMs: leader duties, this host's VMMs, the VM API (`vms.rs`).
+    vms: vms::Vms,
 }
 
 /// The fast failover hint: campaign at `at` unless the leader `leader` was heard from
@@ -342,6 +346,7 @@ impl Node {
             election_ns: config.timing.election_min_ms * 1_000_000,
             hint: None,
             rng: seed | 1,
+            vms: vms::Vms::new(config, Instant::now()),
         })
     }
 
@@ -460,6 +465,9 @@ impl Node {
                         .map_err(|e| e.to_string())?;
                 }
             }
+            (_, _) if kind == vms::TOKEN_VMM_CONN || kind == vms::TOKEN_VMM_EXIT => {
+                self.vms_completion(kind, id, c, now)?;
+            }
             (_, _) if kind == ctlserver::TOKEN_CONTROL_POLL => {
                 if let Some(req) = self.control.readable(&mut self.io, id, now) {
                     self.handle_request(
@@ -549,6 +557,9 @@ impl Node {
                     }
                 }
                 PeerEvent::ForwardResponse { id, status, body } => {
+                    if self.vms_forward_response(id, status, &body) {
+                        continue;
+                    }
                     if let Some((conn, _, _)) = self.forwarded.remove(&id) {
                         self.control
                             .respond(conn, status, "application/json", &body, false);
@@ -612,6 +623,12 @@ impl Node {
         now: Instant,
     ) -> Result<(), String> {
         let _ = close;
+        if let Some(vm_route) = api::vm_route(method, path) {
+            return match vm_route {
+                Ok(r) => self.handle_vm_request(reply, method, path, r, body, now),
+                Err(e) => self.answer_then_next(reply, e.status(), &http::error_body(&e), now),
+            };
+        }
         let route = match api::route(method, path) {
             Ok(r) => r,
             Err(e) => return self.answer_then_next(reply, e.status(), &http::error_body(&e), now),
@@ -625,7 +642,7 @@ impl Node {
                 self.answer_then_next(reply, 200, &s, now)
             }
             Route::Metrics => {
-                let text = self.metrics_text();
+                let text = self.metrics_text(now);
                 match reply {
                     Reply::Local(conn) => {
                         self.control.respond(
@@ -921,6 +938,10 @@ impl Node {
             self.fsync_latency.record_us(ns / 1000);
         }
         let applied = std::mem::take(&mut self.app.applied);
+        let reads = std::mem::take(&mut self.app.reads);
+        self.app.reads = self.vms_after_apply(&applied, reads, now)?;
+        let failed = std::mem::take(&mut self.app.reads_failed);
+        self.app.reads_failed = self.vms_reads_failed(failed, now)?;
         for (index, term, outcome) in applied {
             let Some(wid) = self.writes.remove(&index) else {
                 continue;
@@ -1095,6 +1116,7 @@ impl Node {
                 self.stepdowns.push((reply, deadline));
             }
         }
+        self.vms_tick(now)?;
         // Forwarded requests from peers that never got an answer are forgotten with
         // their waiting entries when the leader steps down (answered above).
         self.subscribers.retain(|&s| self.control.is_open(s));
@@ -1180,6 +1202,7 @@ impl Node {
             "last_index": self.raft.last_index(),
             "io_backend": format!("{:?}", self.io.backend()).to_lowercase(),
             "members": members,
+            "vms": self.vms_status_json(now),
         })
     }
 
@@ -1189,8 +1212,9 @@ impl Node {
         self.election_ns - self.election_ns / 50
     }
 
-    fn metrics_text(&self) -> String {
+    fn metrics_text(&self, now: Instant) -> String {
         let mut out = String::new();
+        self.vms_metrics(&mut out, now);
         metrics::render_scalar(
             &mut out,
             "vigil_raft_term",

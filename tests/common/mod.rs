@@ -123,6 +123,19 @@ impl Cluster {
         Cluster::build(name, n, io, timing, None)
     }
 
+    /// `n` voters that run VMs: each gets a `[vms]` section with `vms` (TOML lines, e.g.
+    /// capacities), and all share one shared dir (`<cluster dir>/shared`). VMMs the
+    /// agents started are killed on drop too (found by their command lines, which name
+    /// this cluster's dir).
+    pub fn start_vms(name: &str, n: usize, io: &str, vms: &str) -> Cluster {
+        Cluster::build_full(name, n, io, "", None, Some(vms))
+    }
+
+    /// The shared dir of a cluster started with [`Cluster::start_vms`].
+    pub fn shared_dir(&self) -> PathBuf {
+        self.dir.join("shared")
+    }
+
     /// Each node in its own network namespace, all joined by a bridge (needs root; see
     /// [`netns_available`]). Namespaces are deleted on drop.
     pub fn start_netns(name: &str, n: usize, io: &str) -> Cluster {
@@ -167,6 +180,17 @@ impl Cluster {
     }
 
     fn build(name: &str, n: usize, io: &str, timing: &str, netns: Option<Netns>) -> Cluster {
+        Cluster::build_full(name, n, io, timing, netns, None)
+    }
+
+    fn build_full(
+        name: &str,
+        n: usize,
+        io: &str,
+        timing: &str,
+        netns: Option<Netns>,
+        vms: Option<&str>,
+    ) -> Cluster {
         let dir = unique_dir(name);
         let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
         let host = |i: usize| {
@@ -191,16 +215,24 @@ impl Cluster {
             std::fs::create_dir_all(ndir.join("data")).unwrap();
             std::fs::create_dir_all(ndir.join("shared")).unwrap();
             let socket = ndir.join("vigil.sock");
-            let timing_table = if timing.is_empty() {
+            let mut timing_table = if timing.is_empty() {
                 String::new()
             } else {
                 format!("[timing]\n{timing}\n")
             };
+            let shared = match vms {
+                Some(v) => {
+                    timing_table.push_str(&format!("[vms]\n{v}\n\n"));
+                    dir.join("shared")
+                }
+                None => ndir.join("shared"),
+            };
+            std::fs::create_dir_all(&shared).unwrap();
             let config = format!(
                 "node_id = {id}\nlisten = \"{}:{p}\"\ndata_dir = \"{}\"\nshared_dir = \"{}\"\ncontrol_socket = \"{}\"\n\n{timing_table}{peers}",
                 host(i),
                 ndir.join("data").display(),
-                ndir.join("shared").display(),
+                shared.display(),
                 socket.display()
             );
             let config_path = ndir.join("config.toml");
@@ -464,6 +496,7 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
         }
+        kill_vmms_under(&self.dir);
         if let Some(ns) = &self.netns {
             for n in &self.nodes {
                 let _ = Command::new("ip")
@@ -478,6 +511,33 @@ impl Drop for Cluster {
             let _ = std::fs::remove_dir_all(&self.dir);
         } else {
             eprintln!("cluster files kept in {}", self.dir.display());
+        }
+    }
+}
+
+/// Kills (SIGKILL, by PID) every `vigil vmm` whose command line names a path under
+/// `dir`: VMMs run in their own session and outlive the agents that started them.
+pub fn kill_vmms_under(dir: &Path) {
+    let needle = dir.to_string_lossy().to_string();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).to_string())
+            .collect();
+        if args.get(1).map(String::as_str) == Some("vmm")
+            && args.iter().any(|a| a.contains(&needle))
+        {
+            // SAFETY: plain kill(2) of a process this test's cluster started.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 }

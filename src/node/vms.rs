@@ -1,0 +1,1887 @@
+//! VMs in the node's loop: the leader's duties, this host's `vigil vmm` processes, the
+//! VM API and the VM events.
+//!
+//! Each housekeeping tick:
+//! - leader: `agent::leader::LeaderDuties` (failure detector fed with Raft's
+//!   acknowledgement times, host verdicts, placement), its commands proposed in order;
+//! - host (with a `[vms]` section): registers itself (proposed, or forwarded to the
+//!   leader as `POST /internal/command`), runs `agent::reconcile` with its own lease
+//!   (`agent::lease::own_lease_expiry`) and carries out the actions against real VMMs.
+//!
+//! VMMs run in their own session and outlive the agent; each has a directory
+//! `<data_dir>/vmm/<vm-id>/` holding `control.sock`, `reports.log` and `vmm.log`. At
+//! start the agent finds the VMMs left there and asks each for its status before it
+//! reconciles (adoption). The agent talks to every VMM over one non-blocking
+//! connection (`vmm_conn`), one request in flight per VMM with a timeout; a VMM that
+//! does not answer in time is reported and killed. VMM exits are watched through
+//! pidfds (children are reaped; adopted VMMs are found by SO_PEERCRED).
+//!
+//! Events (`GET /events`) get `at_ms` (CLOCK_MONOTONIC milliseconds, a float) and
+//! `node`: host and placement changes are derived from the applied state on every
+//! node; `vm_started` / `vm_stopped` are local to the host of the VMM.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use vigil_kvm::control::{Reply as VmmReply, Request, SnapshotKindWire, Status, VmmState};
+
+use super::vmm_conn::VmmConn;
+use super::{now_ns, raft_error, Node, Reply};
+use crate::agent::leader::{LeaderDuties, RaftView};
+use crate::agent::lease::{own_lease_expiry, LeaseRules};
+use crate::agent::reconcile::{self, snapshot_record, Action, LocalVmm, SnapshotRequest};
+use crate::cluster::command::{Command, Desired, HostId, RequestId, Resources, SnapshotKind};
+use crate::cluster::state::{CommittedSnapshot, HostState, Outcome, RejectCode, TokenCheck, Vm};
+use crate::config::{Config, VmsConfig};
+use crate::control::api::{self, VmRoute};
+use crate::control::http::{self, Method};
+use crate::io::child::{self, Child, ExitStatus};
+use crate::io::{Completion, Instant};
+use crate::limits;
+use crate::net::codec::ForwardRequest;
+use crate::raft::{Index, ReadState, Term};
+
+/// Completion token kinds (the top byte; node/mod.rs and net/peers.rs use 1..=6).
+pub const TOKEN_VMM_CONN: u64 = 7;
+pub const TOKEN_VMM_EXIT: u64 = 8;
+
+fn token(kind: u64, slot: u64) -> u64 {
+    (kind << 56) | slot
+}
+
+const MS: u64 = 1_000_000;
+/// The phi-accrual floor: about one duty tick.
+const PHI_MIN_STD_DEV_NS: u64 = 10 * MS;
+/// Phi at which an alive host is shown as suspect.
+pub const PHI_SUSPECT: f64 = 8.0;
+/// A VMM with nothing else to say is asked for its status this often.
+const STATUS_EVERY: Duration = Duration::from_millis(250);
+/// This host's registration is proposed again after this long if the state still
+/// does not show it.
+const REGISTER_RETRY: Duration = Duration::from_secs(1);
+/// A forwarded internal proposal not answered by then is forgotten (its sender
+/// proposes again when it still needs to).
+const INTERNAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// After a failed start, the same VM is not started again before this long.
+const START_BACKOFF: Duration = Duration::from_secs(1);
+/// At agent start, how long reconcile waits for the VMMs found on disk to answer.
+const DISCOVERY_GRACE: Duration = Duration::from_secs(3);
+
+/// The process of a VMM.
+enum Process {
+    /// Started by this agent: reaped through its pidfd.
+    Child(Child),
+    /// Found running (agent restart): watched through a pidfd opened from its pid.
+    Adopted { pid: i32, pidfd: OwnedFd },
+    /// Found on disk, not connected yet.
+    Unknown,
+}
+
+impl Process {
+    fn pid(&self) -> Option<i32> {
+        match self {
+            Process::Child(c) => Some(c.pid()),
+            Process::Adopted { pid, .. } => Some(*pid),
+            Process::Unknown => None,
+        }
+    }
+
+    fn pidfd(&self) -> Option<RawFd> {
+        match self {
+            Process::Child(c) => Some(c.pidfd()),
+            Process::Adopted { pidfd, .. } => Some(pidfd.as_raw_fd()),
+            Process::Unknown => None,
+        }
+    }
+
+    /// SIGKILL through the pidfd (never a reused pid).
+    fn kill(&self) {
+        let Some(fd) = self.pidfd() else { return };
+        // SAFETY: plain syscall; null siginfo and flags 0 behave like kill(2).
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd,
+                libc::SIGKILL,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            )
+        };
+        if rc < 0 {
+            log::warn!(
+                "kill vmm {:?}: {}",
+                self.pid(),
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Purpose {
+    Status,
+    Renew,
+    Pause,
+    Resume,
+    Stop,
+    Snapshot,
+}
+
+/// One VMM this agent looks after.
+struct Proc {
+    slot: u64,
+    local: LocalVmm,
+    /// Its token and state are known (started here, or its status arrived).
+    known: bool,
+    /// Started by this agent process (for `vm_started`).
+    started_here: bool,
+    dir: PathBuf,
+    process: Process,
+    conn: Option<VmmConn>,
+    /// Started: its control socket must accept by then.
+    connect_by: Option<Instant>,
+    in_flight: Option<(Purpose, Instant)>,
+    queue: VecDeque<(Request, Purpose)>,
+    status: Option<Status>,
+    status_at: Option<Instant>,
+    started_event: bool,
+    restored_from: Option<String>,
+    snapshot: Option<SnapshotRequest>,
+    /// When the VMM wrote the snapshot whose record is being committed.
+    snapshot_written_at: Option<Instant>,
+    stop_reason: Option<String>,
+}
+
+impl Proc {
+    fn socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    fn queued(&self, purpose: Purpose) -> bool {
+        self.queue.iter().any(|(_, p)| *p == purpose)
+            || self.in_flight.is_some_and(|(p, _)| p == purpose)
+    }
+
+    fn enqueue(&mut self, request: Request, purpose: Purpose) {
+        if self.queue.len() >= limits::MAX_VMM_QUEUED_REQUESTS {
+            log::warn!(
+                "vmm {} (token {}): {} requests queued; dropping a {purpose:?}",
+                self.local.vm,
+                self.local.token,
+                self.queue.len()
+            );
+            return;
+        }
+        self.queue.push_back((request, purpose));
+    }
+}
+
+/// What an API request waits for.
+enum WaitFor {
+    /// The proposed entry to apply.
+    Entry {
+        index: Index,
+        term: Term,
+        then: Then,
+    },
+    /// A snapshot record to commit.
+    Snapshot {
+        vm: String,
+        token: u64,
+        seq: u64,
+    },
+    /// The migrating VM to be placed on another host.
+    Migrated {
+        vm: String,
+        from: HostId,
+    },
+    Drained {
+        host: HostId,
+    },
+}
+
+enum Then {
+    Create(String),
+    Delete(String),
+    Migrate {
+        vm: String,
+        from: HostId,
+        wait: bool,
+    },
+    Drain {
+        host: HostId,
+        wait: bool,
+    },
+    /// An internal proposal: the outcome as the KV writes show it.
+    Outcome,
+}
+
+struct Waiter {
+    reply: Reply,
+    deadline: Instant,
+    what: WaitFor,
+}
+
+enum ReadKind {
+    Vms,
+    Vm(String),
+    Validate(String, u64),
+}
+
+/// What the events were last derived from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct VmView {
+    host: Option<HostId>,
+    token: u64,
+    waiting: String,
+    snapshot: Option<u64>,
+}
+
+/// The VM side of a node.
+pub(super) struct Vms {
+    config: Option<VmsConfig>,
+    run_dir: PathBuf,
+    shared_dir: PathBuf,
+    vmm_binary: PathBuf,
+    rules: LeaseRules,
+    leader: LeaderDuties,
+    procs: Vec<Proc>,
+    next_slot: u64,
+    discovery_until: Option<Instant>,
+    register_sent_at: Option<Instant>,
+    /// Forwarded internal proposals: (forward id, deadline).
+    internal: Vec<(u64, Instant)>,
+    waiters: Vec<Waiter>,
+    reads: HashMap<u64, (Reply, ReadKind)>,
+    view_vms: BTreeMap<String, VmView>,
+    view_hosts: BTreeMap<HostId, HostState>,
+    view_at: u64,
+    start_backoff: BTreeMap<String, Instant>,
+    vmm_starts: u64,
+    vmm_kills: u64,
+}
+
+impl Vms {
+    pub(super) fn new(config: &Config, now: Instant) -> Vms {
+        let run_dir = config.data_dir.join("vmm");
+        let vmm_binary = config
+            .vms
+            .as_ref()
+            .and_then(|v| v.vmm_binary.clone())
+            .or_else(|| std::env::current_exe().ok())
+            .unwrap_or_else(|| PathBuf::from("vigil"));
+        let mut vms = Vms {
+            config: config.vms.clone(),
+            run_dir,
+            shared_dir: config.shared_dir.clone(),
+            vmm_binary,
+            rules: LeaseRules::new(&config.timing),
+            leader: LeaderDuties::new(LeaseRules::new(&config.timing), PHI_MIN_STD_DEV_NS),
+            procs: Vec::new(),
+            next_slot: 1,
+            discovery_until: None,
+            register_sent_at: None,
+            internal: Vec::new(),
+            waiters: Vec::new(),
+            reads: HashMap::new(),
+            view_vms: BTreeMap::new(),
+            view_hosts: BTreeMap::new(),
+            view_at: 0,
+            start_backoff: BTreeMap::new(),
+            vmm_starts: 0,
+            vmm_kills: 0,
+        };
+        if vms.config.is_some() {
+            vms.discover(now);
+        }
+        vms
+    }
+
+    /// VMMs left by an earlier agent process: one directory per VM with a socket.
+    fn discover(&mut self, now: Instant) {
+        let Ok(entries) = std::fs::read_dir(&self.run_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let Some(vm) = dir.file_name().and_then(|n| n.to_str()).map(str::to_string) else {
+                continue;
+            };
+            if !dir.join("control.sock").exists() || self.procs.len() >= limits::MAX_LOCAL_VMMS {
+                continue;
+            }
+            log::info!("vmm {vm}: found {}; asking for its status", dir.display());
+            let slot = self.next_slot;
+            self.next_slot += 1;
+            self.procs.push(Proc {
+                slot,
+                local: LocalVmm {
+                    vm,
+                    token: 0,
+                    state: VmmState::Running,
+                    adopted: false,
+                    stopping: false,
+                    since_ns: now_ns(now),
+                    last_snapshot_id: 0,
+                    last_snapshot_requested_ns: None,
+                    last_seq_used: 0,
+                    snapshot_in_flight: false,
+                },
+                known: false,
+                started_here: false,
+                dir,
+                process: Process::Unknown,
+                conn: None,
+                connect_by: None,
+                in_flight: None,
+                queue: VecDeque::new(),
+                status: None,
+                status_at: None,
+                started_event: true,
+                restored_from: None,
+                snapshot: None,
+                snapshot_written_at: None,
+                stop_reason: None,
+            });
+        }
+        if !self.procs.is_empty() {
+            self.discovery_until = Some(now.saturating_add(DISCOVERY_GRACE));
+        }
+    }
+
+    fn proc_index(&self, slot: u64) -> Option<usize> {
+        self.procs.iter().position(|p| p.slot == slot)
+    }
+
+    fn find(&self, vm: &str, token: u64) -> Option<usize> {
+        self.procs
+            .iter()
+            .position(|p| p.known && p.local.vm == vm && p.local.token == token)
+    }
+
+    /// The highest `<token>-<seq>` directory under `vms/<vm>/` on shared storage.
+    fn highest_seq(&self, vm: &str, token: u64) -> u64 {
+        let prefix = format!("{token}-");
+        let Ok(entries) = std::fs::read_dir(self.shared_dir.join("vms").join(vm)) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix(&prefix))
+                    .and_then(|s| s.parse::<u64>().ok())
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+fn status_for(code: RejectCode) -> (u16, &'static str) {
+    match code {
+        RejectCode::UnknownVm | RejectCode::UnknownHost => (404, "not_found"),
+        RejectCode::VmExists => (409, "exists"),
+        RejectCode::WrongState
+        | RejectCode::NotPlaced
+        | RejectCode::HostNotLive
+        | RejectCode::NoCapacity
+        | RejectCode::StaleToken
+        | RejectCode::LimitReached => (409, "conflict"),
+        RejectCode::Invalid | RejectCode::Malformed | RejectCode::BadSnapshot => (400, "rejected"),
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn snapshot_name(c: &CommittedSnapshot) -> String {
+    format!("{}-{}", c.token, c.seq)
+}
+
+fn kind_name(kind: SnapshotKind) -> &'static str {
+    match kind {
+        SnapshotKind::Full => "full",
+        SnapshotKind::Diff => "diff",
+    }
+}
+
+fn snapshot_json(vm: &Vm, upto: usize) -> serde_json::Value {
+    let c = &vm.chain[upto];
+    serde_json::json!({
+        "id": snapshot_name(c),
+        "kind": kind_name(c.kind),
+        "chain": vm.chain[..=upto].iter().map(|s| s.path.clone()).collect::<Vec<_>>(),
+        "index": c.committed_index,
+        "snapshot_id": format!("{:#x}", c.snapshot_id),
+        "taken_at_ms": c.taken_at_ms,
+    })
+}
+
+impl Node {
+    // ---- the loop's hooks -------------------------------------------------------------
+
+    /// Every housekeeping tick.
+    pub(super) fn vms_tick(&mut self, now: Instant) -> Result<(), String> {
+        self.vms_leader_duties(now)?;
+        if self.vms.config.is_some() {
+            self.vms_register(now);
+            self.vms_timeouts(now);
+            self.vms_connect(now);
+            self.vms_reconcile(now);
+            self.vms_pump(now);
+        }
+        let expired: Vec<u64> = self
+            .vms
+            .internal
+            .iter()
+            .filter(|(_, d)| now >= *d)
+            .map(|(id, _)| *id)
+            .collect();
+        self.vms.internal.retain(|(id, _)| !expired.contains(id));
+        self.vms_check_waiters(now)?;
+        Ok(())
+    }
+
+    /// A completion for one of the VM tokens.
+    pub(super) fn vms_completion(
+        &mut self,
+        kind: u64,
+        slot: u64,
+        c: Completion,
+        now: Instant,
+    ) -> Result<(), String> {
+        let Some(i) = self.vms.proc_index(slot) else {
+            return Ok(());
+        };
+        if kind == TOKEN_VMM_EXIT {
+            self.vms_exited(i, now);
+            return Ok(());
+        }
+        let _ = c;
+        let read = match self.vms.procs[i].conn.as_mut() {
+            Some(conn) => conn.read(),
+            None => return Ok(()),
+        };
+        match read {
+            Ok(replies) => {
+                let p = &mut self.vms.procs[i];
+                if let Some(conn) = &p.conn {
+                    if self
+                        .io
+                        .poll_in(token(TOKEN_VMM_CONN, slot), conn.fd())
+                        .is_err()
+                    {
+                        self.vms_drop_conn(i, "cannot watch the connection");
+                    }
+                }
+                for r in replies {
+                    self.vms_reply(slot, r, now);
+                }
+            }
+            Err(e) => self.vms_drop_conn(i, &e),
+        }
+        self.vms_pump(now);
+        Ok(())
+    }
+
+    /// After each loop turn's apply: answers, events. Returns the reads that are not
+    /// the VM module's.
+    pub(super) fn vms_after_apply(
+        &mut self,
+        applied: &[(Index, Term, Outcome)],
+        reads: Vec<ReadState>,
+        now: Instant,
+    ) -> Result<Vec<ReadState>, String> {
+        for (index, term, outcome) in applied {
+            let Some(w) = self
+                .vms
+                .waiters
+                .iter()
+                .position(|w| matches!(w.what, WaitFor::Entry { index: i, .. } if i == *index))
+            else {
+                continue;
+            };
+            let waiter = self.vms.waiters.swap_remove(w);
+            self.vms_entry_applied(waiter, *term, outcome, now)?;
+        }
+        if self.app.state.applied_index() != self.vms.view_at {
+            self.vms_events(now);
+        }
+        let mut rest = Vec::new();
+        for r in reads {
+            match self.vms.reads.remove(&r.id) {
+                Some((reply, kind)) => self.vms_read(reply, kind, now)?,
+                None => rest.push(r),
+            }
+        }
+        if !applied.is_empty() {
+            self.vms_check_waiters(now)?;
+        }
+        Ok(rest)
+    }
+
+    /// Reads Raft gave up on: answers the VM module's, returns the others.
+    pub(super) fn vms_reads_failed(
+        &mut self,
+        failed: Vec<u64>,
+        now: Instant,
+    ) -> Result<Vec<u64>, String> {
+        let mut rest = Vec::new();
+        for id in failed {
+            match self.vms.reads.remove(&id) {
+                Some((reply, _)) => {
+                    let body = api::error_json(
+                        "the read could not be confirmed by a leader (leadership changed); retry",
+                        "retry",
+                    );
+                    self.answer_then_next(reply, 503, &body, now)?;
+                }
+                None => rest.push(id),
+            }
+        }
+        Ok(rest)
+    }
+
+    /// A forwarded answer: true if it was for an internal proposal of this module.
+    pub(super) fn vms_forward_response(&mut self, id: u64, status: u16, body: &[u8]) -> bool {
+        let Some(k) = self.vms.internal.iter().position(|(i, _)| *i == id) else {
+            return false;
+        };
+        self.vms.internal.swap_remove(k);
+        if status != 200 {
+            log::debug!(
+                "internal proposal answered {status}: {}",
+                String::from_utf8_lossy(body)
+            );
+        }
+        true
+    }
+
+    // ---- leader ----------------------------------------------------------------------
+
+    fn vms_leader_duties(&mut self, now: Instant) -> Result<(), String> {
+        let view = RaftView::of(&self.raft, self.id);
+        let cmds = self
+            .vms
+            .leader
+            .tick(&view, &self.app.state, now_ns(now), |_| None);
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        for c in cmds {
+            log::info!("node {}: leader proposes {}: {c:?}", self.id, c.name());
+            match self.raft.propose(now_ns(now), &c.to_bytes(RequestId(0))) {
+                Ok((index, term)) => self.vms.leader.proposed(term, index),
+                Err(e) => {
+                    log::debug!("leader proposal refused: {e:?}");
+                    break;
+                }
+            }
+        }
+        self.collect()
+    }
+
+    /// Proposes a command of this host's own (registration, snapshot record): directly
+    /// as leader, else forwarded to the leader.
+    fn vms_propose_own(&mut self, cmd: &Command, now: Instant) {
+        let bytes = cmd.to_bytes(RequestId(0));
+        if self.raft.is_leader() {
+            if let Err(e) = self.raft.propose(now_ns(now), &bytes) {
+                log::debug!("{} not proposed: {e:?}", cmd.name());
+            }
+            let _ = self.collect();
+            return;
+        }
+        let leader = self.raft.leader();
+        if leader == 0
+            || !self.peers.is_connected(leader)
+            || self.vms.internal.len() >= limits::MAX_INTERNAL_FORWARDS
+        {
+            log::debug!("{} not forwarded: no leader reachable", cmd.name());
+            return;
+        }
+        let id = self.next_forward;
+        self.next_forward += 1;
+        let body = api::internal_command_body(&bytes);
+        let req = ForwardRequest {
+            id,
+            method: api::method_code(Method::Post),
+            path: "/internal/command",
+            body: body.as_bytes(),
+        };
+        if self.peers.send_forward_request(leader, &req) {
+            self.vms
+                .internal
+                .push((id, now.saturating_add(INTERNAL_TIMEOUT)));
+        }
+    }
+
+    fn vms_register(&mut self, now: Instant) {
+        let Some(cfg) = &self.vms.config else { return };
+        let capacity = Resources {
+            memory_bytes: cfg.capacity_memory_mib << 20,
+            vcpus: cfg.capacity_vcpus,
+        };
+        let known = self
+            .app
+            .state
+            .host(self.id)
+            .is_some_and(|h| h.capacity == capacity);
+        if known {
+            return;
+        }
+        if self
+            .vms
+            .register_sent_at
+            .is_some_and(|t| now.saturating_duration_since(t) < REGISTER_RETRY)
+        {
+            return;
+        }
+        self.vms.register_sent_at = Some(now);
+        let cmd = Command::RegisterHost {
+            host: self.id,
+            capacity,
+        };
+        self.vms_propose_own(&cmd, now);
+    }
+
+    // ---- host: VMM processes ---------------------------------------------------------
+
+    fn vms_timeouts(&mut self, now: Instant) {
+        for i in 0..self.vms.procs.len() {
+            let p = &mut self.vms.procs[i];
+            if let Some((purpose, deadline)) = p.in_flight {
+                if now >= deadline {
+                    log::error!(
+                        "vmm {} (token {}, pid {:?}) did not answer {purpose:?} in time; killing it",
+                        p.local.vm,
+                        p.local.token,
+                        p.process.pid()
+                    );
+                    p.stop_reason = Some(format!("hung: no answer to {purpose:?}"));
+                    p.process.kill();
+                    p.in_flight = None;
+                    self.vms.vmm_kills += 1;
+                }
+            }
+            let p = &mut self.vms.procs[i];
+            if p.conn.is_none() && p.connect_by.is_some_and(|d| now >= d) {
+                log::error!(
+                    "vmm {} (token {}): its control socket did not come up in time; killing it",
+                    p.local.vm,
+                    p.local.token
+                );
+                p.connect_by = None;
+                p.stop_reason = Some("its control socket did not come up".into());
+                p.process.kill();
+                self.vms.vmm_kills += 1;
+            }
+            // A written snapshot whose record did not commit is given up.
+            let p = &mut self.vms.procs[i];
+            if p.local.snapshot_in_flight
+                && p.snapshot.is_none()
+                && p.snapshot_written_at.is_some_and(|t| {
+                    now.saturating_duration_since(t)
+                        >= Duration::from_millis(limits::SNAPSHOT_COMMIT_TIMEOUT_MS)
+                })
+            {
+                p.local.snapshot_in_flight = false;
+                p.snapshot_written_at = None;
+            }
+        }
+    }
+
+    fn vms_connect(&mut self, now: Instant) {
+        let mut gone = Vec::new();
+        for i in 0..self.vms.procs.len() {
+            if self.vms.procs[i].conn.is_some() {
+                continue;
+            }
+            let path = self.vms.procs[i].socket();
+            match VmmConn::connect(&path) {
+                Ok(conn) => {
+                    let slot = self.vms.procs[i].slot;
+                    if self
+                        .io
+                        .poll_in(token(TOKEN_VMM_CONN, slot), conn.fd())
+                        .is_err()
+                    {
+                        continue;
+                    }
+                    let p = &mut self.vms.procs[i];
+                    if matches!(p.process, Process::Unknown) {
+                        if let Some(pid) = conn.peer_pid() {
+                            match child::pidfd_open(pid) {
+                                Ok(pidfd) => {
+                                    if self
+                                        .io
+                                        .poll_in(token(TOKEN_VMM_EXIT, slot), pidfd.as_raw_fd())
+                                        .is_ok()
+                                    {
+                                        p.process = Process::Adopted { pid, pidfd };
+                                    }
+                                }
+                                Err(e) => log::warn!("pidfd_open({pid}): {e}"),
+                            }
+                        }
+                    }
+                    p.conn = Some(conn);
+                    p.connect_by = None;
+                    p.in_flight = None;
+                    if !p.known {
+                        p.queue.push_front((Request::Status, Purpose::Status));
+                    }
+                }
+                Err(e) => {
+                    let p = &self.vms.procs[i];
+                    if matches!(p.process, Process::Unknown) {
+                        // Found on disk, but nobody listens: that VMM is gone.
+                        log::info!(
+                            "vmm {}: {} does not answer ({e}); not adopted",
+                            p.local.vm,
+                            path.display()
+                        );
+                        gone.push(p.slot);
+                    }
+                }
+            }
+        }
+        for slot in gone {
+            if let Some(i) = self.vms.proc_index(slot) {
+                self.vms.procs.remove(i);
+            }
+        }
+        let _ = now;
+    }
+
+    fn vms_drop_conn(&mut self, i: usize, why: &str) {
+        let p = &mut self.vms.procs[i];
+        if let Some(conn) = p.conn.take() {
+            log::warn!(
+                "vmm {} (token {}): connection dropped: {why}",
+                p.local.vm,
+                p.local.token
+            );
+            let _ = self.io.cancel(token(TOKEN_VMM_CONN, p.slot));
+            drop(conn);
+        }
+        // What was in flight is lost; renewals and status are sent afresh.
+        if let Some((purpose, _)) = p.in_flight.take() {
+            if purpose == Purpose::Snapshot {
+                p.snapshot = None;
+                p.local.snapshot_in_flight = false;
+            }
+        }
+    }
+
+    fn vms_exited(&mut self, i: usize, now: Instant) {
+        let mut p = self.vms.procs.remove(i);
+        let how = match &p.process {
+            Process::Child(c) => match c.try_wait() {
+                Ok(Some(ExitStatus::Exited(code))) => format!("exit code {code}"),
+                Ok(Some(ExitStatus::Signaled(sig))) => format!("signal {sig}"),
+                Ok(None) => "exited".to_string(),
+                Err(e) => format!("exited ({e})"),
+            },
+            _ => "exited".to_string(),
+        };
+        if let Some(conn) = p.conn.take() {
+            let _ = self.io.cancel(token(TOKEN_VMM_CONN, p.slot));
+            drop(conn);
+        }
+        let _ = self.io.cancel(token(TOKEN_VMM_EXIT, p.slot));
+        let reason = match p.stop_reason.take() {
+            Some(r) => format!("{r} ({how})"),
+            None => how,
+        };
+        log::info!(
+            "vmm {} (token {}, pid {:?}) ended: {reason}",
+            p.local.vm,
+            p.local.token,
+            p.process.pid()
+        );
+        if p.started_here && !p.started_event {
+            // It never ran: do not start it again at once.
+            self.vms
+                .start_backoff
+                .insert(p.local.vm.clone(), now.saturating_add(START_BACKOFF));
+        }
+        let counter = p.status.as_ref().map(|s| s.counter);
+        self.vm_event(
+            "vm_stopped",
+            serde_json::json!({"vm": p.local.vm, "host": self.id, "token": p.local.token,
+                "reason": reason, "counter": counter}),
+            now,
+        );
+    }
+
+    fn vms_reconcile(&mut self, now: Instant) {
+        if let Some(until) = self.vms.discovery_until {
+            let pending = self.vms.procs.iter().any(|p| !p.known);
+            if pending && now < until {
+                return;
+            }
+            self.vms.discovery_until = None;
+        }
+        let lease = own_lease_expiry(&self.raft, &self.vms.rules);
+        let locals: Vec<LocalVmm> = self
+            .vms
+            .procs
+            .iter()
+            .filter(|p| p.known)
+            .map(|p| p.local.clone())
+            .collect();
+        let actions = reconcile::reconcile(&reconcile::Input {
+            state: &self.app.state,
+            host: self.id,
+            vmms: &locals,
+            own_lease_expiry_ns: lease,
+            now_ns: now_ns(now),
+        });
+        // Snapshot records become committed-or-not: clear in-flight once the chain has it.
+        for p in &mut self.vms.procs {
+            if !p.local.snapshot_in_flight || p.snapshot.is_some() {
+                continue;
+            }
+            if let Some(x) = self.app.state.vm(&p.local.vm) {
+                if x.chain
+                    .iter()
+                    .any(|c| c.token == p.local.token && c.seq == p.local.last_seq_used)
+                    || x.migration.is_some_and(|m| m.ready)
+                {
+                    p.local.snapshot_in_flight = false;
+                    p.snapshot_written_at = None;
+                }
+            }
+        }
+        for a in actions {
+            self.vms_act(a, now);
+        }
+    }
+
+    fn vms_act(&mut self, action: Action, now: Instant) {
+        if !matches!(action, Action::Renew { .. } | Action::Snapshot(_)) {
+            log::info!("node {}: reconcile: {action:?}", self.id);
+        }
+        match action {
+            Action::Start {
+                vm,
+                token,
+                spec,
+                restore,
+                lease_deadline_ns,
+            } => self.vms_start(&vm, token, &spec, &restore, lease_deadline_ns, now),
+            Action::Adopt { vm, token } => {
+                if let Some(i) = self.vms.find(&vm, token) {
+                    self.vms.procs[i].local.adopted = true;
+                    log::info!("vmm {vm} (token {token}): adopted");
+                }
+            }
+            Action::Stop { vm, token, reason } => {
+                if let Some(i) = self.vms.find(&vm, token) {
+                    let p = &mut self.vms.procs[i];
+                    p.local.stopping = true;
+                    p.stop_reason = Some(format!("{reason:?}"));
+                    if p.conn.is_some() || p.connect_by.is_some() {
+                        p.queue.clear();
+                        p.enqueue(Request::Stop, Purpose::Stop);
+                    } else {
+                        p.process.kill();
+                    }
+                }
+            }
+            Action::Renew {
+                vm,
+                token,
+                deadline_ns,
+            } => {
+                if let Some(i) = self.vms.find(&vm, token) {
+                    let p = &mut self.vms.procs[i];
+                    let renew = Request::Renew { token, deadline_ns };
+                    match p.queue.iter_mut().find(|(_, q)| *q == Purpose::Renew) {
+                        Some(queued) => queued.0 = renew,
+                        None => p.enqueue(renew, Purpose::Renew),
+                    }
+                }
+            }
+            Action::Pause { vm, token } => {
+                if let Some(i) = self.vms.find(&vm, token) {
+                    let p = &mut self.vms.procs[i];
+                    if !p.queued(Purpose::Pause) {
+                        p.enqueue(Request::Pause, Purpose::Pause);
+                    }
+                }
+            }
+            Action::Resume { vm, token } => {
+                if let Some(i) = self.vms.find(&vm, token) {
+                    let p = &mut self.vms.procs[i];
+                    if !p.queued(Purpose::Resume) {
+                        p.enqueue(Request::Resume, Purpose::Resume);
+                    }
+                }
+            }
+            Action::Snapshot(req) => self.vms_snapshot(req, now),
+        }
+    }
+
+    fn vms_snapshot(&mut self, req: SnapshotRequest, now: Instant) {
+        let path = self.vms.shared_dir.join(&req.path);
+        let Some(i) = self.vms.find(&req.vm, req.token) else {
+            return;
+        };
+        let p = &mut self.vms.procs[i];
+        if p.snapshot.is_some() || p.queued(Purpose::Snapshot) {
+            return;
+        }
+        p.local.snapshot_in_flight = true;
+        p.local.last_snapshot_requested_ns = Some(now_ns(now));
+        p.local.last_seq_used = p.local.last_seq_used.max(req.seq);
+        let kind = match req.kind {
+            SnapshotKind::Full => SnapshotKindWire::Full,
+            SnapshotKind::Diff => SnapshotKindWire::Diff,
+        };
+        p.snapshot = Some(req);
+        p.enqueue(Request::Snapshot { kind, path }, Purpose::Snapshot);
+    }
+
+    fn vms_start(
+        &mut self,
+        vm: &str,
+        token: u64,
+        spec: &crate::cluster::command::VmSpec,
+        restore: &[CommittedSnapshot],
+        lease_deadline_ns: u64,
+        now: Instant,
+    ) {
+        if self.vms.procs.len() >= limits::MAX_LOCAL_VMMS {
+            log::warn!(
+                "vm {vm}: {} VMMs already; not started",
+                self.vms.procs.len()
+            );
+            return;
+        }
+        if self.vms.start_backoff.get(vm).is_some_and(|&t| now < t) {
+            return;
+        }
+        self.vms.start_backoff.remove(vm);
+        let fail = |vms: &mut Vms, why: String| {
+            log::error!("vm {vm} (token {token}): not started: {why}");
+            vms.start_backoff
+                .insert(vm.to_string(), now.saturating_add(START_BACKOFF));
+        };
+        // Restore only what the committed state names: each directory's state file must
+        // carry the committed snapshot id (a rewrite by an attempt whose record never
+        // committed is refused).
+        let mut chain = Vec::new();
+        for c in restore {
+            let dir = self.vms.shared_dir.join(&c.path);
+            match vigil_kvm::snapshot::read_state(&dir) {
+                Ok(s) if s.snapshot_id == c.snapshot_id => chain.push(dir),
+                Ok(s) => {
+                    return fail(
+                        &mut self.vms,
+                        format!(
+                            "{} holds snapshot {:#x}, the committed one is {:#x}",
+                            dir.display(),
+                            s.snapshot_id,
+                            c.snapshot_id
+                        ),
+                    )
+                }
+                Err(e) => return fail(&mut self.vms, e.to_string()),
+            }
+        }
+        let Some(cfg) = self.vms.config.clone() else {
+            return;
+        };
+        let dir = self.vms.run_dir.join(vm);
+        if let Err(e) = std::fs::create_dir_all(&dir) {
+            return fail(&mut self.vms, format!("create {}: {e}", dir.display()));
+        }
+        let log = match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("vmm.log"))
+        {
+            Ok(f) => f,
+            Err(e) => return fail(&mut self.vms, format!("vmm.log: {e}")),
+        };
+        let mut cmd = std::process::Command::new(&self.vms.vmm_binary);
+        cmd.arg("vmm")
+            .arg("--control")
+            .arg(dir.join("control.sock"))
+            .arg("--token")
+            .arg(token.to_string())
+            .arg("--lease-deadline-ns")
+            .arg(lease_deadline_ns.to_string())
+            .arg("--abandon-after-ms")
+            .arg(cfg.abandon_after_ms.to_string())
+            .arg("--report-file")
+            .arg(dir.join("reports.log"))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null());
+        match log.try_clone() {
+            Ok(l) => cmd.stderr(l),
+            Err(_) => cmd.stderr(std::process::Stdio::null()),
+        };
+        if chain.is_empty() {
+            cmd.arg("--memory-mib")
+                .arg((spec.resources.memory_bytes >> 20).to_string())
+                .arg("--vcpus")
+                .arg(spec.resources.vcpus.to_string())
+                .arg("--touch-percent")
+                .arg(spec.touch_percent.to_string());
+        } else {
+            for d in &chain {
+                cmd.arg("--restore").arg(d);
+            }
+        }
+        let child = match child::spawn(&mut cmd, true) {
+            Ok(c) => c,
+            Err(e) => {
+                let why = format!("spawn {}: {e}", self.vms.vmm_binary.display());
+                return fail(&mut self.vms, why);
+            }
+        };
+        let slot = self.vms.next_slot;
+        self.vms.next_slot += 1;
+        if let Err(e) = self.io.poll_in(token_exit(slot), child.pidfd()) {
+            log::error!("vm {vm}: cannot watch the VMM's exit: {e}");
+        }
+        let restored_from = restore.last().map(snapshot_name);
+        log::info!(
+            "vm {vm} (token {token}): started vmm pid {} ({})",
+            child.pid(),
+            match &restored_from {
+                Some(s) => format!("restoring {s}, a chain of {}", chain.len()),
+                None => "fresh boot".into(),
+            }
+        );
+        self.vms.vmm_starts += 1;
+        let last_seq_used = self.vms.highest_seq(vm, token);
+        self.vms.procs.push(Proc {
+            slot,
+            local: LocalVmm {
+                vm: vm.to_string(),
+                token,
+                state: VmmState::Running,
+                adopted: true,
+                stopping: false,
+                since_ns: now_ns(now),
+                last_snapshot_id: restore.last().map_or(0, |c| c.snapshot_id),
+                last_snapshot_requested_ns: None,
+                last_seq_used,
+                snapshot_in_flight: false,
+            },
+            known: true,
+            started_here: true,
+            dir,
+            process: Process::Child(child),
+            conn: None,
+            connect_by: Some(
+                now.saturating_add(Duration::from_millis(limits::VMM_START_TIMEOUT_MS)),
+            ),
+            in_flight: None,
+            queue: VecDeque::new(),
+            status: None,
+            status_at: None,
+            started_event: false,
+            restored_from,
+            snapshot: None,
+            snapshot_written_at: None,
+            stop_reason: None,
+        });
+    }
+
+    /// Sends the next queued request of every idle VMM; asks idle ones for status.
+    fn vms_pump(&mut self, now: Instant) {
+        let mut broken = Vec::new();
+        for (i, p) in self.vms.procs.iter_mut().enumerate() {
+            let Some(conn) = p.conn.as_mut() else {
+                continue;
+            };
+            if let Err(e) = conn.flush() {
+                broken.push((i, e.to_string()));
+                continue;
+            }
+            if p.in_flight.is_some() {
+                continue;
+            }
+            if p.queue.is_empty()
+                && p.status_at
+                    .is_none_or(|t| now.saturating_duration_since(t) >= STATUS_EVERY)
+            {
+                p.queue.push_back((Request::Status, Purpose::Status));
+            }
+            let Some((request, purpose)) = p.queue.pop_front() else {
+                continue;
+            };
+            if let Err(e) = conn.send(&request) {
+                broken.push((i, e.to_string()));
+                continue;
+            }
+            let timeout = if purpose == Purpose::Snapshot {
+                limits::VMM_SNAPSHOT_TIMEOUT_MS
+            } else {
+                limits::VMM_REQUEST_TIMEOUT_MS
+            };
+            p.in_flight = Some((purpose, now.saturating_add(Duration::from_millis(timeout))));
+        }
+        for (i, why) in broken.into_iter().rev() {
+            self.vms_drop_conn(i, &why);
+        }
+    }
+
+    fn vms_reply(&mut self, slot: u64, reply: VmmReply, now: Instant) {
+        let Some(i) = self.vms.proc_index(slot) else {
+            return;
+        };
+        let me = self.id;
+        let p = &mut self.vms.procs[i];
+        let Some((purpose, _)) = p.in_flight.take() else {
+            log::warn!("vmm {}: an unasked reply; ignored", p.local.vm);
+            return;
+        };
+        let mut event = None;
+        let mut propose = None;
+        match reply {
+            VmmReply::Status(st) => {
+                if !p.known {
+                    p.known = true;
+                    p.local.token = st.token;
+                    p.local.last_snapshot_id = st.last_snapshot_id;
+                    log::info!(
+                        "vmm {} found with token {}, {} (counter {})",
+                        p.local.vm,
+                        st.token,
+                        st.state.name(),
+                        st.counter
+                    );
+                }
+                p.local.state = st.state;
+                if p.started_here && !p.started_event && st.state == VmmState::Running {
+                    p.started_event = true;
+                    event = Some(serde_json::json!({"vm": p.local.vm, "host": me,
+                        "token": p.local.token, "restored_from": p.restored_from,
+                        "counter": st.counter, "pid": p.process.pid()}));
+                }
+                p.status = Some(st);
+                p.status_at = Some(now);
+            }
+            VmmReply::Snapshot { snapshot_id, .. } => match p.snapshot.take() {
+                Some(req) if purpose == Purpose::Snapshot => {
+                    p.local.last_snapshot_id = snapshot_id;
+                    p.snapshot_written_at = Some(now);
+                    propose = Some(Command::SnapshotCommitted(snapshot_record(
+                        &req,
+                        snapshot_id,
+                        wall_ms(),
+                    )));
+                }
+                _ => log::warn!("vmm {}: an unasked snapshot reply", p.local.vm),
+            },
+            VmmReply::Error { code, message } => {
+                log::warn!(
+                    "vmm {} (token {}): {purpose:?} refused (code {code}): {message}",
+                    p.local.vm,
+                    p.local.token
+                );
+                match purpose {
+                    Purpose::Snapshot => {
+                        p.snapshot = None;
+                        p.local.snapshot_in_flight = false;
+                    }
+                    Purpose::Stop => p.process.kill(),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(fields) = event {
+            self.vm_event("vm_started", fields, now);
+        }
+        if let Some(cmd) = propose {
+            self.vms_propose_own(&cmd, now);
+        }
+    }
+
+    // ---- events ----------------------------------------------------------------------
+
+    fn vm_event(&mut self, kind: &str, mut fields: serde_json::Value, now: Instant) {
+        if let Some(o) = fields.as_object_mut() {
+            o.insert("at_ms".into(), (now_ns(now) as f64 / 1e6).into());
+            o.insert("node".into(), self.id.into());
+        }
+        self.publish(kind, fields);
+    }
+
+    /// Host and placement changes, from the applied state (every node).
+    fn vms_events(&mut self, now: Instant) {
+        let state = &self.app.state;
+        let mut events = Vec::new();
+        for h in state.hosts() {
+            if self.vms.view_hosts.get(&h.id) != Some(&h.state) {
+                let kind = match h.state {
+                    HostState::Alive => "host_alive",
+                    HostState::Dead => "host_dead",
+                    HostState::Draining => "host_draining",
+                    HostState::Drained => "host_drained",
+                };
+                let fields = serde_json::json!({"host": h.id, "index": h.state_index,
+                    "reason": (!h.reason.is_empty()).then(|| h.reason.clone())});
+                events.push((kind, fields));
+                self.vms.view_hosts.insert(h.id, h.state);
+            }
+        }
+        let mut seen = Vec::new();
+        for vm in state.vms() {
+            seen.push(vm.id.clone());
+            let now_view = VmView {
+                host: vm.host,
+                token: vm.token,
+                waiting: vm.waiting.clone(),
+                snapshot: vm.latest_snapshot().map(|c| c.committed_index),
+            };
+            let before = self.vms.view_vms.get(&vm.id).cloned();
+            let changed_place = before
+                .as_ref()
+                .is_none_or(|b| b.host != vm.host || b.token != vm.token);
+            if let Some(h) = vm.host.filter(|_| changed_place) {
+                events.push((
+                    "vm_placed",
+                    serde_json::json!({"vm": vm.id, "host": h, "token": vm.token, "index": vm.token}),
+                ));
+            }
+            if !vm.waiting.is_empty() && before.as_ref().is_none_or(|b| b.waiting != vm.waiting) {
+                events.push((
+                    "vm_waiting",
+                    serde_json::json!({"vm": vm.id, "reason": vm.waiting}),
+                ));
+            }
+            if let Some(c) = vm.latest_snapshot() {
+                if before
+                    .as_ref()
+                    .is_none_or(|b| b.snapshot != Some(c.committed_index))
+                {
+                    events.push((
+                        "snapshot_committed",
+                        serde_json::json!({"vm": vm.id, "snapshot": snapshot_name(c),
+                            "kind": kind_name(c.kind), "index": c.committed_index}),
+                    ));
+                }
+            }
+            self.vms.view_vms.insert(vm.id.clone(), now_view);
+        }
+        self.vms.view_vms.retain(|id, _| seen.contains(id));
+        self.vms.view_at = state.applied_index();
+        for (kind, fields) in events {
+            self.vm_event(kind, fields, now);
+        }
+    }
+
+    // ---- API -------------------------------------------------------------------------
+
+    fn vm_json(&self, vm: &Vm) -> serde_json::Value {
+        let local = self
+            .vms
+            .procs
+            .iter()
+            .find(|p| p.known && p.local.vm == vm.id && p.local.token == vm.token)
+            .map(|p| {
+                serde_json::json!({
+                    "state": p.status.as_ref().map_or(p.local.state, |s| s.state).name(),
+                    "counter": p.status.as_ref().map(|s| s.counter),
+                    "pid": p.process.pid(),
+                })
+            });
+        serde_json::json!({
+            "id": vm.id,
+            "memory_mib": vm.spec.resources.memory_bytes >> 20,
+            "vcpus": vm.spec.resources.vcpus,
+            "touch_percent": vm.spec.touch_percent,
+            "snapshot_interval_ms": vm.spec.snapshot_interval_ms,
+            "full_every": vm.spec.full_every,
+            "anti_affinity": vm.spec.anti_affinity,
+            "desired": match vm.desired { Desired::Running => "running", Desired::Stopped => "stopped" },
+            "host": vm.host,
+            "token": vm.token,
+            "waiting": (!vm.waiting.is_empty()).then(|| vm.waiting.clone()),
+            "migrating": vm.migration.is_some(),
+            "migrating_to": vm.migration.and_then(|m| m.target),
+            "snapshot": (!vm.chain.is_empty()).then(|| snapshot_json(vm, vm.chain.len() - 1)),
+            "local": local,
+        })
+    }
+
+    fn hosts_json(&self, now: Instant) -> serde_json::Value {
+        let state = &self.app.state;
+        let mut hosts = Vec::new();
+        for h in state.hosts() {
+            let phi = self.vms.leader.phi(h.id, now_ns(now));
+            let shown = match h.state {
+                HostState::Alive if phi.is_some_and(|p| p >= PHI_SUSPECT) => "suspect",
+                s => s.name(),
+            };
+            let load = state.load(h.id);
+            let vms: Vec<&str> = state.vms_on(h.id).map(|v| v.id.as_str()).collect();
+            let last_snapshot_ms = state
+                .vms_on(h.id)
+                .filter_map(|v| v.latest_snapshot().map(|c| c.taken_at_ms))
+                .max();
+            hosts.push(serde_json::json!({
+                "id": h.id,
+                "state": shown,
+                "phi": phi,
+                "reason": (!h.reason.is_empty()).then(|| h.reason.clone()),
+                "capacity": {"memory_mib": h.capacity.memory_bytes >> 20, "vcpus": h.capacity.vcpus},
+                "used": {"memory_mib": load.memory_bytes >> 20, "vcpus": load.vcpus},
+                "vms": vms,
+                "last_snapshot_ms": last_snapshot_ms,
+            }));
+        }
+        serde_json::json!({"hosts": hosts, "served_by": self.id})
+    }
+
+    /// `/status`: phi per host (leader), and the VMMs this host looks after.
+    pub(super) fn vms_status_json(&self, now: Instant) -> serde_json::Value {
+        let phi: serde_json::Map<String, serde_json::Value> = self
+            .app
+            .state
+            .hosts()
+            .filter_map(|h| {
+                self.vms
+                    .leader
+                    .phi(h.id, now_ns(now))
+                    .map(|p| (h.id.to_string(), p.into()))
+            })
+            .collect();
+        let local: Vec<serde_json::Value> = self
+            .vms
+            .procs
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "vm": p.local.vm,
+                    "token": p.local.token,
+                    "state": p.status.as_ref().map(|s| s.state.name()),
+                    "counter": p.status.as_ref().map(|s| s.counter),
+                    "pid": p.process.pid(),
+                    "connected": p.conn.is_some(),
+                })
+            })
+            .collect();
+        let lease_ms = own_lease_expiry(&self.raft, &self.vms.rules)
+            .map(|e| (e as f64 - now_ns(now) as f64) / 1e6);
+        serde_json::json!({
+            "enabled": self.vms.config.is_some(),
+            "phi": phi,
+            "own_lease_ms": lease_ms,
+            "vmms": local,
+        })
+    }
+
+    pub(super) fn vms_metrics(&self, out: &mut String, now: Instant) {
+        use std::fmt::Write;
+        let _ = out.write_str("# HELP vigil_host_phi Phi-accrual suspicion of each host (leader only).\n# TYPE vigil_host_phi gauge\n");
+        for h in self.app.state.hosts() {
+            if let Some(p) = self.vms.leader.phi(h.id, now_ns(now)) {
+                let _ = writeln!(out, "vigil_host_phi{{host=\"{}\"}} {p}", h.id);
+            }
+        }
+        crate::metrics::render_scalar(
+            out,
+            "vigil_local_vmms",
+            "gauge",
+            "VMM processes this agent looks after.",
+            self.vms.procs.len() as u64,
+        );
+        crate::metrics::render_scalar(
+            out,
+            "vigil_vmm_starts_total",
+            "counter",
+            "VMMs this agent started.",
+            self.vms.vmm_starts,
+        );
+        crate::metrics::render_scalar(
+            out,
+            "vigil_vmm_kills_total",
+            "counter",
+            "VMMs this agent killed (hung, or their socket never came up).",
+            self.vms.vmm_kills,
+        );
+    }
+
+    /// A request on one of the VM routes.
+    pub(super) fn handle_vm_request(
+        &mut self,
+        reply: Reply,
+        method: Method,
+        path: &str,
+        route: VmRoute,
+        body: &[u8],
+        now: Instant,
+    ) -> Result<(), String> {
+        if route.needs_leader(method) && !self.raft.is_leader() {
+            return self.forward(reply, method, path, body, now);
+        }
+        macro_rules! parse {
+            ($e:expr) => {
+                match $e {
+                    Ok(v) => v,
+                    Err(e) => {
+                        return self.answer_then_next(reply, e.status(), &http::error_body(&e), now)
+                    }
+                }
+            };
+        }
+        match route {
+            VmRoute::Vms if method == Method::Get => self.vms_read_index(reply, ReadKind::Vms, now),
+            VmRoute::Vm(id) if method == Method::Get => {
+                self.vms_read_index(reply, ReadKind::Vm(id), now)
+            }
+            VmRoute::ValidateToken => {
+                let (vm, t) = parse!(api::parse_validate(body));
+                self.vms_read_index(reply, ReadKind::Validate(vm, t), now)
+            }
+            VmRoute::Vms => {
+                let c = parse!(api::parse_vm_create(body));
+                let cmd = Command::CreateVm {
+                    vm: c.id.clone(),
+                    spec: c.spec,
+                };
+                self.vms_propose_for(reply, &cmd, c.request_id, Then::Create(c.id), now)
+            }
+            VmRoute::Vm(id) => {
+                let request = parse!(api::parse_request_id_only(body));
+                let cmd = Command::DeleteVm { vm: id.clone() };
+                self.vms_propose_for(reply, &cmd, request, Then::Delete(id), now)
+            }
+            VmRoute::Migrate(id) => {
+                let (to, wait, request) = parse!(api::parse_migrate(body));
+                let Some(from) = self.app.state.vm(&id).and_then(|v| v.host) else {
+                    let (status, code) = if self.app.state.vm(&id).is_some() {
+                        (409, "conflict")
+                    } else {
+                        (404, "not_found")
+                    };
+                    let msg = format!("vm {id:?} does not run anywhere to migrate from");
+                    return self.answer_then_next(reply, status, &api::error_json(&msg, code), now);
+                };
+                let cmd = Command::MigrateVm {
+                    vm: id.clone(),
+                    target: to,
+                };
+                self.vms_propose_for(
+                    reply,
+                    &cmd,
+                    request,
+                    Then::Migrate { vm: id, from, wait },
+                    now,
+                )
+            }
+            VmRoute::Drain(host) => {
+                let (wait, request) = parse!(api::parse_drain(body));
+                let cmd = Command::DrainHost { host };
+                self.vms_propose_for(reply, &cmd, request, Then::Drain { host, wait }, now)
+            }
+            VmRoute::Hosts => {
+                let body = self.hosts_json(now).to_string();
+                self.answer_then_next(reply, 200, &body, now)
+            }
+            VmRoute::InternalCommand => {
+                let bytes = parse!(api::parse_internal_command(body));
+                let allowed = match Command::decode(&bytes) {
+                    Ok((_, Command::RegisterHost { .. } | Command::SnapshotCommitted(_))) => Ok(()),
+                    Ok((_, other)) => Err(format!("{} is not an internal command", other.name())),
+                    Err(e) => Err(format!("the command does not decode: {e}")),
+                };
+                if let Err(why) = allowed {
+                    return self.answer_then_next(
+                        reply,
+                        400,
+                        &api::error_json(&why, "bad_body"),
+                        now,
+                    );
+                }
+                match self.raft.propose(now_ns(now), &bytes) {
+                    Ok((index, term)) => {
+                        self.vms_wait(
+                            reply,
+                            WaitFor::Entry {
+                                index,
+                                term,
+                                then: Then::Outcome,
+                            },
+                            now,
+                        );
+                        self.collect()
+                    }
+                    Err(e) => {
+                        let (status, body) = raft_error(e);
+                        self.answer_then_next(reply, status, &body, now)
+                    }
+                }
+            }
+            VmRoute::Snapshot(id) => {
+                let kind = parse!(api::parse_snapshot(body));
+                self.vms_snapshot_request(reply, path, body, &id, kind, now)
+            }
+        }
+    }
+
+    fn vms_snapshot_request(
+        &mut self,
+        reply: Reply,
+        path: &str,
+        body: &[u8],
+        id: &str,
+        kind: SnapshotKind,
+        now: Instant,
+    ) -> Result<(), String> {
+        let Some(vm) = self.app.state.vm(id) else {
+            let msg = format!("no vm {id:?}");
+            return self.answer_then_next(reply, 404, &api::error_json(&msg, "not_found"), now);
+        };
+        let Some(host) = vm.host else {
+            let msg = format!("vm {id:?} does not run anywhere");
+            return self.answer_then_next(reply, 409, &api::error_json(&msg, "conflict"), now);
+        };
+        if host != self.id {
+            // The VM's host takes it; forward there (once).
+            return match reply {
+                Reply::Local(conn) if self.peers.is_connected(host) => {
+                    let fid = self.next_forward;
+                    self.next_forward += 1;
+                    let req = ForwardRequest {
+                        id: fid,
+                        method: api::method_code(Method::Post),
+                        path,
+                        body,
+                    };
+                    if self.peers.send_forward_request(host, &req) {
+                        self.forwarded.insert(fid, (conn, host, false));
+                        Ok(())
+                    } else {
+                        let msg = format!("host {host} of vm {id:?} is not reachable; retry");
+                        self.answer_then_next(
+                            reply,
+                            503,
+                            &api::error_json(&msg, "unreachable"),
+                            now,
+                        )
+                    }
+                }
+                _ => {
+                    let msg = format!("vm {id:?} runs on host {host}, which is not reachable from here (or this node's state lags); retry");
+                    self.answer_then_next(reply, 503, &api::error_json(&msg, "unreachable"), now)
+                }
+            };
+        }
+        let Some(i) = self.vms.find(id, vm.token) else {
+            let msg = format!("vm {id:?} is placed here but its VMM is not running yet; retry");
+            return self.answer_then_next(reply, 503, &api::error_json(&msg, "not_running"), now);
+        };
+        let p = &self.vms.procs[i];
+        if p.local.snapshot_in_flight || p.snapshot.is_some() || vm.migration.is_some() {
+            let msg = format!("a snapshot of vm {id:?} is in progress (or it migrates); retry");
+            return self.answer_then_next(reply, 409, &api::error_json(&msg, "busy"), now);
+        }
+        let req = match reconcile::requested_snapshot(vm, &p.local, kind) {
+            Ok(r) => r,
+            Err(why) => {
+                return self.answer_then_next(reply, 409, &api::error_json(&why, "conflict"), now)
+            }
+        };
+        let (vm_id, token, seq) = (req.vm.clone(), req.token, req.seq);
+        self.vms_snapshot(req, now);
+        self.vms_pump(now);
+        self.vms_wait(
+            reply,
+            WaitFor::Snapshot {
+                vm: vm_id,
+                token,
+                seq,
+            },
+            now,
+        );
+        Ok(())
+    }
+
+    fn vms_read_index(&mut self, reply: Reply, kind: ReadKind, now: Instant) -> Result<(), String> {
+        let wid = self.next_wait;
+        self.next_wait += 1;
+        match self.raft.read_index(now_ns(now), wid) {
+            Ok(()) => {
+                self.vms.reads.insert(wid, (reply, kind));
+                self.collect()
+            }
+            Err(e) => {
+                let (status, body) = raft_error(e);
+                self.answer_then_next(reply, status, &body, now)
+            }
+        }
+    }
+
+    fn vms_read(&mut self, reply: Reply, kind: ReadKind, now: Instant) -> Result<(), String> {
+        let state = &self.app.state;
+        let (status, body) = match kind {
+            ReadKind::Vms => {
+                let vms: Vec<serde_json::Value> = state.vms().map(|v| self.vm_json(v)).collect();
+                (
+                    200,
+                    serde_json::json!({"vms": vms, "served_by": self.id}).to_string(),
+                )
+            }
+            ReadKind::Vm(id) => match state.vm(&id) {
+                Some(v) => {
+                    let mut j = self.vm_json(v);
+                    j["served_by"] = self.id.into();
+                    (200, j.to_string())
+                }
+                None => (404, api::error_json(&format!("no vm {id:?}"), "not_found")),
+            },
+            ReadKind::Validate(vm, t) => {
+                let (result, current) = match state.validate_token(&vm, t) {
+                    TokenCheck::Current => ("current", Some(t)),
+                    TokenCheck::Stale { current } => ("stale", Some(current)),
+                    TokenCheck::UnknownVm => ("unknown", None),
+                };
+                (
+                    200,
+                    serde_json::json!({"vm": vm, "token": t, "result": result,
+                        "current": current, "served_by": self.id})
+                    .to_string(),
+                )
+            }
+        };
+        self.answer_then_next(reply, status, &body, now)
+    }
+
+    fn vms_wait(&mut self, reply: Reply, what: WaitFor, now: Instant) {
+        self.vms.waiters.push(Waiter {
+            reply,
+            deadline: now.saturating_add(Duration::from_millis(limits::VM_WAIT_MS)),
+            what,
+        });
+    }
+
+    fn vms_propose_for(
+        &mut self,
+        reply: Reply,
+        cmd: &Command,
+        request_id: u64,
+        then: Then,
+        now: Instant,
+    ) -> Result<(), String> {
+        if self.vms.waiters.len() >= limits::MAX_VM_WAITERS {
+            return self.answer_then_next(
+                reply,
+                503,
+                &api::error_json("too many VM requests waiting", "busy"),
+                now,
+            );
+        }
+        match self
+            .raft
+            .propose(now_ns(now), &cmd.to_bytes(RequestId(request_id)))
+        {
+            Ok((index, term)) => {
+                self.vms_wait(reply, WaitFor::Entry { index, term, then }, now);
+                self.collect()
+            }
+            Err(e) => {
+                let (status, body) = raft_error(e);
+                self.answer_then_next(reply, status, &body, now)
+            }
+        }
+    }
+
+    fn vms_entry_applied(
+        &mut self,
+        waiter: Waiter,
+        term: Term,
+        outcome: &Outcome,
+        now: Instant,
+    ) -> Result<(), String> {
+        let WaitFor::Entry {
+            index,
+            term: proposed_term,
+            then,
+        } = waiter.what
+        else {
+            return Ok(());
+        };
+        let reply = waiter.reply;
+        if term != proposed_term {
+            let body = api::error_json("the entry was replaced by a new leader; retry", "retry");
+            return self.answer_then_next(reply, 503, &body, now);
+        }
+        if let Outcome::Rejected(r) = outcome {
+            if !matches!(then, Then::Outcome) {
+                let (status, code) = status_for(r.code);
+                let body = serde_json::json!({"error": r.message, "code": code,
+                    "reason": format!("{:?}", r.code), "index": index, "served_by": self.id});
+                return self.answer_then_next(reply, status, &body.to_string(), now);
+            }
+        }
+        match then {
+            Then::Create(id) => {
+                let vm = self.app.state.vm(&id).map(|v| self.vm_json(v));
+                let body = serde_json::json!({"vm": vm, "index": index, "served_by": self.id});
+                self.answer_then_next(reply, 201, &body.to_string(), now)
+            }
+            Then::Delete(id) => {
+                let body = serde_json::json!({"deleted": id, "index": index, "served_by": self.id});
+                self.answer_then_next(reply, 200, &body.to_string(), now)
+            }
+            Then::Migrate { vm, from, wait } => {
+                if wait {
+                    self.vms.waiters.push(Waiter {
+                        reply,
+                        deadline: waiter.deadline,
+                        what: WaitFor::Migrated { vm, from },
+                    });
+                    self.vms_check_waiters(now)
+                } else {
+                    let body = serde_json::json!({"vm": vm, "index": index, "in_progress": true,
+                        "served_by": self.id});
+                    self.answer_then_next(reply, 202, &body.to_string(), now)
+                }
+            }
+            Then::Drain { host, wait } => {
+                if wait {
+                    self.vms.waiters.push(Waiter {
+                        reply,
+                        deadline: waiter.deadline,
+                        what: WaitFor::Drained { host },
+                    });
+                    self.vms_check_waiters(now)
+                } else {
+                    let body = serde_json::json!({"host": host, "index": index,
+                        "in_progress": true, "served_by": self.id});
+                    self.answer_then_next(reply, 202, &body.to_string(), now)
+                }
+            }
+            Then::Outcome => {
+                let (status, body) = self.outcome_json(outcome);
+                self.answer_then_next(reply, status, &body, now)
+            }
+        }
+    }
+
+    /// Answers the waiters whose condition holds or whose time is up.
+    fn vms_check_waiters(&mut self, now: Instant) -> Result<(), String> {
+        let mut answers: Vec<(Reply, u16, String)> = Vec::new();
+        let leader = self.raft.is_leader();
+        let state = &self.app.state;
+        let me = self.id;
+        self.vms.waiters.retain(|w| {
+            let done: Option<(u16, String)> = match &w.what {
+                WaitFor::Entry { .. } if !leader => Some((
+                    503,
+                    api::error_json("leadership lost before commit; the write may or may not apply; retry with the same request_id", "retry"),
+                )),
+                WaitFor::Entry { .. } => None,
+                WaitFor::Snapshot { vm, token, seq } => match state.vm(vm) {
+                    None => Some((404, api::error_json(&format!("vm {vm:?} was deleted"), "not_found"))),
+                    Some(v) => match v.chain.iter().position(|c| c.token == *token && c.seq == *seq) {
+                        Some(k) => Some((200, serde_json::json!({"vm": vm, "snapshot": snapshot_json(v, k), "served_by": me}).to_string())),
+                        None if v.token != *token => Some((409, api::error_json(&format!("vm {vm:?} moved before its snapshot committed"), "conflict"))),
+                        None => None,
+                    },
+                },
+                WaitFor::Migrated { vm, from } => match state.vm(vm) {
+                    None => Some((404, api::error_json(&format!("vm {vm:?} was deleted"), "not_found"))),
+                    Some(v) if v.migration.is_none() && v.host.is_some_and(|h| h != *from) => Some((
+                        200,
+                        serde_json::json!({"vm": vm, "from": from, "host": v.host, "token": v.token, "served_by": me}).to_string(),
+                    )),
+                    Some(v) if v.migration.is_none() => Some((
+                        409,
+                        api::error_json(&format!("the migration of vm {vm:?} was called off ({})", if v.waiting.is_empty() { "no other host has room" } else { v.waiting.as_str() }), "conflict"),
+                    )),
+                    Some(_) => None,
+                },
+                WaitFor::Drained { host } => match state.host(*host).map(|h| h.state) {
+                    Some(HostState::Drained) => Some((200, serde_json::json!({"host": host, "state": "drained", "served_by": me}).to_string())),
+                    Some(HostState::Dead) => Some((409, api::error_json(&format!("host {host} died while draining"), "conflict"))),
+                    Some(_) => None,
+                    None => Some((404, api::error_json(&format!("no host {host}"), "not_found"))),
+                },
+            };
+            let done = done.or_else(|| {
+                (now >= w.deadline).then(|| match &w.what {
+                    WaitFor::Migrated { vm, .. } => (202, serde_json::json!({"vm": vm, "in_progress": true, "served_by": me}).to_string()),
+                    WaitFor::Drained { host } => (202, serde_json::json!({"host": host, "in_progress": true, "served_by": me}).to_string()),
+                    WaitFor::Snapshot { vm, .. } => (504, api::error_json(&format!("the snapshot of vm {vm:?} did not commit in time"), "timeout")),
+                    WaitFor::Entry { .. } => (504, api::error_json("not committed in time; retry with the same request_id", "timeout")),
+                })
+            });
+            match done {
+                Some((status, body)) => {
+                    answers.push((w.reply, status, body));
+                    false
+                }
+                None => true,
+            }
+        });
+        for (reply, status, body) in answers {
+            self.answer_then_next(reply, status, &body, now)?;
+        }
+        Ok(())
+    }
+}
+
+fn token_exit(slot: u64) -> u64 {
+    token(TOKEN_VMM_EXIT, slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn rejections_map_to_clear_statuses() {
+        assert_eq!(status_for(RejectCode::UnknownVm).0, 404);
+        assert_eq!(status_for(RejectCode::VmExists), (409, "exists"));
+        assert_eq!(status_for(RejectCode::NoCapacity).0, 409);
+        assert_eq!(status_for(RejectCode::Invalid).0, 400);
+    }
+
+    #[test]
+    fn tokens_do_not_collide_with_the_nodes_own() {
+        for kind in [TOKEN_VMM_CONN, TOKEN_VMM_EXIT] {
+            assert!(kind > 6 && kind < 256);
+            assert_eq!(token(kind, 5) >> 56, kind);
+            assert_eq!(token(kind, 5) & ((1 << 56) - 1), 5);
+        }
+    }
+
+    #[test]
+    fn finds_the_highest_sequence_written_under_a_token() {
+        let dir = std::env::temp_dir().join(format!("vigil-vms-seq-{}", std::process::id()));
+        for d in ["7-1", "7-3", "8-9", "7-x"] {
+            std::fs::create_dir_all(dir.join("vms/a").join(d)).unwrap();
+        }
+        let config = Config::parse(
+            &format!(
+                "node_id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"{0}/data\"\nshared_dir = \"{0}\"\ncontrol_socket = \"{0}/s\"\n[[peers]]\nid = 1\naddress = \"127.0.0.1:7001\"\n",
+                dir.display()
+            ),
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let vms = Vms::new(&config, Instant::now());
+        assert_eq!(vms.highest_seq("a", 7), 3);
+        assert_eq!(vms.highest_seq("a", 8), 9);
+        assert_eq!(vms.highest_seq("a", 9), 0);
+        assert_eq!(vms.highest_seq("b", 7), 0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
