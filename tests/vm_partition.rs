@@ -28,6 +28,7 @@ fn a_partitioned_vm_host_fences_and_the_vm_runs_once() {
         Ok(c) => c,
         Err(e) => panic!("cluster did not start: {e}"),
     };
+    registered(&c);
     let before = create_running(&c, "a", 300);
     let victim = before.host.unwrap();
     make_not_leader(&c, victim);

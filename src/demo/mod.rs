@@ -351,6 +351,7 @@ fn vm_demo(cluster: &mut LocalCluster, options: &DemoOptions) -> Result<(), Stri
     let limit = options.step_limit;
     let all = cluster.ids();
     let (leader, term) = cluster.wait_leader(&all, limit)?;
+    vms::wait_hosts_alive(cluster, &all, limit)?;
     print_hosts(cluster, leader, term);
 
     let ids: Vec<String> = (1..=options.vms).map(|i| format!("vm{i}")).collect();
@@ -466,12 +467,28 @@ fn vm_demo(cluster: &mut LocalCluster, options: &DemoOptions) -> Result<(), Stri
     }
     if let (Some(m), Some(last)) = (&timeline.first_report, last_old) {
         let resumed = m.what.1;
+        let restored_from = timeline
+            .started
+            .as_ref()
+            .and_then(|s| s.what.restored_from.clone());
+        let shown = |c: Option<u64>| c.map_or("(unreadable)".to_string(), |c| c.to_string());
+        let snapshot_text = match (&before.snapshot_id, restored_from) {
+            (Some(seen), Some(used)) if *seen == used => format!(
+                "the committed snapshot it was restored from ({used}) held {}",
+                shown(snapshot_counter)
+            ),
+            (seen, used) => format!(
+                "the last snapshot committed before the kill ({}) held {}; it was restored from {}",
+                seen.as_deref().unwrap_or("-"),
+                shown(snapshot_counter),
+                used.as_deref().unwrap_or("none")
+            ),
+        };
         println!(
             "\n{followed}'s guest last reported {} on host {victim}, {:.1} ms before the kill; \
-             the committed snapshot it was restored from held {}; it resumed at {resumed} on host {}.",
+             {snapshot_text}; it resumed at {resumed} on host {}.",
             last.counter,
             failure.killed_ms - last.at_ns as f64 / 1e6,
-            snapshot_counter.map_or("(unreadable)".to_string(), |c| c.to_string()),
             m.what.0,
         );
         if resumed <= last.counter {

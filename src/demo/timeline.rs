@@ -164,6 +164,8 @@ pub struct Timeline {
     pub started: Option<Mark<Started>>,
     /// (host, counter) of the first guest report on the new host, from its report file
     pub first_report: Option<Mark<(u64, u64)>>,
+    /// Steps whose event had no `at_ms`: their time is when the demo received it.
+    pub received_times: Vec<&'static str>,
 }
 
 impl Timeline {
@@ -189,16 +191,19 @@ impl Timeline {
                 if let (Some(leader), Some(term)) = (leader, term) {
                     if leader != 0 && leader != failure.victim && term > failure.term_before {
                         self.leader = mark(at_ms, event, (leader, term));
+                        self.note_receipt_time(event, "leader elected");
                     }
                 }
             }
             "host_dead" if self.dead.is_none() && v["host"].as_u64() == Some(failure.victim) => {
                 self.dead = mark(at_ms, event, v["index"].as_u64());
+                self.note_receipt_time(event, "host declared dead");
             }
             "vm_placed" if self.placed.is_none() && vm_matches(v) => {
                 if let (Some(host), Some(token)) = (v["host"].as_u64(), v["token"].as_u64()) {
                     if host != failure.victim {
                         self.placed = mark(at_ms, event, (host, token));
+                        self.note_receipt_time(event, "VM placed");
                     }
                 }
             }
@@ -219,10 +224,17 @@ impl Timeline {
                                 restored_from: from,
                             },
                         );
+                        self.note_receipt_time(event, "VM restored");
                     }
                 }
             }
             _ => {}
+        }
+    }
+
+    fn note_receipt_time(&mut self, event: &Event, step: &'static str) {
+        if !event.value["at_ms"].is_number() {
+            self.received_times.push(step);
         }
     }
 
@@ -242,71 +254,103 @@ impl Timeline {
     }
 
     /// The timeline as lines of text: ms after the kill, then what happened.
+    /// The timeline as lines of text, in time order: ms after the kill, then what
+    /// happened. Steps not seen come last and say so.
     pub fn render(&self, failure: &Failure, killed: &str) -> Vec<String> {
         let t = |ms: f64| format!("{:>9.1} ms", ms - failure.killed_ms);
-        let missing = |what: &str| format!("{:>12}  {what}: not seen", "-");
-        let mut lines = vec![format!("{}  {killed}", t(failure.killed_ms))];
+        let missing = |what: &str| (f64::INFINITY, format!("{:>12}  {what}: not seen", "-"));
+        let mut lines = vec![(
+            failure.killed_ms,
+            format!("{}  {killed}", t(failure.killed_ms)),
+        )];
         if failure.victim == failure.leader_before {
             lines.push(match &self.leader {
-                Some(m) => format!(
-                    "{}  leader elected: host {} in term {} (reported by host {})",
-                    t(m.at_ms),
-                    m.what.0,
-                    m.what.1,
-                    m.from
+                Some(m) => (
+                    m.at_ms,
+                    format!(
+                        "{}  leader elected: host {} in term {} (reported by host {})",
+                        t(m.at_ms),
+                        m.what.0,
+                        m.what.1,
+                        m.from
+                    ),
                 ),
                 None => missing("new leader elected"),
             });
         } else {
-            lines.push(format!(
-                "{:>12}  leader unchanged: host {} (term {}) kept its lease",
-                "-", failure.leader_before, failure.term_before
+            lines.push((
+                failure.killed_ms,
+                format!(
+                    "{:>12}  leader unchanged: host {} (term {}) kept its lease",
+                    "-", failure.leader_before, failure.term_before
+                ),
             ));
         }
-        let Some(vm) = &failure.vm else {
-            return lines;
-        };
-        lines.push(match &self.dead {
-            Some(m) => format!(
-                "{}  host {} declared dead{}",
-                t(m.at_ms),
-                failure.victim,
-                m.what
-                    .map(|i| format!(" (log index {i})"))
-                    .unwrap_or_default()
-            ),
-            None => missing(&format!("host {} declared dead", failure.victim)),
-        });
-        lines.push(match &self.placed {
-            Some(m) => format!(
-                "{}  {vm} placed on host {} (fencing token {})",
-                t(m.at_ms),
-                m.what.0,
-                m.what.1
-            ),
-            None => missing(&format!("{vm} placed")),
-        });
-        lines.push(match &self.started {
-            Some(m) => format!(
-                "{}  {vm} restored on host {}{}",
-                t(m.at_ms),
-                m.what.host,
-                match &m.what.restored_from {
-                    Some(s) => format!(" from snapshot {s}"),
-                    None => " (no snapshot yet: booted afresh)".to_string(),
-                }
-            ),
-            None => missing(&format!("{vm} restored")),
-        });
-        lines.push(match &self.first_report {
-            Some(m) => format!(
-                "{}  guest counter running again on host {}, resumed at {}",
-                t(m.at_ms),
-                m.what.0,
-                m.what.1
-            ),
-            None => missing("guest counter running again"),
-        });
+        if let Some(vm) = &failure.vm {
+            lines.push(match &self.dead {
+                Some(m) => (
+                    m.at_ms,
+                    format!(
+                        "{}  host {} declared dead{}",
+                        t(m.at_ms),
+                        failure.victim,
+                        m.what
+                            .map(|i| format!(" (log index {i})"))
+                            .unwrap_or_default()
+                    ),
+                ),
+                None => missing(&format!("host {} declared dead", failure.victim)),
+            });
+            lines.push(match &self.placed {
+                Some(m) => (
+                    m.at_ms,
+                    format!(
+                        "{}  {vm} placed on host {} (fencing token {})",
+                        t(m.at_ms),
+                        m.what.0,
+                        m.what.1
+                    ),
+                ),
+                None => missing(&format!("{vm} placed")),
+            });
+            lines.push(match &self.started {
+                Some(m) => (
+                    m.at_ms,
+                    format!(
+                        "{}  {vm} restored on host {}{} (its agent saw the VMM running)",
+                        t(m.at_ms),
+                        m.what.host,
+                        match &m.what.restored_from {
+                            Some(s) => format!(" from snapshot {s}"),
+                            None => " (no snapshot yet: booted afresh)".to_string(),
+                        }
+                    ),
+                ),
+                None => missing(&format!("{vm} restored")),
+            });
+            lines.push(match &self.first_report {
+                Some(m) => (
+                    m.at_ms,
+                    format!(
+                        "{}  guest counter running again on host {}, resumed at {} (the guest's first report)",
+                        t(m.at_ms),
+                        m.what.0,
+                        m.what.1
+                    ),
+                ),
+                None => missing("guest counter running again"),
+            });
+        }
+        // Stable: equal times keep the causal order above.
+        lines.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut lines: Vec<String> = lines.into_iter().map(|(_, line)| line).collect();
+        if !self.received_times.is_empty() {
+            lines.push(format!(
+                "{:>12}  ({}: the event carries no at_ms; the time is when it was received)",
+                "",
+                self.received_times.join(", ")
+            ));
+        }
         lines
     }
 }
@@ -394,12 +438,18 @@ mod tests {
         assert!(t.leader.is_none(), "no election is expected");
         let text = t.render(&f, "host 2 killed").join("\n");
         assert!(text.contains("leader unchanged: host 1"), "{text}");
+        assert!(!text.contains("no at_ms"), "{text}");
         assert!(text.contains("vm1 placed: not seen"), "{text}");
         // Without at_ms, the receipt time counts.
         let mut late = ev(3, json!({"type":"host_dead","host":2}));
         late.received_ms = 1500.0;
         t.observe(&late, &f);
         assert_eq!(t.dead.as_ref().unwrap().at_ms, 1500.0);
+        let text = t.render(&f, "host 2 killed").join("\n");
+        assert!(
+            text.contains("(host declared dead: the event carries no at_ms"),
+            "{text}"
+        );
         let failover_only = Failure {
             vm: None,
             ..failure(1, 1)

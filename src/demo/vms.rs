@@ -187,6 +187,50 @@ pub fn wait_for(
     }
 }
 
+/// Waits until `GET /hosts` lists every host of `hosts` as alive (registered with the
+/// cluster, so placement can spread VMs over all of them).
+pub fn wait_hosts_alive(
+    cluster: &LocalCluster,
+    hosts: &[u64],
+    limit: Duration,
+) -> Result<(), String> {
+    let start = Instant::now();
+    loop {
+        let mut last = String::from("no answer");
+        for via in cluster.alive() {
+            match cluster.request(via, "GET", "/hosts", None) {
+                Ok((200, v)) => {
+                    let alive: Vec<u64> = v["hosts"]
+                        .as_array()
+                        .map(|list| {
+                            list.iter()
+                                .filter(|h| h["state"] == "alive")
+                                .filter_map(|h| h["id"].as_u64())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    if hosts.iter().all(|h| alive.contains(h)) {
+                        return Ok(());
+                    }
+                    last = format!("alive: {alive:?}");
+                    break;
+                }
+                Ok((status, v)) => last = format!("GET /hosts answered {status}: {v}"),
+                Err(e) => last = e,
+            }
+        }
+        if interrupted() {
+            return Err("interrupted".into());
+        }
+        if start.elapsed() > limit {
+            return Err(format!(
+                "hosts {hosts:?} did not all register as alive within {limit:?} ({last})"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

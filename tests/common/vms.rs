@@ -60,9 +60,18 @@ pub fn options(name: &str, netns: Option<String>) -> Options {
 /// A 3-host cluster with VMs on 127.0.0.1; panics with the agents' logs on failure.
 pub fn start(name: &str) -> LocalCluster {
     match LocalCluster::start(options(name, None)) {
-        Ok(c) => c,
+        Ok(c) => {
+            registered(&c);
+            c
+        }
         Err(e) => panic!("cluster did not start: {e}"),
     }
+}
+
+/// Waits until every host has registered with the cluster as alive.
+pub fn registered(c: &LocalCluster) {
+    let all = c.ids();
+    ok(c, vms::wait_hosts_alive(c, &all, PATIENCE));
 }
 
 /// Unwraps or panics with the cluster's logs.
