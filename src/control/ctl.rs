@@ -11,6 +11,15 @@
 //! vigil ctl kv delete KEY [--if-revision N]
 //! vigil ctl events                     follow leadership events (JSON lines)
 //! vigil ctl metrics                    Prometheus text
+//! vigil ctl vms                        the VMs table
+//! vigil ctl vm create ID --memory-mib N --vcpus N [--touch-percent P]
+//!              [--snapshot-interval-ms N] [--full-every N] [--anti-affinity G] [--request-id N]
+//! vigil ctl vm show|delete ID
+//! vigil ctl vm snapshot ID [--kind full|diff]
+//! vigil ctl vm migrate ID [--to HOST] [--no-wait]
+//! vigil ctl hosts                      hosts: state, phi, capacity and use, VMs
+//! vigil ctl drain HOST [--no-wait]
+//! vigil ctl fence-check VM TOKEN       current, stale or unknown
 //! ```
 //!
 //! Tables by default, the agent's JSON with `--json`. Exit status 0 on success, 1 when
@@ -24,7 +33,17 @@ use std::time::Duration;
 
 use super::client::Client;
 
-const USAGE: &str = "Usage: vigil ctl [--socket PATH] [--json] status|stepdown [--to ID]|members [add ID ADDR|promote ID|demote ID|remove ID]|kv get KEY|kv put KEY VALUE [--if-revision N]|kv delete KEY [--if-revision N]|events|metrics";
+const USAGE: &str = "Usage: vigil ctl [--socket PATH] [--json] status|stepdown [--to ID]|members [add ID ADDR|promote ID|demote ID|remove ID]|kv get KEY|kv put KEY VALUE [--if-revision N]|kv delete KEY [--if-revision N]|events|metrics
+       vigil ctl [--socket PATH] [--json] vms|hosts|vm create ID --memory-mib N --vcpus N [--touch-percent P] [--snapshot-interval-ms N] [--full-every N] [--anti-affinity G] [--request-id N]|vm show ID|vm delete ID|vm snapshot ID [--kind full|diff]|vm migrate ID [--to HOST] [--no-wait]|drain HOST [--no-wait]|fence-check VM TOKEN";
+
+/// The VM options of `vigil ctl` (numbers kept as given; the agent checks them).
+#[derive(Default)]
+struct VmOptions {
+    numbers: Vec<(&'static str, u64)>,
+    anti_affinity: Option<String>,
+    kind: Option<String>,
+    no_wait: bool,
+}
 const DEFAULT_SOCKET: &str = "/run/vigil/vigil.sock";
 
 pub fn main(args: Vec<OsString>) -> ExitCode {
@@ -35,6 +54,7 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
     let mut words: Vec<String> = Vec::new();
     let mut if_revision: Option<u64> = None;
     let mut to: Option<u64> = None;
+    let mut vm_options = VmOptions::default();
     loop {
         let arg = match parser.next() {
             Ok(Some(a)) => a,
@@ -65,6 +85,43 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
                 Some(n) => to = Some(n),
                 None => return usage_error("--to takes a node id"),
             },
+            Long(
+                name @ ("memory-mib"
+                | "vcpus"
+                | "touch-percent"
+                | "snapshot-interval-ms"
+                | "full-every"
+                | "request-id"),
+            ) => {
+                let key: &'static str = match name {
+                    "memory-mib" => "memory_mib",
+                    "vcpus" => "vcpus",
+                    "touch-percent" => "touch_percent",
+                    "snapshot-interval-ms" => "snapshot_interval_ms",
+                    "full-every" => "full_every",
+                    _ => "request_id",
+                };
+                match parser
+                    .value()
+                    .ok()
+                    .and_then(|v| v.into_string().ok())
+                    .and_then(|v| v.parse().ok())
+                {
+                    Some(n) => vm_options.numbers.push((key, n)),
+                    None => {
+                        return usage_error(&format!("--{} takes a number", key.replace('_', "-")))
+                    }
+                }
+            }
+            Long("anti-affinity") => match parser.value().ok().and_then(|v| v.into_string().ok()) {
+                Some(g) => vm_options.anti_affinity = Some(g),
+                None => return usage_error("--anti-affinity takes a group name"),
+            },
+            Long("kind") => match parser.value().ok().and_then(|v| v.into_string().ok()) {
+                Some(k) => vm_options.kind = Some(k),
+                None => return usage_error("--kind takes full or diff"),
+            },
+            Long("no-wait") => vm_options.no_wait = true,
             Short('h') | Long("help") => {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
@@ -108,6 +165,49 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             format!("/kv/{}", encode_key(key)),
             Some(serde_json::json!({ "if_revision": if_revision }).to_string()),
         ),
+        ["vms"] => ("GET", "/vms".to_string(), None),
+        ["hosts"] => ("GET", "/hosts".to_string(), None),
+        ["vm", "create", id] => {
+            let mut body = serde_json::json!({ "id": id });
+            for (k, n) in &vm_options.numbers {
+                body[*k] = (*n).into();
+            }
+            if let Some(g) = &vm_options.anti_affinity {
+                body["anti_affinity"] = g.clone().into();
+            }
+            ("POST", "/vms".to_string(), Some(body.to_string()))
+        }
+        ["vm", "show", id] => ("GET", format!("/vms/{}", encode_key(id)), None),
+        ["vm", "delete", id] => ("DELETE", format!("/vms/{}", encode_key(id)), None),
+        ["vm", "snapshot", id] => (
+            "POST",
+            format!("/vms/{}/snapshot", encode_key(id)),
+            Some(
+                serde_json::json!({ "kind": vm_options.kind.as_deref().unwrap_or("full") })
+                    .to_string(),
+            ),
+        ),
+        ["vm", "migrate", id] => (
+            "POST",
+            format!("/vms/{}/migrate", encode_key(id)),
+            Some(serde_json::json!({ "to": to, "wait": !vm_options.no_wait }).to_string()),
+        ),
+        ["drain", host] => match host.parse::<u64>() {
+            Ok(h) => (
+                "POST",
+                format!("/hosts/{h}/drain"),
+                Some(serde_json::json!({ "wait": !vm_options.no_wait }).to_string()),
+            ),
+            Err(_) => return usage_error("drain takes a host id"),
+        },
+        ["fence-check", vm, token] => match token.parse::<u64>() {
+            Ok(t) => (
+                "POST",
+                "/fence-token/validate".to_string(),
+                Some(serde_json::json!({ "vm": vm, "token": t }).to_string()),
+            ),
+            Err(_) => return usage_error("fence-check takes a VM id and a token number"),
+        },
         ["events"] => {
             let r = client.stream_lines("/events", |line| {
                 println!("{line}");
@@ -172,9 +272,115 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
         }
         "kv" => println!("revision {}  (served by {})", v["revision"], v["served_by"]),
         "stepdown" => println!("leader is now {} (term {})", v["leader"], v["term"]),
+        "vms" => print_vms(v["vms"].as_array().map(Vec::as_slice).unwrap_or(&[])),
+        "vm" if words[1] == "create" => print_vms(std::slice::from_ref(&v["vm"])),
+        "vm" if words[1] == "show" => {
+            print_vms(std::slice::from_ref(&v));
+            if let Some(chain) = v["snapshot"]["chain"].as_array() {
+                let paths: Vec<String> = chain.iter().map(cell).collect();
+                println!("snapshot chain: {}", paths.join(" "));
+            }
+        }
+        "vm" if words[1] == "delete" => {
+            println!("deleted {} (index {})", cell(&v["deleted"]), v["index"])
+        }
+        "vm" if words[1] == "snapshot" => println!(
+            "snapshot {} ({}) of {} committed at index {}",
+            cell(&v["snapshot"]["id"]),
+            cell(&v["snapshot"]["kind"]),
+            cell(&v["vm"]),
+            v["snapshot"]["index"]
+        ),
+        "vm" | "drain" if response.status == 202 => {
+            println!(
+                "in progress (served by {}); follow with `vigil ctl vms` / `hosts`",
+                v["served_by"]
+            )
+        }
+        "vm" => println!(
+            "{} moved from host {} to host {} (token {})",
+            cell(&v["vm"]),
+            cell(&v["from"]),
+            cell(&v["host"]),
+            cell(&v["token"])
+        ),
+        "drain" => println!("host {} drained", cell(&v["host"])),
+        "hosts" => print_hosts(&v),
+        "fence-check" => println!(
+            "{}: token {} is {} (current {})",
+            cell(&v["vm"]),
+            v["token"],
+            cell(&v["result"]),
+            cell(&v["current"])
+        ),
         _ => println!("{v}"),
     }
     ExitCode::SUCCESS
+}
+
+fn print_vms(vms: &[serde_json::Value]) {
+    println!(
+        "{:<16} {:>5} {:>8} {:<8} {:>6} {:>5} {:<10} {:>10}  SNAPSHOT / WAITING",
+        "VM", "HOST", "TOKEN", "DESIRED", "MiB", "vCPU", "LOCAL", "COUNTER"
+    );
+    for v in vms {
+        let note = if v["waiting"].is_string() {
+            format!("waiting: {}", cell(&v["waiting"]))
+        } else if v["snapshot"].is_object() {
+            format!(
+                "{} ({})",
+                cell(&v["snapshot"]["id"]),
+                cell(&v["snapshot"]["kind"])
+            )
+        } else {
+            "-".to_string()
+        };
+        println!(
+            "{:<16} {:>5} {:>8} {:<8} {:>6} {:>5} {:<10} {:>10}  {}",
+            cell(&v["id"]),
+            cell(&v["host"]),
+            cell(&v["token"]),
+            cell(&v["desired"]),
+            cell(&v["memory_mib"]),
+            cell(&v["vcpus"]),
+            cell(&v["local"]["state"]),
+            cell(&v["local"]["counter"]),
+            note
+        );
+    }
+}
+
+fn print_hosts(v: &serde_json::Value) {
+    println!(
+        "{:>5}  {:<9} {:>7} {:>15} {:>11}  VMS",
+        "HOST", "STATE", "PHI", "MiB USED/CAP", "vCPU U/C"
+    );
+    for h in v["hosts"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
+        let phi = h["phi"]
+            .as_f64()
+            .map_or("-".to_string(), |p| format!("{p:.2}"));
+        let vms: Vec<String> = h["vms"]
+            .as_array()
+            .map(|a| a.iter().map(cell).collect())
+            .unwrap_or_default();
+        println!(
+            "{:>5}  {:<9} {:>7} {:>15} {:>11}  {}",
+            cell(&h["id"]),
+            cell(&h["state"]),
+            phi,
+            format!(
+                "{}/{}",
+                cell(&h["used"]["memory_mib"]),
+                cell(&h["capacity"]["memory_mib"])
+            ),
+            format!(
+                "{}/{}",
+                cell(&h["used"]["vcpus"]),
+                cell(&h["capacity"]["vcpus"])
+            ),
+            vms.join(",")
+        );
+    }
 }
 
 fn print_members(v: &serde_json::Value) {

@@ -152,6 +152,8 @@ struct Proc {
     /// When the VMM wrote the snapshot whose record is being committed.
     snapshot_written_at: Option<Instant>,
     stop_reason: Option<String>,
+    /// A pause for a migration was sent: no more renewals while it migrates.
+    paused_for_migration: bool,
 }
 
 impl Proc {
@@ -344,6 +346,7 @@ impl Vms {
                 snapshot: None,
                 snapshot_written_at: None,
                 stop_reason: None,
+                paused_for_migration: false,
             });
         }
         if !self.procs.is_empty() {
@@ -740,7 +743,12 @@ impl Node {
                 }
                 Err(e) => {
                     let p = &self.vms.procs[i];
-                    if matches!(p.process, Process::Unknown) {
+                    let nobody = matches!(
+                        e.raw_os_error(),
+                        Some(libc::ECONNREFUSED) | Some(libc::ENOENT)
+                    );
+                    let late = self.vms.discovery_until.is_none_or(|t| now >= t);
+                    if matches!(p.process, Process::Unknown) && (nobody || late) {
                         // Found on disk, but nobody listens: that VMM is gone.
                         log::info!(
                             "vmm {}: {} does not answer ({e}); not adopted",
@@ -757,7 +765,6 @@ impl Node {
                 self.vms.procs.remove(i);
             }
         }
-        let _ = now;
     }
 
     fn vms_drop_conn(&mut self, i: usize, why: &str) {
@@ -901,8 +908,20 @@ impl Node {
                 token,
                 deadline_ns,
             } => {
+                let migration = self.app.state.vm(&vm).and_then(|v| v.migration);
                 if let Some(i) = self.vms.find(&vm, token) {
                     let p = &mut self.vms.procs[i];
+                    // A real VMM that was paused and then fenced forgets the pause: a
+                    // renewal would resume it. So a migrating VM is renewed only while it
+                    // still runs and no pause was sent; once paused (or its final
+                    // snapshot committed) it is left to fence, and never resumes here
+                    // unless the migration is called off.
+                    if migration.is_none() {
+                        p.paused_for_migration = false;
+                    }
+                    if !renew_allowed(migration, p.paused_for_migration, p.local.state) {
+                        return;
+                    }
                     let renew = Request::Renew { token, deadline_ns };
                     match p.queue.iter_mut().find(|(_, q)| *q == Purpose::Renew) {
                         Some(queued) => queued.0 = renew,
@@ -911,8 +930,14 @@ impl Node {
                 }
             }
             Action::Pause { vm, token } => {
+                let migrating = self
+                    .app
+                    .state
+                    .vm(&vm)
+                    .is_some_and(|v| v.migration.is_some());
                 if let Some(i) = self.vms.find(&vm, token) {
                     let p = &mut self.vms.procs[i];
+                    p.paused_for_migration |= migrating;
                     if !p.queued(Purpose::Pause) {
                         p.enqueue(Request::Pause, Purpose::Pause);
                     }
@@ -1096,6 +1121,7 @@ impl Node {
             snapshot: None,
             snapshot_written_at: None,
             stop_reason: None,
+            paused_for_migration: false,
         });
     }
 
@@ -1837,6 +1863,20 @@ impl Node {
     }
 }
 
+/// Whether a renewal reconcile asked for is sent (see `vms_act`): always, unless the VM
+/// migrates and its VMM was paused for it, does not run, or its final snapshot is
+/// committed.
+fn renew_allowed(
+    migration: Option<crate::cluster::state::Migration>,
+    paused_for_migration: bool,
+    state: VmmState,
+) -> bool {
+    match migration {
+        None => true,
+        Some(m) => !m.ready && !paused_for_migration && state == VmmState::Running,
+    }
+}
+
 fn token_exit(slot: u64) -> u64 {
     token(TOKEN_VMM_EXIT, slot)
 }
@@ -1845,6 +1885,36 @@ fn token_exit(slot: u64) -> u64 {
 mod tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn a_migrating_vmm_is_not_renewed_once_paused_or_final() {
+        use crate::cluster::state::Migration;
+        let m = |ready| {
+            Some(Migration {
+                target: None,
+                requested_index: 3,
+                ready,
+            })
+        };
+        assert!(
+            renew_allowed(None, false, VmmState::Fenced),
+            "not migrating"
+        );
+        assert!(renew_allowed(m(false), false, VmmState::Running));
+        assert!(
+            !renew_allowed(m(false), true, VmmState::Running),
+            "pause sent"
+        );
+        assert!(
+            !renew_allowed(m(false), false, VmmState::Fenced),
+            "would resume it"
+        );
+        assert!(!renew_allowed(m(false), false, VmmState::Paused));
+        assert!(
+            !renew_allowed(m(true), false, VmmState::Running),
+            "final snapshot committed"
+        );
+    }
 
     #[test]
     fn rejections_map_to_clear_statuses() {
