@@ -57,9 +57,17 @@ pub fn options(name: &str, netns: Option<String>) -> Options {
     }
 }
 
-/// A 3-host cluster with VMs on 127.0.0.1; panics with the agents' logs on failure.
+/// A 3-host cluster with VMs on 127.0.0.1 and default timings; panics with the agents'
+/// logs on failure.
 pub fn start(name: &str) -> LocalCluster {
-    match LocalCluster::start(options(name, None)) {
+    start_with(name, "")
+}
+
+/// The same with extra `[timing]` lines.
+pub fn start_with(name: &str, timing_toml: &str) -> LocalCluster {
+    let mut options = options(name, None);
+    options.timing_toml = timing_toml.to_string();
+    match LocalCluster::start(options) {
         Ok(c) => {
             registered(&c);
             c
