@@ -31,8 +31,11 @@ fn kill_host_of_a_vm(name: &str, victim_leads: bool) {
     } else {
         make_not_leader(&c, victim);
     }
-    // The committed snapshot right now; the one restored can only be this or newer.
-    let before = wait_vm(&c, "a", "still running", |v| v.running());
+    // The committed snapshot right now, a full one and at least one diff on top; the
+    // one restored can only be this or newer.
+    let before = wait_vm(&c, "a", "running with a diff snapshot committed", |v| {
+        v.running() && v.snapshot_chain.len() >= 2
+    });
     let snapshot_counter = ok(&c, counter_in_chain(&c.shared, &before.snapshot_chain, 0));
     assert!(snapshot_counter > 0, "the snapshot holds a counter of 0");
     let kill = {
