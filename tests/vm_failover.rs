@@ -6,6 +6,9 @@
 //! agent AND its VMM (the whole host died); the VM runs on another host under a new
 //! fencing token, and its guest counter resumes from at least C (the committed snapshot
 //! was taken after C was reported, and counters only grow).
+//!
+//! And an agent restart (kill -9, start again): the new agent adopts the VMM it finds
+//! instead of starting one; the VM keeps its host, token and process.
 
 mod common;
 
@@ -189,4 +192,69 @@ fn a_vm_runs_again_on_another_host_after_its_host_dies() {
     );
     // The old host's report file got nothing after the kill under the new token.
     assert!(reports(&file).iter().all(|&(t, _)| t == token));
+}
+
+#[test]
+fn a_restarted_agent_adopts_its_running_vmm() {
+    if skip() {
+        return;
+    }
+    // A long lease, so that the restart surely beats the leader's L(1 + eps) wait: the
+    // test is about adoption, not about how fast an agent starts.
+    let mut c = Cluster::start_vms_with(
+        "vmadopt",
+        3,
+        "auto",
+        "lease_ms = 3000",
+        "capacity_memory_mib = 256\ncapacity_vcpus = 4",
+    );
+    c.wait_leader();
+    let create = r#"{"id":"vm1","memory_mib":64,"vcpus":1,"snapshot_interval_ms":500}"#;
+    wait_for(&c, "the VM to be created", || {
+        (call(&c, 1, "POST", "/vms", Some(create)).0 == 201).then_some(())
+    });
+    let (host, token, pid) = wait_for(&c, "the VM to run", || {
+        let (_, v) = call(&c, 1, "GET", "/vms/vm1", None);
+        let host = v["host"].as_u64()?;
+        let (_, local) = call(&c, host, "GET", "/vms/vm1", None);
+        (local["local"]["state"] == "running").then_some((
+            host,
+            v["token"].as_u64()?,
+            local["local"]["pid"].as_i64()?,
+        ))
+    });
+    c.kill9(host);
+    c.restart(host);
+    wait_for(&c, "the restarted agent to adopt the VMM", || {
+        let (s, v) = call(&c, host, "GET", "/vms/vm1", None);
+        (s == 200 && v["local"]["state"] == "running" && v["local"]["counter"].as_u64().is_some())
+            .then_some(())
+            .filter(|_| {
+                assert_eq!(v["host"], host, "the VM moved: {v}");
+                assert_eq!(v["token"], token, "the VM was placed again: {v}");
+                assert_eq!(v["local"]["pid"], pid, "another VMM runs it: {v}");
+                true
+            })
+    });
+    let metrics = c
+        .client(host)
+        .request("GET", "/metrics", None)
+        .map(|r| String::from_utf8_lossy(&r.body).to_string())
+        .unwrap();
+    assert!(
+        metrics.contains("vigil_vmm_starts_total 0"),
+        "the restarted agent started a VMM:\n{metrics}"
+    );
+    // The guest keeps counting under the same token.
+    let file = report_file(&c, host, "vm1");
+    let before = reports(&file).len();
+    wait_for(&c, "the guest to keep reporting", || {
+        (reports(&file).len() > before + 3).then_some(())
+    });
+    let all = reports(&file);
+    assert!(all.iter().all(|&(t, _)| t == token));
+    assert!(
+        all.windows(2).all(|w| w[0].1 < w[1].1),
+        "the counter never went back (no restart from a snapshot)"
+    );
 }

@@ -261,6 +261,11 @@ pub(super) struct Vms {
     view_hosts: BTreeMap<HostId, HostState>,
     view_at: u64,
     start_backoff: BTreeMap<String, Instant>,
+    /// Per VM, the chain head (committed index of its full snapshot) whose older
+    /// directories this host already removed.
+    collected: BTreeMap<String, u64>,
+    /// This host's own lease expiry as the last reconcile computed it.
+    own_lease: Option<u64>,
     vmm_starts: u64,
     vmm_kills: u64,
 }
@@ -292,6 +297,8 @@ impl Vms {
             view_hosts: BTreeMap::new(),
             view_at: 0,
             start_backoff: BTreeMap::new(),
+            collected: BTreeMap::new(),
+            own_lease: None,
             vmm_starts: 0,
             vmm_kills: 0,
         };
@@ -447,6 +454,7 @@ impl Node {
             .map(|(id, _)| *id)
             .collect();
         self.vms.internal.retain(|(id, _)| !expired.contains(id));
+        self.vms.start_backoff.retain(|_, until| now < *until);
         self.vms_check_waiters(now)?;
         Ok(())
     }
@@ -836,7 +844,9 @@ impl Node {
             }
             self.vms.discovery_until = None;
         }
+        // The one place the host's own lease is computed (shown by /status as well).
         let lease = own_lease_expiry(&self.raft, &self.vms.rules);
+        self.vms.own_lease = lease;
         let locals: Vec<LocalVmm> = self
             .vms
             .procs
@@ -870,6 +880,43 @@ impl Node {
         for a in actions {
             self.vms_act(a, now);
         }
+        self.vms_collect_snapshots();
+    }
+
+    /// Removes snapshot directories that a new full snapshot superseded: those of the
+    /// VMs running here, older than their committed chain's head. Only the host running a
+    /// VM does it, once per new head. A restorer trusts only the committed chain, so
+    /// nothing removed here is ever restored; a lagging starter that still names one
+    /// fails, backs off and retries with the newer chain.
+    fn vms_collect_snapshots(&mut self) {
+        let state = &self.app.state;
+        for p in &self.vms.procs {
+            let Some(vm) = state
+                .vm(&p.local.vm)
+                .filter(|v| v.host == Some(self.id) && v.token == p.local.token)
+            else {
+                continue;
+            };
+            let Some(head) = vm.chain.first() else {
+                continue;
+            };
+            if self.vms.collected.get(&vm.id) == Some(&head.committed_index) {
+                continue;
+            }
+            self.vms
+                .collected
+                .insert(vm.id.clone(), head.committed_index);
+            let dir = self.vms.shared_dir.join("vms").join(&vm.id);
+            for name in superseded(&dir, (head.token, head.seq)) {
+                let path = dir.join(&name);
+                match std::fs::remove_dir_all(&path) {
+                    Ok(()) => log::debug!("removed superseded snapshot {}", path.display()),
+                    Err(e) => log::warn!("remove {}: {e}", path.display()),
+                }
+            }
+        }
+        let known: Vec<String> = self.vms.procs.iter().map(|p| p.local.vm.clone()).collect();
+        self.vms.collected.retain(|vm, _| known.contains(vm));
     }
 
     fn vms_act(&mut self, action: Action, now: Instant) {
@@ -1176,10 +1223,12 @@ impl Node {
         };
         let mut event = None;
         let mut propose = None;
+        let mut found = None;
         match reply {
             VmmReply::Status(st) => {
                 if !p.known {
                     p.known = true;
+                    found = Some((p.local.vm.clone(), st.token));
                     p.local.token = st.token;
                     p.local.last_snapshot_id = st.last_snapshot_id;
                     log::info!(
@@ -1227,6 +1276,12 @@ impl Node {
                     _ => {}
                 }
             }
+        }
+        if let Some((vm, token)) = found {
+            // Snapshot directories this token's VMM wrote (committed or not) are not
+            // written again.
+            let seq = self.vms.highest_seq(&vm, token);
+            self.vms.procs[i].local.last_seq_used = seq;
         }
         if let Some(fields) = event {
             self.vm_event("vm_started", fields, now);
@@ -1401,7 +1456,9 @@ impl Node {
                 })
             })
             .collect();
-        let lease_ms = own_lease_expiry(&self.raft, &self.vms.rules)
+        let lease_ms = self
+            .vms
+            .own_lease
             .map(|e| (e as f64 - now_ns(now) as f64) / 1e6);
         serde_json::json!({
             "enabled": self.vms.config.is_some(),
@@ -1863,6 +1920,23 @@ impl Node {
     }
 }
 
+/// The `<token>-<seq>` directories in `dir` older than `head` (token, then sequence).
+fn superseded(dir: &std::path::Path, head: (u64, u64)) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|name| {
+            let Some((t, q)) = name.split_once('-') else {
+                return false;
+            };
+            matches!((t.parse::<u64>(), q.parse::<u64>()), (Ok(t), Ok(q)) if (t, q) < head)
+        })
+        .collect()
+}
+
 /// Whether a renewal reconcile asked for is sent (see `vms_act`): always, unless the VM
 /// migrates and its VMM was paused for it, does not run, or its final snapshot is
 /// committed.
@@ -1952,6 +2026,16 @@ mod tests {
         assert_eq!(vms.highest_seq("a", 8), 9);
         assert_eq!(vms.highest_seq("a", 9), 0);
         assert_eq!(vms.highest_seq("b", 7), 0);
+        let mut old = superseded(&dir.join("vms/a"), (7, 3));
+        old.sort();
+        assert_eq!(
+            old,
+            vec!["7-1".to_string()],
+            "older than the head only; 7-x is not ours"
+        );
+        let mut old = superseded(&dir.join("vms/a"), (8, 9));
+        old.sort();
+        assert_eq!(old, vec!["7-1".to_string(), "7-3".to_string()]);
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

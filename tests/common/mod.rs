@@ -131,6 +131,11 @@ impl Cluster {
         Cluster::build_full(name, n, io, "", None, Some(vms))
     }
 
+    /// [`Cluster::start_vms`] with extra `[timing]` lines.
+    pub fn start_vms_with(name: &str, n: usize, io: &str, timing: &str, vms: &str) -> Cluster {
+        Cluster::build_full(name, n, io, timing, None, Some(vms))
+    }
+
     /// The shared dir of a cluster started with [`Cluster::start_vms`].
     pub fn shared_dir(&self) -> PathBuf {
         self.dir.join("shared")
