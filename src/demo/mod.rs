@@ -215,12 +215,18 @@ fn run(options: &DemoOptions) -> Result<(), String> {
     } else {
         failover_demo(&mut cluster, options)
     };
-    if let Err(why) = &result {
-        eprintln!(
-            "\nvigil demo: {why}\nagent logs (last lines):\n{}",
-            cluster.logs(12)
-        );
-    }
+    let result = if interrupted() {
+        println!("\ninterrupted: stopping everything the demo started");
+        Err("interrupted by SIGINT/SIGTERM".to_string())
+    } else {
+        if let Err(why) = &result {
+            eprintln!(
+                "\nvigil demo: {why}\nagent logs (last lines):\n{}",
+                cluster.logs(12)
+            );
+        }
+        result
+    };
     let done = cluster.cleanup();
     println!(
         "\nstopped {} agent(s) (pids {:?}) and {} VMM(s) (pids {:?}); {}",
@@ -387,7 +393,7 @@ fn vm_demo(cluster: &mut LocalCluster, options: &DemoOptions) -> Result<(), Stri
         let want = if vm_hosts.contains(&leader) {
             leader
         } else {
-            vm_hosts[0]
+            *vm_hosts.first().ok_or("no VM is placed on any host")?
         };
         let (l, t) = move_leadership(cluster, leader, want, limit)?;
         (want, l, t)
@@ -395,7 +401,10 @@ fn vm_demo(cluster: &mut LocalCluster, options: &DemoOptions) -> Result<(), Stri
         match vm_hosts.iter().find(|&&h| h != leader) {
             Some(&h) => (h, leader, term),
             None => {
-                let other = *all.iter().find(|&&h| h != leader).expect("3 hosts");
+                let other = *all
+                    .iter()
+                    .find(|&&h| h != leader)
+                    .ok_or("a single host cannot lose its leader")?;
                 let (l, t) = move_leadership(cluster, leader, other, limit)?;
                 (leader, l, t)
             }
@@ -405,7 +414,7 @@ fn vm_demo(cluster: &mut LocalCluster, options: &DemoOptions) -> Result<(), Stri
         .iter()
         .find(|v| v.host == Some(victim))
         .map(|v| v.id.clone())
-        .expect("the victim runs a VM");
+        .ok_or_else(|| format!("no VM runs on host {victim}, the host picked to die"))?;
     let mut feed = EventFeed::subscribe(cluster, &all, limit)?;
     let before = vms::view(cluster, &followed)?.ok_or_else(|| format!("{followed} vanished"))?;
     let snapshot_counter =
