@@ -417,7 +417,8 @@ impl LocalCluster {
     /// PIDs of host `id`'s VMM processes (their command lines name its data dir).
     pub fn vmm_pids(&self, id: u64) -> Vec<i32> {
         let agent = self.agent_pid(id);
-        procs::pids_mentioning(&self.host(id).data_dir)
+        // With the trailing '/': ".../n1/data/" is no prefix of another host's paths.
+        procs::pids_mentioning(&self.host(id).data_dir.join(""))
             .into_iter()
             .filter(|&pid| Some(pid) != agent)
             .collect()
@@ -426,7 +427,7 @@ impl LocalCluster {
     /// The whole host dies: SIGKILL to its agent and every VMM it runs, then waits for
     /// them to exit.
     pub fn kill_host(&mut self, id: u64) -> Result<HostKill, String> {
-        let data_dir = self.host(id).data_dir.clone();
+        let data_dir = self.host(id).data_dir.join("");
         // Open the VMMs first so the kills follow each other as closely as possible.
         let vmms: Vec<Process> = self
             .vmm_pids(id)
@@ -540,7 +541,8 @@ impl LocalCluster {
             }
             host.stopped = false;
         }
-        done.vmms = procs::kill_all_mentioning(&self.root, Duration::from_secs(10));
+        // With the trailing '/': no other cluster's root can start with it.
+        done.vmms = procs::kill_all_mentioning(&self.root.join(""), Duration::from_secs(10));
         if !self.keep && std::fs::remove_dir_all(&self.root).is_ok() {
             done.removed = Some(self.root.clone());
         }

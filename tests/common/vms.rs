@@ -184,7 +184,7 @@ pub fn wait_first_report(c: &LocalCluster, host: u64, vm: &str, token: u64) -> R
     }
 }
 
-/// Waits until `host`'s report file of `vm` has `more` lines beyond `after` with `token`.
+/// Waits until `host`'s report file of `vm` has `more` lines with `token` than now.
 pub fn wait_reports_grow(c: &LocalCluster, host: u64, vm: &str, token: u64, more: usize) {
     let count = || {
         reports_on(c, host, vm)
