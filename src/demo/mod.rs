@@ -474,6 +474,14 @@ fn vm_demo(cluster: &mut LocalCluster, options: &DemoOptions) -> Result<(), Stri
     for line in timeline.render(&failure, &killed) {
         println!("{line}");
     }
+    let t = crate::config::Timing::default();
+    let wait_ms = t.lease_ms + t.lease_ms * t.clock_rate_bound_ppm / 1_000_000;
+    println!(
+        "(default timings: heartbeat {} ms, host lease L = {} ms. The leader declares a silent\n \
+         host dead L(1 + eps) = {wait_ms} ms after its last acknowledgement; a new leader first\n \
+         waits that long itself.)",
+        t.heartbeat_ms, t.lease_ms
+    );
     if let (Some(m), Some(last)) = (&timeline.first_report, last_old) {
         let resumed = m.what.1;
         let restored_from = timeline
