@@ -47,8 +47,11 @@ use crate::raft::{Index, ReadState, Term};
 pub const TOKEN_VMM_CONN: u64 = 7;
 pub const TOKEN_VMM_EXIT: u64 = 8;
 
-fn token(kind: u64, slot: u64) -> u64 {
-    (kind << 56) | slot
+/// A completion token: the kind, the VMM's slot and its connection's generation (a
+/// completion of an earlier connection of the same VMM is told apart and ignored).
+fn token(kind: u64, slot: u64, generation: u16) -> u64 {
+    assert!(slot < 1 << 40, "slots fit 40 bits");
+    (kind << 56) | (slot << 16) | generation as u64
 }
 
 const MS: u64 = 1_000_000;
@@ -154,6 +157,8 @@ struct Proc {
     stop_reason: Option<String>,
     /// A pause for a migration was sent: no more renewals while it migrates.
     paused_for_migration: bool,
+    /// Generation of `conn` (in its completion token).
+    conn_gen: u16,
 }
 
 impl Proc {
@@ -354,6 +359,7 @@ impl Vms {
                 snapshot_written_at: None,
                 stop_reason: None,
                 paused_for_migration: false,
+                conn_gen: 0,
             });
         }
         if !self.procs.is_empty() {
@@ -463,18 +469,28 @@ impl Node {
     pub(super) fn vms_completion(
         &mut self,
         kind: u64,
-        slot: u64,
+        id: u64,
         c: Completion,
         now: Instant,
     ) -> Result<(), String> {
+        let (slot, generation) = (id >> 16, (id & 0xffff) as u16);
         let Some(i) = self.vms.proc_index(slot) else {
             return Ok(());
         };
         if kind == TOKEN_VMM_EXIT {
+            if let Err(e) = c.result {
+                log::warn!(
+                    "vmm {}: watching its exit failed: {e}",
+                    self.vms.procs[i].local.vm
+                );
+                return Ok(());
+            }
             self.vms_exited(i, now);
             return Ok(());
         }
-        let _ = c;
+        if generation != self.vms.procs[i].conn_gen {
+            return Ok(());
+        }
         let read = match self.vms.procs[i].conn.as_mut() {
             Some(conn) => conn.read(),
             None => return Ok(()),
@@ -485,7 +501,7 @@ impl Node {
                 if let Some(conn) = &p.conn {
                     if self
                         .io
-                        .poll_in(token(TOKEN_VMM_CONN, slot), conn.fd())
+                        .poll_in(token(TOKEN_VMM_CONN, slot, p.conn_gen), conn.fd())
                         .is_err()
                     {
                         self.vms_drop_conn(i, "cannot watch the connection");
@@ -717,10 +733,12 @@ impl Node {
             let path = self.vms.procs[i].socket();
             match VmmConn::connect(&path) {
                 Ok(conn) => {
-                    let slot = self.vms.procs[i].slot;
+                    let p = &mut self.vms.procs[i];
+                    p.conn_gen = p.conn_gen.wrapping_add(1);
+                    let slot = p.slot;
                     if self
                         .io
-                        .poll_in(token(TOKEN_VMM_CONN, slot), conn.fd())
+                        .poll_in(token(TOKEN_VMM_CONN, slot, p.conn_gen), conn.fd())
                         .is_err()
                     {
                         continue;
@@ -732,7 +750,7 @@ impl Node {
                                 Ok(pidfd) => {
                                     if self
                                         .io
-                                        .poll_in(token(TOKEN_VMM_EXIT, slot), pidfd.as_raw_fd())
+                                        .poll_in(token(TOKEN_VMM_EXIT, slot, 0), pidfd.as_raw_fd())
                                         .is_ok()
                                     {
                                         p.process = Process::Adopted { pid, pidfd };
@@ -783,7 +801,7 @@ impl Node {
                 p.local.vm,
                 p.local.token
             );
-            let _ = self.io.cancel(token(TOKEN_VMM_CONN, p.slot));
+            let _ = self.io.cancel(token(TOKEN_VMM_CONN, p.slot, p.conn_gen));
             drop(conn);
         }
         // What was in flight is lost; renewals and status are sent afresh.
@@ -807,10 +825,10 @@ impl Node {
             _ => "exited".to_string(),
         };
         if let Some(conn) = p.conn.take() {
-            let _ = self.io.cancel(token(TOKEN_VMM_CONN, p.slot));
+            let _ = self.io.cancel(token(TOKEN_VMM_CONN, p.slot, p.conn_gen));
             drop(conn);
         }
-        let _ = self.io.cancel(token(TOKEN_VMM_EXIT, p.slot));
+        let _ = self.io.cancel(token(TOKEN_VMM_EXIT, p.slot, 0));
         let reason = match p.stop_reason.take() {
             Some(r) => format!("{r} ({how})"),
             None => how,
@@ -1169,6 +1187,7 @@ impl Node {
             snapshot_written_at: None,
             stop_reason: None,
             paused_for_migration: false,
+            conn_gen: 0,
         });
     }
 
@@ -1952,7 +1971,7 @@ fn renew_allowed(
 }
 
 fn token_exit(slot: u64) -> u64 {
-    token(TOKEN_VMM_EXIT, slot)
+    token(TOKEN_VMM_EXIT, slot, 0)
 }
 
 #[cfg(test)]
@@ -2002,8 +2021,10 @@ mod tests {
     fn tokens_do_not_collide_with_the_nodes_own() {
         for kind in [TOKEN_VMM_CONN, TOKEN_VMM_EXIT] {
             assert!(kind > 6 && kind < 256);
-            assert_eq!(token(kind, 5) >> 56, kind);
-            assert_eq!(token(kind, 5) & ((1 << 56) - 1), 5);
+            let t = token(kind, 5, 9);
+            assert_eq!(t >> 56, kind);
+            let id = t & ((1 << 56) - 1);
+            assert_eq!((id >> 16, id & 0xffff), (5, 9));
         }
     }
 
