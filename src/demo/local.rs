@@ -97,22 +97,34 @@ pub struct Cleanup {
     pub removed: Option<PathBuf>,
 }
 
-/// A port that is free now, below the kernel's ephemeral range (32768 and up by
-/// default), so a restarted agent's port cannot meanwhile have become the source port
-/// of some outgoing connection. Spread by process id, clock and a counter; checked by
-/// binding it.
-pub fn pick_port() -> Result<u16, String> {
+/// `n` distinct ports that are free now, below the kernel's ephemeral range (32768 and
+/// up by default), so a restarted agent's port cannot meanwhile have become the source
+/// port of some outgoing connection. Spread by process id, clock and a counter; each is
+/// checked by binding it, and held bound until all are picked (so none is picked twice).
+pub fn pick_ports(n: usize) -> Result<Vec<u16>, String> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
     let base = (std::process::id() as u64).wrapping_mul(7919) ^ (monotonic_ns() / 1000);
+    let mut held = Vec::with_capacity(n);
+    let mut ports = Vec::with_capacity(n);
     for _ in 0..1000 {
+        if ports.len() == n {
+            return Ok(ports);
+        }
         let k = N.fetch_add(1, Ordering::Relaxed);
         let port = 20_000 + (base.wrapping_add(k * 13) % 12_000) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
+        if let Ok(listener) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+            ports.push(port);
         }
     }
-    Err("no free TCP port on 127.0.0.1 in 20000..32000 after 1000 tries".into())
+    if ports.len() == n {
+        return Ok(ports);
+    }
+    Err(format!(
+        "only {} of {n} free TCP ports on 127.0.0.1 in 20000..32000 after 1000 tries",
+        ports.len()
+    ))
 }
 
 /// A fresh temp dir `vigil-<name>-<pid>-<n>`.
@@ -189,10 +201,7 @@ impl LocalCluster {
         // From here on, an error drops `cluster`, which removes the dir.
         std::fs::create_dir_all(&shared)
             .map_err(|e| format!("create {}: {e}", shared.display()))?;
-        let mut ports = Vec::new();
-        for _ in 0..cluster.options.hosts {
-            ports.push(pick_port()?);
-        }
+        let ports = pick_ports(cluster.options.hosts)?;
         for id in 1..=cluster.options.hosts as u64 {
             let dir = root.join(format!("n{id}"));
             let data_dir = dir.join("data");
@@ -618,10 +627,13 @@ mod tests {
     }
 
     #[test]
-    fn picked_ports_are_below_the_ephemeral_range() {
-        for _ in 0..10 {
-            let p = pick_port().unwrap();
-            assert!((20_000..32_000).contains(&p));
+    fn picked_ports_are_distinct_and_below_the_ephemeral_range() {
+        for _ in 0..50 {
+            let mut ports = pick_ports(7).unwrap();
+            assert!(ports.iter().all(|p| (20_000..32_000).contains(p)));
+            ports.sort_unstable();
+            ports.dedup();
+            assert_eq!(ports.len(), 7, "a port picked twice");
         }
     }
 }
