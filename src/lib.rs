@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod control;
+pub mod demo;
 pub mod fuzzing;
 pub mod io;
 pub mod limits;

@@ -147,6 +147,19 @@ pub const IO_BUFFER_BYTES: usize = 64 * 1024;
 /// Completions the loop takes out of one `wait` call (its preallocated array).
 pub const IO_COMPLETIONS_PER_WAIT: usize = 256;
 
+// ---- `vigil demo`, the VM tests and the resurrect benchmark ---------------------------
+
+/// A VMM's report file is read whole; at 100 lines/s per vCPU and about 40 bytes a line
+/// this is hours of reports.
+pub const MAX_REPORT_FILE_BYTES: u64 = 64 * 1024 * 1024;
+/// Hosts `vigil demo` starts at most (all voters).
+pub const MAX_DEMO_HOSTS: usize = MAX_VOTERS;
+/// VMs `vigil demo` creates at most.
+pub const MAX_DEMO_VMS: usize = 8;
+/// Events kept from the agents' `/events` streams for one timeline; older ones are
+/// dropped first (a timeline needs the few after the kill).
+pub const MAX_DEMO_EVENTS: usize = 4096;
+
 // ---- VMs -----------------------------------------------------------------------------
 
 /// VMs in the cluster.
@@ -306,6 +319,8 @@ const _: () = assert!(
     "a receive buffer for every pending handshake on top of the established connections"
 );
 const _: () = assert!(IO_COMPLETIONS_PER_WAIT <= IO_MAX_IN_FLIGHT);
+const _: () = assert!(MAX_DEMO_HOSTS <= MAX_VOTERS, "every demo host is a voter");
+const _: () = assert!(MAX_DEMO_VMS <= MAX_VMS, "the demo's VMs fit the cluster");
 const _: () = assert!(MAX_HOSTS >= MAX_MEMBERS, "every member is a host");
 const _: () = assert!(
     MAX_SNAPSHOT_CHAIN >= 2,

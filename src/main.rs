@@ -13,6 +13,11 @@ struct Command {
 
 const COMMANDS: &[Command] = &[
     Command {
+        name: "demo",
+        summary: "a local 3-host cluster loses a host; watch its VM come back (timeline in ms)",
+        run: vigil::demo::main,
+    },
+    Command {
         name: "agent",
         summary: "run the agent: Raft node, peer transport, control socket (--config FILE)",
         run: vigil::node::main,

@@ -1,0 +1,257 @@
+//! Host faults with real agents and real VMs (root + /dev/kvm; skipped with the reason otherwise): a
+//! host killed with SIGKILL (agent and VMMs), a host that leads killed, an agent frozen
+//! with SIGSTOP, an agent restarted within its lease, drain and migrate. Safety is
+//! checked from the guests' own timestamped report files: a VM's reports from two
+//! placements never interleave in time, and counters never go back except to the
+//! snapshot a failover restores.
+//!
+//! Every agent and VMM is killed by PID when a test ends (also when it fails): see
+//! `vigil::demo::local`.
+
+#[path = "common/vms.rs"]
+mod vms;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vigil::demo::snapshot::counter_in_chain;
+use vms::*;
+
+/// kill -9 of the host running VM "a" (its agent and its VMM): the VM runs again on
+/// another host, from at least the committed snapshot's counter, and never twice.
+fn kill_host_of_a_vm(name: &str, victim_leads: bool) {
+    if skip() {
+        return;
+    }
+    let mut c = start(name);
+    let before = create_running(&c, "a", 300);
+    let victim = before.host.unwrap();
+    if victim_leads {
+        make_leader(&c, victim);
+    } else {
+        make_not_leader(&c, victim);
+    }
+    // The committed snapshot right now, a full one and at least one diff on top; the
+    // one restored can only be this or newer.
+    let before = wait_vm(&c, "a", "running with a diff snapshot committed", |v| {
+        v.running() && v.snapshot_chain.len() >= 2
+    });
+    let snapshot_counter = ok(&c, counter_in_chain(&c.shared, &before.snapshot_chain, 0));
+    assert!(snapshot_counter > 0, "the snapshot holds a counter of 0");
+    let kill = {
+        let r = c.kill_host(victim);
+        ok(&c, r)
+    };
+    assert_eq!(kill.vmm_pids.len(), 1, "host {victim} ran one VMM");
+    let last_old = reports_on(&c, victim, "a")
+        .into_iter()
+        .rev()
+        .find(|r| r.vcpu == 0)
+        .expect("the guest reported on its first host");
+
+    let after = wait_vm(&c, "a", "running on another host", |v| {
+        v.running() && v.host.is_some_and(|h| h != victim)
+    });
+    assert!(
+        after.token > before.token,
+        "a new placement has a larger token: {} then {}",
+        before.token,
+        after.token
+    );
+    let new_host = after.host.unwrap();
+    let first = wait_first_report(&c, new_host, "a", after.token);
+    assert!(
+        first.counter >= snapshot_counter,
+        "resumed at {} but the committed snapshot held {snapshot_counter}",
+        first.counter
+    );
+    assert!(
+        first.counter <= last_old.counter + 1,
+        "resumed at {}, beyond anything the killed host ran ({})",
+        first.counter,
+        last_old.counter
+    );
+    assert!(first.at_ns > kill.at_ns, "reported before the kill");
+    wait_reports_grow(&c, new_host, "a", after.token, 5);
+    let runs = check_no_overlap(&c, "a");
+    assert_eq!(runs.len(), 2, "one run per placement: {runs:?}");
+    assert_eq!((runs[0].host, runs[1].host), (victim, new_host));
+}
+
+#[test]
+fn kill9_of_a_vm_host_restores_the_vm_elsewhere() {
+    kill_host_of_a_vm("vm-kill9", false);
+}
+
+#[test]
+fn kill9_of_a_vm_host_that_is_the_leader() {
+    kill_host_of_a_vm("vm-kill9-leader", true);
+}
+
+/// SIGSTOP of the agent of VM "a"'s host: the VMM fences itself at its lease deadline,
+/// the VM is restored elsewhere, and after SIGCONT the old host never runs it again.
+#[test]
+fn sigstop_of_an_agent_fences_its_vmm_and_the_vm_runs_once() {
+    if skip() {
+        return;
+    }
+    let mut c = start("vm-sigstop");
+    let before = create_running(&c, "a", 300);
+    let victim = before.host.unwrap();
+    make_not_leader(&c, victim);
+    {
+        let r = c.sigstop(victim);
+        ok(&c, r)
+    };
+    // The VMM enforces the lease by itself while its agent is frozen.
+    let start = Instant::now();
+    loop {
+        match vmm_state(&c, victim, "a") {
+            Some(s) if s.state == vigil_kvm::control::VmmState::Fenced => break,
+            other => assert!(
+                start.elapsed() < PATIENCE,
+                "the VMM of a frozen agent never fenced: {other:?}\n{}",
+                c.logs(30)
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = wait_vm(&c, "a", "restored on another host", |v| {
+        v.running() && v.host.is_some_and(|h| h != victim)
+    });
+    let new_host = after.host.unwrap();
+    wait_first_report(&c, new_host, "a", after.token);
+    {
+        let r = c.sigcont(victim);
+        ok(&c, r)
+    };
+    // The thawed agent learns that "a" moved; its VMM must never run again.
+    let start = Instant::now();
+    loop {
+        let gone = vmm_state(&c, victim, "a").is_none();
+        if gone {
+            break;
+        }
+        assert!(
+            start.elapsed() < PATIENCE,
+            "the old host kept its VMM of a moved VM\n{}",
+            c.logs(30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    wait_reports_grow(&c, new_host, "a", after.token, 20);
+    let runs = check_no_overlap(&c, "a");
+    let on_victim: Vec<_> = runs.iter().filter(|r| r.host == victim).collect();
+    assert_eq!(
+        on_victim.len(),
+        1,
+        "the old host ran it once only: {runs:?}"
+    );
+    assert_eq!(on_victim[0].token, before.token);
+    let seen_by_victim = ok(&c, vigil::demo::vms::get(&c, victim, "a")).unwrap();
+    assert_eq!(seen_by_victim.host, Some(new_host), "the old host's view");
+    assert!(seen_by_victim.local_state.is_none(), "{seen_by_victim:?}");
+}
+
+/// kill -9 of an agent alone, started again at once: its VMs keep running on that host
+/// in the same VMM processes, none moves, none is restored.
+#[test]
+fn agent_restart_within_the_lease_keeps_its_vms() {
+    if skip() {
+        return;
+    }
+    // A 3 s lease: "within the lease" must hold on a slow, shared CI machine too (the
+    // restart is a process start, a WAL replay and a reconnect).
+    let mut c = start_with("vm-restart", "lease_ms = 3000");
+    let a = create_running(&c, "a", 300);
+    let host = a.host.unwrap();
+    make_not_leader(&c, host);
+    let pids = c.vmm_pids(host);
+    assert_eq!(
+        pids,
+        vec![a.pid.expect("local pid")],
+        "one VMM, the one named"
+    );
+    let killed = Instant::now();
+    {
+        let r = c.kill_agent(host);
+        ok(&c, r)
+    };
+    {
+        let r = c.restart(host);
+        ok(&c, r)
+    };
+    // Until well past the time the leader may declare a silent host dead (L(1 + eps)
+    // after its last ack), so a host wrongly declared dead would have lost "a" by now.
+    while killed.elapsed() < Duration::from_millis(3030 + 1000) {
+        wait_reports_grow(&c, host, "a", a.token, 10);
+    }
+    let now = wait_vm(&c, "a", "running", |v| v.running());
+    assert_eq!(now.host, Some(host), "moved: {now:?}");
+    assert_eq!(now.token, a.token, "placed again: {now:?}");
+    assert_eq!(now.pid, a.pid, "a new VMM process: {now:?}");
+    assert_eq!(c.vmm_pids(host), pids);
+    assert_eq!(host_state(&c, host).as_deref(), Some("alive"));
+    let runs = check_no_overlap(&c, "a");
+    assert_eq!(runs.len(), 1, "restored somewhere: {runs:?}");
+}
+
+/// A planned move keeps every round of work: the new placement's first counter is past
+/// the old one's last.
+fn assert_continues(c: &vigil::demo::local::LocalCluster, vm: &str, from: u64) -> u64 {
+    let after = wait_vm(c, vm, "running after the move", |v| {
+        v.running() && v.host.is_some_and(|h| h != from)
+    });
+    let host = after.host.unwrap();
+    wait_first_report(c, host, vm, after.token);
+    wait_reports_grow(c, host, vm, after.token, 5);
+    let runs = check_no_overlap(c, vm);
+    assert!(runs.len() >= 2, "{vm} never moved: {runs:?}");
+    assert_eq!(runs.last().unwrap().host, host);
+    for pair in runs.windows(2) {
+        let (old, new) = (&pair[0], &pair[1]);
+        assert!(
+            new.first_counter >= old.last_counter,
+            "{vm}: counter went back from {:?} (host {}) to {:?} (host {}) in a planned move",
+            old.last_counter,
+            old.host,
+            new.first_counter,
+            new.host
+        );
+    }
+    host
+}
+
+#[test]
+fn drain_and_migrate_never_move_a_counter_backwards() {
+    if skip() {
+        return;
+    }
+    let c = start("vm-moves");
+    let a = create_running(&c, "a", 1000);
+    let from = a.host.unwrap();
+    accepted(&c, "POST", "/vms/a/migrate", &json!({}));
+    let to = assert_continues(&c, "a", from);
+
+    let b = create_running(&c, "b", 1000);
+    let drained = b.host.unwrap();
+    accepted(&c, "POST", &format!("/hosts/{drained}/drain"), &json!({}));
+    let start = Instant::now();
+    while host_state(&c, drained).as_deref() != Some("drained") {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "host {drained} never drained: {:?}\n{}",
+            host_state(&c, drained),
+            c.logs(30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_continues(&c, "b", drained);
+    if to == drained {
+        assert_continues(&c, "a", drained);
+    }
+    for id in ["a", "b"] {
+        let v = wait_vm(&c, id, "running", |v| v.running());
+        assert_ne!(v.host, Some(drained), "{id} is still on the drained host");
+    }
+}
