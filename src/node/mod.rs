@@ -4,19 +4,26 @@
 //! One loop turn:
 //!
 //! ```text
-//! io.wait(next deadline)                       completions: readable sockets, connects, signals
+//! io.wait(next deadline)                       completions: readable sockets, connects,
+//!                                              signals, the flushes of the sync in flight
+//!   -> sync flush completions: when the last one is in, driver.complete_sync: raft learns
+//!      what is durable (leader: its own match index), the votes/acks it covers leave
 //!   -> peers: decode frames -> raft.step       -> driver.collect (persist, send, queue acks)
 //!   -> control: parse requests -> propose / read_index / answer / forward to the leader
 //!   -> raft.tick when due; dial lost peers
-//! driver.finish_turn                           ONE sync (WAL + hard state), then the queued
-//!                                              votes/acks, apply, linearizable reads
+//! driver.end_turn                              no sync in flight and something written:
+//!                                              begin ONE sync (WAL + hard state) and submit
+//!                                              its fdatasyncs; apply, linearizable reads
 //! answer applied writes and ready reads; publish leadership events; compact; flush sockets
 //! ```
 //!
 //! Readiness comes from `Io::poll_in` (io_uring poll or epoll); socket reads and writes
-//! are non-blocking syscalls. The WAL sync is a blocking fdatasync at the end of the turn
-//! (group commit: one per turn for everything the turn wrote); the split async sync on
-//! the ring is not wired yet (see the report / README "known gaps").
+//! are non-blocking syscalls. The WAL sync runs as fdatasync operations on the ring
+//! (group commit: at most one sync in flight; everything written meanwhile goes into the
+//! next one), so the loop keeps serving timers, peers and control clients while the disk
+//! works. On the epoll backend the same operations run as blocking fdatasync(2) inside
+//! the next `io.wait` (the fallback has no threads): same ordering, but the loop stalls
+//! for the flush there. See `raft::driver` for the ordering argument and its assertions.
 //!
 //! Fast failover hint: when the connection to the leader drops, a follower starts a
 //! PreVote at once (PreVote keeps this safe: voters that still hear from a live leader
@@ -39,6 +46,7 @@ use crate::control::api::{self, Route};
 use crate::control::events::EventHub;
 use crate::control::http::{self, Method};
 use crate::control::server::{self as ctlserver, ControlServer};
+use crate::io::Errno;
 use crate::io::{self, BackendChoice, Completion, Instant, Io, OpKind};
 use crate::limits;
 use crate::metrics::{self, Histogram};
@@ -53,6 +61,8 @@ use storage::Storage;
 const TOKEN_LISTEN: u64 = 1 << 56;
 const TOKEN_CONTROL_LISTEN: u64 = 4 << 56;
 const TOKEN_SIGNAL: u64 = 6 << 56;
+/// The flushes of the sync in flight (the low bits number them).
+const TOKEN_SYNC: u64 = 0x10 << 56;
 /// The fast hint campaigns this long after the old leader's lease ran out on this node's
 /// clock, so the other voters (who heard its last message a little later) agree it ran out.
 const HINT_MARGIN_NS: Nanos = 2_000_000;
@@ -151,6 +161,8 @@ struct Node {
     leader_changes: u64,
     commit_latency: Histogram,
     fsync_latency: Histogram,
+    /// Flushes of the sync in flight not completed yet (0: no sync in flight).
+    sync_flushes: usize,
     shutdown: bool,
     heartbeat: Duration,
     election_ns: Nanos,
@@ -305,11 +317,13 @@ impl Node {
             config.control_socket.display(),
             addrs.len()
         );
+        let mut driver = Driver::new(limits::RAFT_OUTPUT_MESSAGES * 4, limits::MAX_PENDING_READS);
+        driver.recovered(&raft);
         Ok(Node {
             id: config.node_id,
             io,
             raft,
-            driver: Driver::new(limits::RAFT_OUTPUT_MESSAGES * 4, limits::MAX_PENDING_READS),
+            driver,
             storage,
             peers: Peers::new(config.node_id, &addrs, seed),
             app: App {
@@ -337,6 +351,7 @@ impl Node {
             leader_changes: 0,
             commit_latency: Histogram::new(),
             fsync_latency: Histogram::new(),
+            sync_flushes: 0,
             shutdown: false,
             heartbeat: Duration::from_millis(config.timing.heartbeat_ms),
             election_ns: config.timing.election_min_ms * 1_000_000,
@@ -421,6 +436,11 @@ impl Node {
     fn on_completion(&mut self, c: Completion, now: Instant) -> Result<(), String> {
         let kind = c.token >> 56;
         let id = c.token & ((1 << 56) - 1);
+        if kind == TOKEN_SYNC >> 56 {
+            // Before the ECANCELED filter: a flush is never cancelled, and any error of
+            // one is fatal.
+            return self.on_flush(c.result);
+        }
         if matches!(c.result, Err(e) if e.0 == libc::ECANCELED) {
             return Ok(());
         }
@@ -908,16 +928,61 @@ impl Node {
         best.0
     }
 
-    fn finish_turn(&mut self, now: Instant) -> Result<(), String> {
+    /// One flush of the sync in flight completed; after the last one, the sync is
+    /// complete: the driver tells Raft what is durable and releases the votes and acks
+    /// that waited for it.
+    fn on_flush(&mut self, result: Result<u32, Errno>) -> Result<(), String> {
+        if let Err(e) = result {
+            self.storage.sync_failed(&e.io_error());
+        }
+        assert!(
+            self.sync_flushes > 0,
+            "a flush completed with no sync in flight"
+        );
+        self.sync_flushes -= 1;
+        if self.sync_flushes > 0 {
+            return Ok(());
+        }
         self.driver
-            .finish_turn(
+            .complete_sync(
                 &mut self.raft,
                 &mut self.storage,
                 &mut self.peers,
                 &mut self.app,
             )
             .map_err(|e| format!("storage: {e}"))?;
+        assert!(
+            self.driver.durable_index() <= Some(self.storage.synced_index()),
+            "the driver counts more as durable than the WAL holds"
+        );
         if let Some(ns) = self.storage.last_sync_ns.take() {
+            self.fsync_latency.record_us(ns / 1000);
+        }
+        Ok(())
+    }
+
+    fn finish_turn(&mut self, now: Instant) -> Result<(), String> {
+        let flushes = self
+            .driver
+            .end_turn(
+                &mut self.raft,
+                &mut self.storage,
+                &mut self.peers,
+                &mut self.app,
+            )
+            .map_err(|e| format!("storage: {e}"))?;
+        if flushes > 0 {
+            assert_eq!(self.sync_flushes, 0, "one sync in flight at most");
+            let mut submitted = 0;
+            for fd in self.storage.sync_targets() {
+                self.io
+                    .fdatasync(TOKEN_SYNC | submitted as u64, fd)
+                    .map_err(|e| format!("submitting the WAL sync: {e}"))?;
+                submitted += 1;
+            }
+            assert_eq!(submitted, flushes);
+            self.sync_flushes = flushes;
+        } else if let Some(ns) = self.storage.last_sync_ns.take() {
             self.fsync_latency.record_us(ns / 1000);
         }
         let applied = std::mem::take(&mut self.app.applied);
@@ -1281,7 +1346,25 @@ impl Node {
     }
 
     fn stop(&mut self) {
-        // The loop's sync is synchronous: nothing is in flight here. Close sockets.
+        // Finish the sync in flight (its flushes cannot be cancelled anyway); other
+        // completions that arrive meanwhile no longer matter. Then close sockets.
+        let mut completions = [Completion::EMPTY; 16];
+        while self.sync_flushes > 0 {
+            let n = match self.io.wait(None, &mut completions) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::error!("node {}: waiting for the sync in flight: {e}", self.id);
+                    break;
+                }
+            };
+            for c in completions[..n].iter().copied() {
+                if c.token >> 56 == TOKEN_SYNC >> 56 {
+                    if let Err(e) = self.on_flush(c.result) {
+                        log::error!("node {}: completing the sync in flight: {e}", self.id);
+                    }
+                }
+            }
+        }
         self.peers.close_all(&mut self.io);
         self.control.close_all(&mut self.io);
         let _ = std::fs::remove_file(&self.control_path);
