@@ -458,6 +458,68 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    fn flush(fds: &[RawFd]) {
+        for &fd in fds {
+            // SAFETY: fdatasync on descriptors the storage keeps open until complete_sync.
+            assert_eq!(unsafe { libc::fdatasync(fd) }, 0);
+        }
+    }
+
+    #[test]
+    fn split_sync_names_its_flushes_and_covers_what_was_written_before_it_began() {
+        let dir = temp_dir("split");
+        {
+            let (mut s, _) = Storage::open(&dir).unwrap();
+            let es: Vec<Entry> = (1..=5).map(entry).collect();
+            s.write_entries(1, EntriesView::from_slice(&es)).unwrap();
+            s.write_hard_state(&HardState {
+                term: 1,
+                vote: 2,
+                commit: 5,
+            })
+            .unwrap();
+            assert_eq!(
+                s.begin_sync().unwrap(),
+                2,
+                "the WAL segment and the hard state"
+            );
+            let fds: Vec<RawFd> = s.sync_targets().collect();
+            assert_eq!(fds.len(), 2);
+            // Writes go on while the flushes run; they belong to the next sync.
+            s.write_entries(6, EntriesView::from_slice(&[entry(6)]))
+                .unwrap();
+            flush(&fds);
+            assert_eq!(
+                s.complete_sync().unwrap(),
+                5,
+                "entry 6 came after the begin"
+            );
+            assert_eq!(
+                s.begin_sync().unwrap(),
+                1,
+                "the WAL only: no new term or vote"
+            );
+            flush(&s.sync_targets().collect::<Vec<_>>());
+            assert_eq!(s.complete_sync().unwrap(), 6);
+            assert_eq!(s.begin_sync().unwrap(), 0, "nothing left to flush");
+            assert_eq!(s.complete_sync().unwrap(), 6);
+        }
+        let (_, r) = Storage::open(&dir).unwrap();
+        // The hard state's flush ran beside the WAL's, so its commit index was cut to
+        // what the log held durably before that sync (nothing): recovery never sees a
+        // commit index beyond the log.
+        assert_eq!(
+            r.hard_state,
+            HardState {
+                term: 1,
+                vote: 2,
+                commit: 0
+            }
+        );
+        assert_eq!(r.entries.len(), 6);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn refuses_to_start_when_committed_entries_are_missing() {
         let dir = temp_dir("lost");
