@@ -319,6 +319,8 @@ impl Node {
         );
         let mut driver = Driver::new(limits::RAFT_OUTPUT_MESSAGES * 4, limits::MAX_PENDING_READS);
         driver.recovered(&raft);
+        // One WAL write per turn for all the entries the turn appended.
+        driver.batch_entry_writes(true);
         Ok(Node {
             id: config.node_id,
             io,

@@ -22,6 +22,10 @@
 //!   is written while it runs (group commit) goes into the next one, which `end_turn`
 //!   starts at the end of the turn in which the previous one completed.
 //!
+//! With [`Driver::batch_entry_writes`] (the agent turns it on), `collect` only notes
+//! from where the log changed, and the end of the turn hands storage one write for all
+//! the entries of the turn, before a sync begins.
+//!
 //! The ordering argument, which the driver checks with assertions on every message it
 //! releases (`check_durable`):
 //!
@@ -126,8 +130,15 @@ pub struct Driver {
     /// Messages the sync in flight covers: they leave when it completes.
     covered: Vec<(Message, u64)>,
     reads: VecDeque<ReadState>,
-    /// Writes (entries, hard state, snapshot) handed to storage so far.
+    /// Writes (entries, hard state, snapshot) handed to storage so far (counted when
+    /// collected, also if a batched entry write is handed over at the end of the turn).
     writes: u64,
+    /// Batch entry writes: collect only notes from where the log changed; the end of
+    /// the turn hands storage one write for the whole turn (one WAL write per turn
+    /// instead of one per proposal or received append).
+    batch_writes: bool,
+    /// With batching: the log changed from this index on and storage has not seen it.
+    pending_from: Option<Index>,
     /// Something was written since the last sync began.
     unsynced_writes: bool,
     /// What the sync in flight makes durable.
@@ -144,6 +155,8 @@ impl Driver {
             covered: Vec::with_capacity(max_messages),
             reads: VecDeque::with_capacity(max_reads),
             writes: 0,
+            batch_writes: false,
+            pending_from: None,
             unsynced_writes: false,
             in_flight: None,
             durable: None,
@@ -155,6 +168,12 @@ impl Driver {
     pub fn recovered(&mut self, raft: &Raft) {
         assert!(self.in_flight.is_none() && !self.unsynced_writes);
         self.durable = Some(SyncPoint::of(raft, self.writes));
+    }
+
+    /// Batch the entry writes of a turn into one (see the field). Off by default.
+    pub fn batch_entry_writes(&mut self, on: bool) {
+        assert!(self.pending_from.is_none());
+        self.batch_writes = on;
     }
 
     /// Messages waiting for a sync.
@@ -188,6 +207,11 @@ impl Driver {
         sm: &mut M,
     ) -> Result<(), S::Error> {
         if let Some(meta) = raft.outputs().snapshot {
+            // Batched entries at or below the snapshot are in it (a received snapshot
+            // replaced them; a local one covers only durable entries, never batched ones).
+            if let Some(from) = &mut self.pending_from {
+                *from = (*from).max(meta.index + 1);
+            }
             storage.write_snapshot(&meta, raft.snapshot_data())?;
             self.wrote();
             if raft.outputs().install_snapshot {
@@ -207,8 +231,12 @@ impl Driver {
             if let Some(point) = &mut self.durable {
                 point.truncate(from, raft);
             }
-            let last = raft.last_index();
-            storage.write_entries(from, raft.entries(from, last))?;
+            if self.batch_writes {
+                self.pending_from = Some(self.pending_from.map_or(from, |f| f.min(from)));
+            } else {
+                let last = raft.last_index();
+                storage.write_entries(from, raft.entries(from, last))?;
+            }
             self.wrote();
         }
         if let Some(hs) = raft.outputs().hard_state {
@@ -246,6 +274,7 @@ impl Driver {
             "finish_turn while a split sync is in flight"
         );
         self.collect(raft, storage, transport, sm)?;
+        self.write_batched(raft, storage)?;
         if self.unsynced_writes {
             self.capture(raft);
             storage.sync()?;
@@ -274,6 +303,7 @@ impl Driver {
         sm: &mut M,
     ) -> Result<usize, S::Error> {
         self.collect(raft, storage, transport, sm)?;
+        self.write_batched(raft, storage)?;
         let mut flushes = 0;
         if self.in_flight.is_none() {
             if self.unsynced_writes {
@@ -314,6 +344,18 @@ impl Driver {
         self.collect(raft, storage, transport, sm)
     }
 
+    /// Hands storage the entries batched in this turn (before any sync begins).
+    fn write_batched<S: LogStorage>(
+        &mut self,
+        raft: &Raft,
+        storage: &mut S,
+    ) -> Result<(), S::Error> {
+        if let Some(from) = self.pending_from.take() {
+            storage.write_entries(from, raft.entries(from, raft.last_index()))?;
+        }
+        Ok(())
+    }
+
     fn wrote(&mut self) {
         self.writes += 1;
         self.unsynced_writes = true;
@@ -322,6 +364,10 @@ impl Driver {
     /// A sync begins: it covers every write so far and the messages queued so far.
     fn capture(&mut self, raft: &Raft) {
         assert!(self.in_flight.is_none() && self.covered.is_empty());
+        assert!(
+            self.pending_from.is_none(),
+            "a sync must cover batched writes"
+        );
         self.in_flight = Some(SyncPoint::of(raft, self.writes));
         // Swapping keeps both preallocated buffers.
         std::mem::swap(&mut self.covered, &mut self.after_sync);
@@ -413,6 +459,7 @@ impl Driver {
     /// Forgets queued messages and reads (after a crash the driver is rebuilt anyway).
     pub fn reset(&mut self) {
         self.writes = 0;
+        self.pending_from = None;
         self.after_sync.clear();
         self.covered.clear();
         self.reads.clear();
@@ -444,6 +491,7 @@ mod tests {
         in_flight: Option<(Index, HardState)>,
         durable: Durable,
         syncs_begun: u64,
+        entry_writes: u64,
     }
 
     impl SplitMem {
@@ -454,6 +502,7 @@ mod tests {
                 in_flight: None,
                 durable,
                 syncs_begun: 0,
+                entry_writes: 0,
             }
         }
     }
@@ -461,6 +510,7 @@ mod tests {
     impl LogStorage for SplitMem {
         type Error = String;
         fn write_entries(&mut self, from: Index, entries: EntriesView<'_>) -> Result<(), String> {
+            self.entry_writes += 1;
             self.written_last = from - 1 + entries.len() as u64;
             // Overwritten entries are no longer durable, whatever a flush does.
             let (d, hs) = self.durable.get();
@@ -549,13 +599,14 @@ mod tests {
     }
 
     impl Node {
-        fn new(id: u64) -> Node {
+        fn new(id: u64, batch: bool) -> Node {
             let membership = Membership::new(&[1, 2, 3], &[]).unwrap();
             let mut config = Config::new(id, 7);
             config.log_capacity = 1024;
             let raft = Raft::new(config, membership, Recovered::default()).unwrap();
             let durable: Durable = Rc::new(Cell::new((0, HardState::default())));
             let mut driver = Driver::new(64, 64);
+            driver.batch_entry_writes(batch);
             driver.recovered(&raft);
             Node {
                 raft,
@@ -652,7 +703,13 @@ mod tests {
 
     #[test]
     fn an_acknowledgement_waits_for_the_sync_that_covers_its_entries() {
-        let mut f = Node::new(2);
+        for batch in [false, true] {
+            an_acknowledgement_waits_for_the_sync_that_covers_its_entries_with(batch);
+        }
+    }
+
+    fn an_acknowledgement_waits_for_the_sync_that_covers_its_entries_with(batch: bool) {
+        let mut f = Node::new(2, batch);
         let now = 1_000 * MS;
         f.step(now, &append(0, 0, 0, 1), &[entry(1, 1)]);
         assert_eq!(f.end_turn(), 1, "the turn wrote an entry: one sync starts");
@@ -691,7 +748,13 @@ mod tests {
 
     #[test]
     fn an_ack_queued_during_a_sync_for_entries_that_sync_covers_leaves_with_it() {
-        let mut f = Node::new(2);
+        for batch in [false, true] {
+            an_ack_queued_during_a_sync_for_entries_that_sync_covers_leaves_with_it_with(batch);
+        }
+    }
+
+    fn an_ack_queued_during_a_sync_for_entries_that_sync_covers_leaves_with_it_with(batch: bool) {
+        let mut f = Node::new(2, batch);
         let now = 1_000 * MS;
         f.step(now, &append(0, 0, 0, 2), &[entry(1, 1), entry(1, 2)]);
         assert_eq!(f.end_turn(), 1);
@@ -709,7 +772,13 @@ mod tests {
 
     #[test]
     fn a_truncation_drops_acks_for_overwritten_entries_and_lowers_the_sync() {
-        let mut f = Node::new(2);
+        for batch in [false, true] {
+            a_truncation_drops_acks_for_overwritten_entries_and_lowers_the_sync_with(batch);
+        }
+    }
+
+    fn a_truncation_drops_acks_for_overwritten_entries_and_lowers_the_sync_with(batch: bool) {
+        let mut f = Node::new(2, batch);
         let now = 1_000 * MS;
         f.step(
             now,
@@ -735,7 +804,13 @@ mod tests {
 
     #[test]
     fn votes_and_the_leaders_own_log_wait_for_the_sync() {
-        let mut c = Node::new(1);
+        for batch in [false, true] {
+            votes_and_the_leaders_own_log_wait_for_the_sync_with(batch);
+        }
+    }
+
+    fn votes_and_the_leaders_own_log_wait_for_the_sync_with(batch: bool) {
+        let mut c = Node::new(1, batch);
         let mut now = 1_000 * MS;
         c.raft.tick(now);
         now += 300 * MS;
@@ -815,7 +890,13 @@ mod tests {
 
     #[test]
     fn a_vote_waits_for_the_sync() {
-        let mut f = Node::new(2);
+        for batch in [false, true] {
+            a_vote_waits_for_the_sync_with(batch);
+        }
+    }
+
+    fn a_vote_waits_for_the_sync_with(batch: bool) {
+        let mut f = Node::new(2, batch);
         let now = 1_000 * MS;
         f.raft.tick(now);
         let vote = Message {
@@ -848,5 +929,31 @@ mod tests {
             "{:?}",
             f.transport.sent
         );
+    }
+
+    #[test]
+    fn batched_entry_writes_reach_storage_once_per_turn_and_before_the_sync() {
+        let mut f = Node::new(2, true);
+        let now = 1_000 * MS;
+        for i in 1..=5 {
+            f.step(
+                now,
+                &append(i - 1, if i > 1 { 1 } else { 0 }, 0, 1),
+                &[entry(1, i)],
+            );
+        }
+        assert_eq!(f.storage.entry_writes, 0, "collect only notes the change");
+        assert_eq!(f.end_turn(), 1);
+        assert_eq!(
+            f.storage.entry_writes, 1,
+            "one write for the turn's five appends"
+        );
+        assert_eq!(
+            f.storage.in_flight.map(|(i, _)| i),
+            Some(5),
+            "the sync covers it"
+        );
+        f.complete();
+        assert_eq!(f.acks(), vec![1, 2, 3, 4, 5]);
     }
 }
