@@ -23,7 +23,9 @@
 //! next one), so the loop keeps serving timers, peers and control clients while the disk
 //! works. On the epoll backend the same operations run as blocking fdatasync(2) inside
 //! the next `io.wait` (the fallback has no threads): same ordering, but the loop stalls
-//! for the flush there. See `raft::driver` for the ordering argument and its assertions.
+//! for the flush there. A sync that carries a new term or vote flushes inline on both
+//! backends (see `finish_turn`). See `raft::driver` for the ordering argument and its
+//! assertions.
 //!
 //! Fast failover hint: when the connection to the leader drops, a follower starts a
 //! PreVote at once (PreVote keeps this safe: voters that still hear from a live leader
@@ -964,17 +966,37 @@ impl Node {
     }
 
     fn finish_turn(&mut self, now: Instant) -> Result<(), String> {
-        let flushes = self
-            .driver
-            .end_turn(
-                &mut self.raft,
-                &mut self.storage,
-                &mut self.peers,
-                &mut self.app,
-            )
-            .map_err(|e| format!("storage: {e}"))?;
-        if flushes > 0 {
+        loop {
+            let flushes = self
+                .driver
+                .end_turn(
+                    &mut self.raft,
+                    &mut self.storage,
+                    &mut self.peers,
+                    &mut self.app,
+                )
+                .map_err(|e| format!("storage: {e}"))?;
+            if flushes == 0 {
+                if let Some(ns) = self.storage.last_sync_ns.take() {
+                    self.fsync_latency.record_us(ns / 1000);
+                }
+                break;
+            }
             assert_eq!(self.sync_flushes, 0, "one sync in flight at most");
+            self.sync_flushes = flushes;
+            if self.storage.sync_writes_hard_state() {
+                // A new term or vote: an election waits for this flush. On the ring a
+                // flush costs two wakeups (the kernel's io-wq worker, then this loop);
+                // under CPU contention that added milliseconds per election round and
+                // made split votes measurably more frequent. Term and vote changes are
+                // rare, so they flush here, blocking, as the whole sync did before;
+                // then end the turn again to apply what the sync let commit.
+                self.storage.flush_blocking();
+                for _ in 0..flushes {
+                    self.on_flush(Ok(0))?;
+                }
+                continue;
+            }
             let mut submitted = 0;
             for fd in self.storage.sync_targets() {
                 self.io
@@ -983,9 +1005,7 @@ impl Node {
                 submitted += 1;
             }
             assert_eq!(submitted, flushes);
-            self.sync_flushes = flushes;
-        } else if let Some(ns) = self.storage.last_sync_ns.take() {
-            self.fsync_latency.record_us(ns / 1000);
+            break;
         }
         let applied = std::mem::take(&mut self.app.applied);
         for (index, term, outcome) in applied {
@@ -1322,7 +1342,7 @@ impl Node {
         self.fsync_latency.render(
             &mut out,
             "vigil_fsync_latency_seconds",
-            "WAL + hard state sync per loop turn.",
+            "WAL + hard state sync, from its start to its completion.",
             "",
         );
         let _ = std::fmt::Write::write_str(&mut out, "# HELP vigil_peer_lag_entries Entries the peer lags behind the leader's log.\n# TYPE vigil_peer_lag_entries gauge\n");

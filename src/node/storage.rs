@@ -184,6 +184,24 @@ impl Storage {
         wal.chain(sync.and_then(|s| s.hard_state_fd))
     }
 
+    /// Whether the sync in flight carries a new term or vote (an election is waiting).
+    pub fn sync_writes_hard_state(&self) -> bool {
+        self.sync
+            .as_ref()
+            .is_some_and(|s| s.hard_state_fd.is_some())
+    }
+
+    /// Runs the flushes of the sync in flight here, blocking (fdatasync(2)); a failure
+    /// aborts. The caller then completes the sync as if the flushes had run on the ring.
+    pub fn flush_blocking(&self) {
+        for fd in self.sync_targets() {
+            // SAFETY: fdatasync on a descriptor the storage keeps open until complete_sync.
+            if unsafe { libc::fdatasync(fd) } != 0 {
+                self.sync_failed(&std::io::Error::last_os_error());
+            }
+        }
+    }
+
     /// A flush of the sync in flight failed: stop now (a retried flush may report
     /// success for data the kernel dropped). Logs and aborts.
     pub fn sync_failed(&self, err: &std::io::Error) -> ! {
@@ -264,18 +282,21 @@ impl LogStorage for Storage {
                 bounds.push((at, self.scratch.len()));
                 i += 1;
             }
-            let refs: Vec<EntryRef<'_>> = bounds
-                .iter()
-                .enumerate()
-                .map(|(k, &(a, b))| {
-                    let e = entries.get(start + k);
-                    EntryRef {
-                        index: e.index,
-                        term: e.term,
-                        payload: &self.scratch[a..b],
-                    }
-                })
-                .collect();
+            // On the stack: the steady-state write path does not allocate.
+            let mut refs = [EntryRef {
+                index: 0,
+                term: 0,
+                payload: &[],
+            }; limits::MAX_ENTRIES_PER_APPEND];
+            for (k, &(a, b)) in bounds.iter().enumerate() {
+                let e = entries.get(start + k);
+                refs[k] = EntryRef {
+                    index: e.index,
+                    term: e.term,
+                    payload: &self.scratch[a..b],
+                };
+            }
+            let refs = &refs[..bounds.len()];
             if let Some(first) = refs.first() {
                 let expected = self.wal.last_index() + 1;
                 if first.index != expected {
@@ -286,7 +307,7 @@ impl LogStorage for Storage {
                     )));
                 }
             }
-            self.wal.append(&refs)?;
+            self.wal.append(refs)?;
         }
         Ok(())
     }
