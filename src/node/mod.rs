@@ -398,6 +398,7 @@ impl Node {
                 .wait(Some(deadline.max(now)), &mut completions)
                 .map_err(|e| format!("io wait: {e}"))?;
             let now = Instant::now();
+            let turn_started = now;
             for c in completions[..n].iter().copied() {
                 self.on_completion(c, now)?;
             }
@@ -433,6 +434,15 @@ impl Node {
             let p = self.peers.flush();
             let c = self.control.flush(&mut self.io);
             pending_output = p || c;
+            let took = Instant::now().saturating_duration_since(turn_started);
+            if took >= Duration::from_millis(limits::SLOW_TURN_MS) {
+                // Heartbeats wait while a turn runs: a long one risks an election.
+                log::warn!(
+                    "node {}: a loop turn took {:.1} ms ({n} completions)",
+                    self.id,
+                    took.as_secs_f64() * 1e3
+                );
+            }
         }
         Ok(())
     }
@@ -1075,9 +1085,20 @@ impl Node {
         if applied >= self.raft.first_index() + limits::RAFT_COMPACT_AFTER_ENTRIES
             && applied <= self.raft.persisted_index()
         {
+            let started = Instant::now();
             let bytes = self.app.state.to_bytes();
             self.raft.compact(applied, &bytes);
             self.collect()?;
+            // The snapshot file is written and synced inside the loop (blocking).
+            let took = Instant::now().saturating_duration_since(started);
+            if took >= Duration::from_millis(limits::SLOW_TURN_MS) {
+                log::warn!(
+                    "node {}: snapshot at {applied} ({} bytes) blocked the loop for {:.1} ms",
+                    self.id,
+                    bytes.len(),
+                    took.as_secs_f64() * 1e3
+                );
+            }
         }
         Ok(())
     }

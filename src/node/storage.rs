@@ -307,7 +307,19 @@ impl LogStorage for Storage {
                     )));
                 }
             }
+            let segments = self.wal.segment_count();
+            let started = crate::io::Instant::now();
             self.wal.append(refs)?;
+            if self.wal.segment_count() > segments {
+                // Creating a segment (fallocate, fdatasync, rename, directory fsync)
+                // blocks the loop: worth knowing when a turn was slow.
+                let took = crate::io::Instant::now().saturating_duration_since(started);
+                log::info!(
+                    "wal: new segment at entry {} ({:.1} ms, blocking)",
+                    refs[0].index,
+                    took.as_secs_f64() * 1e3
+                );
+            }
         }
         Ok(())
     }
