@@ -134,6 +134,11 @@ fn main() {
     let after = c.status(leader);
     let term_after = after.as_ref().and_then(|s| s["term"].as_u64()).unwrap_or(0);
     let still_leader = after.is_some_and(|s| s["role"] == "leader");
+    let logs = c.logs();
+    if term_after != term_before || !still_leader || logs.contains(" WARN ") {
+        // An election or a slow loop turn under load: show what the nodes logged.
+        eprintln!("terms {term_before} -> {term_after}, leader kept: {still_leader}\n{logs}");
+    }
     drop(c);
 
     let mut etcd_seq = None;

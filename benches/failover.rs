@@ -83,6 +83,14 @@ fn vigil_trial(c: &mut common::Cluster, sigstop: bool, trial: usize) -> (f64, f6
     }
     let new = c.wait_leader_among(&survivors);
     let term_after = c.status(new).and_then(|s| s["term"].as_u64()).unwrap_or(0);
+    if term_after > term_before + 1 {
+        // A multi-round election: show what the nodes logged, for diagnosis.
+        eprintln!(
+            "trial {trial}: {} terms\n{}",
+            term_after - term_before,
+            c.logs()
+        );
+    }
     if sigstop {
         c.sigcont(old);
     } else {

@@ -122,6 +122,9 @@ pub const CONTROL_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// Bytes of responses queued on one control connection (an `/events` stream included)
 /// before a slow reader is cut off.
 pub const MAX_CONTROL_OUTPUT_BYTES: usize = 1024 * 1024;
+/// A loop turn (or a blocking snapshot write) longer than this is logged as a warning:
+/// heartbeats wait while it runs (the election timeout is 100 ms by default).
+pub const SLOW_TURN_MS: u64 = 50;
 /// Committed entries kept in the in-memory log before a snapshot compacts them.
 pub const RAFT_COMPACT_AFTER_ENTRIES: u64 = 4096;
 

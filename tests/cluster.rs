@@ -378,6 +378,9 @@ fn members_demote_promote_remove() {
     let leader = c.wait_leader();
     let others: Vec<u64> = c.alive().into_iter().filter(|&i| i != leader).collect();
     let (via, target) = (others[0], others[1]);
+    // A new leader refuses membership changes (503 not_ready, retryable) until its
+    // term's first entry committed; a committed write shows that it has.
+    c.put_retry("leader-ready", "x");
     let cl = c.client(via);
     let role_of = |id: u64| -> Option<String> {
         let r = c.client(leader).request("GET", "/members", None).unwrap();

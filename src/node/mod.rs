@@ -4,19 +4,28 @@
 //! One loop turn:
 //!
 //! ```text
-//! io.wait(next deadline)                       completions: readable sockets, connects, signals
+//! io.wait(next deadline)                       completions: readable sockets, connects,
+//!                                              signals, the flushes of the sync in flight
+//!   -> sync flush completions: when the last one is in, driver.complete_sync: raft learns
+//!      what is durable (leader: its own match index), the votes/acks it covers leave
 //!   -> peers: decode frames -> raft.step       -> driver.collect (persist, send, queue acks)
 //!   -> control: parse requests -> propose / read_index / answer / forward to the leader
 //!   -> raft.tick when due; dial lost peers
-//! driver.finish_turn                           ONE sync (WAL + hard state), then the queued
-//!                                              votes/acks, apply, linearizable reads
+//! driver.end_turn                              no sync in flight and something written:
+//!                                              begin ONE sync (WAL + hard state) and submit
+//!                                              its fdatasyncs; apply, linearizable reads
 //! answer applied writes and ready reads; publish leadership events; compact; flush sockets
 //! ```
 //!
 //! Readiness comes from `Io::poll_in` (io_uring poll or epoll); socket reads and writes
-//! are non-blocking syscalls. The WAL sync is a blocking fdatasync at the end of the turn
-//! (group commit: one per turn for everything the turn wrote); the split async sync on
-//! the ring is not wired yet (see the report / README "known gaps").
+//! are non-blocking syscalls. The WAL sync runs as fdatasync operations on the ring
+//! (group commit: at most one sync in flight; everything written meanwhile goes into the
+//! next one), so the loop keeps serving timers, peers and control clients while the disk
+//! works. On the epoll backend the same operations run as blocking fdatasync(2) inside
+//! the next `io.wait` (the fallback has no threads): same ordering, but the loop stalls
+//! for the flush there. A sync that carries a new term or vote flushes inline on both
+//! backends (see `finish_turn`). See `raft::driver` for the ordering argument and its
+//! assertions.
 //!
 //! Fast failover hint: when the connection to the leader drops, a follower starts a
 //! PreVote at once (PreVote keeps this safe: voters that still hear from a live leader
@@ -41,6 +50,7 @@ use crate::control::api::{self, Route};
 use crate::control::events::EventHub;
 use crate::control::http::{self, Method};
 use crate::control::server::{self as ctlserver, ControlServer};
+use crate::io::Errno;
 use crate::io::{self, BackendChoice, Completion, Instant, Io, OpKind};
 use crate::limits;
 use crate::metrics::{self, Histogram};
@@ -55,6 +65,8 @@ use storage::Storage;
 const TOKEN_LISTEN: u64 = 1 << 56;
 const TOKEN_CONTROL_LISTEN: u64 = 4 << 56;
 const TOKEN_SIGNAL: u64 = 6 << 56;
+/// The flushes of the sync in flight (the low bits number them).
+const TOKEN_SYNC: u64 = 0x10 << 56;
 /// The fast hint campaigns this long after the old leader's lease ran out on this node's
 /// clock, so the other voters (who heard its last message a little later) agree it ran out.
 const HINT_MARGIN_NS: Nanos = 2_000_000;
@@ -153,6 +165,8 @@ struct Node {
     leader_changes: u64,
     commit_latency: Histogram,
     fsync_latency: Histogram,
+    /// Flushes of the sync in flight not completed yet (0: no sync in flight).
+    sync_flushes: usize,
     shutdown: bool,
     heartbeat: Duration,
     election_ns: Nanos,
@@ -309,11 +323,15 @@ impl Node {
             config.control_socket.display(),
             addrs.len()
         );
+        let mut driver = Driver::new(limits::RAFT_OUTPUT_MESSAGES * 4, limits::MAX_PENDING_READS);
+        driver.recovered(&raft);
+        // One WAL write per turn for all the entries the turn appended.
+        driver.batch_entry_writes(true);
         Ok(Node {
             id: config.node_id,
             io,
             raft,
-            driver: Driver::new(limits::RAFT_OUTPUT_MESSAGES * 4, limits::MAX_PENDING_READS),
+            driver,
             storage,
             peers: Peers::new(config.node_id, &addrs, seed, keys),
             app: App {
@@ -341,6 +359,7 @@ impl Node {
             leader_changes: 0,
             commit_latency: Histogram::new(),
             fsync_latency: Histogram::new(),
+            sync_flushes: 0,
             shutdown: false,
             heartbeat: Duration::from_millis(config.timing.heartbeat_ms),
             election_ns: config.timing.election_min_ms * 1_000_000,
@@ -384,6 +403,7 @@ impl Node {
                 .wait(Some(deadline.max(now)), &mut completions)
                 .map_err(|e| format!("io wait: {e}"))?;
             let now = Instant::now();
+            let turn_started = now;
             for c in completions[..n].iter().copied() {
                 self.on_completion(c, now)?;
             }
@@ -419,6 +439,15 @@ impl Node {
             let p = self.peers.flush();
             let c = self.control.flush(&mut self.io);
             pending_output = p || c;
+            let took = Instant::now().saturating_duration_since(turn_started);
+            if took >= Duration::from_millis(limits::SLOW_TURN_MS) {
+                // Heartbeats wait while a turn runs: a long one risks an election.
+                log::warn!(
+                    "node {}: a loop turn took {:.1} ms ({n} completions)",
+                    self.id,
+                    took.as_secs_f64() * 1e3
+                );
+            }
         }
         Ok(())
     }
@@ -426,6 +455,11 @@ impl Node {
     fn on_completion(&mut self, c: Completion, now: Instant) -> Result<(), String> {
         let kind = c.token >> 56;
         let id = c.token & ((1 << 56) - 1);
+        if kind == TOKEN_SYNC >> 56 {
+            // Before the ECANCELED filter: a flush is never cancelled, and any error of
+            // one is fatal.
+            return self.on_flush(c.result);
+        }
         if matches!(c.result, Err(e) if e.0 == libc::ECANCELED) {
             return Ok(());
         }
@@ -925,17 +959,80 @@ impl Node {
         best.0
     }
 
-    fn finish_turn(&mut self, now: Instant) -> Result<(), String> {
+    /// One flush of the sync in flight completed; after the last one, the sync is
+    /// complete: the driver tells Raft what is durable and releases the votes and acks
+    /// that waited for it.
+    fn on_flush(&mut self, result: Result<u32, Errno>) -> Result<(), String> {
+        if let Err(e) = result {
+            self.storage.sync_failed(&e.io_error());
+        }
+        assert!(
+            self.sync_flushes > 0,
+            "a flush completed with no sync in flight"
+        );
+        self.sync_flushes -= 1;
+        if self.sync_flushes > 0 {
+            return Ok(());
+        }
         self.driver
-            .finish_turn(
+            .complete_sync(
                 &mut self.raft,
                 &mut self.storage,
                 &mut self.peers,
                 &mut self.app,
             )
             .map_err(|e| format!("storage: {e}"))?;
+        assert!(
+            self.driver.durable_index() <= Some(self.storage.synced_index()),
+            "the driver counts more as durable than the WAL holds"
+        );
         if let Some(ns) = self.storage.last_sync_ns.take() {
             self.fsync_latency.record_us(ns / 1000);
+        }
+        Ok(())
+    }
+
+    fn finish_turn(&mut self, now: Instant) -> Result<(), String> {
+        loop {
+            let flushes = self
+                .driver
+                .end_turn(
+                    &mut self.raft,
+                    &mut self.storage,
+                    &mut self.peers,
+                    &mut self.app,
+                )
+                .map_err(|e| format!("storage: {e}"))?;
+            if flushes == 0 {
+                if let Some(ns) = self.storage.last_sync_ns.take() {
+                    self.fsync_latency.record_us(ns / 1000);
+                }
+                break;
+            }
+            assert_eq!(self.sync_flushes, 0, "one sync in flight at most");
+            self.sync_flushes = flushes;
+            if self.storage.sync_writes_hard_state() {
+                // A new term or vote: an election waits for this flush. On the ring a
+                // flush costs two wakeups (the kernel's io-wq worker, then this loop);
+                // under CPU contention that added milliseconds per election round and
+                // made split votes measurably more frequent. Term and vote changes are
+                // rare, so they flush here, blocking, as the whole sync did before;
+                // then end the turn again to apply what the sync let commit.
+                self.storage.flush_blocking();
+                for _ in 0..flushes {
+                    self.on_flush(Ok(0))?;
+                }
+                continue;
+            }
+            let mut submitted = 0;
+            for fd in self.storage.sync_targets() {
+                self.io
+                    .fdatasync(TOKEN_SYNC | submitted as u64, fd)
+                    .map_err(|e| format!("submitting the WAL sync: {e}"))?;
+                submitted += 1;
+            }
+            assert_eq!(submitted, flushes);
+            break;
         }
         let applied = std::mem::take(&mut self.app.applied);
         let reads = std::mem::take(&mut self.app.reads);
@@ -1009,9 +1106,20 @@ impl Node {
         if applied >= self.raft.first_index() + limits::RAFT_COMPACT_AFTER_ENTRIES
             && applied <= self.raft.persisted_index()
         {
+            let started = Instant::now();
             let bytes = self.app.state.to_bytes();
             self.raft.compact(applied, &bytes);
             self.collect()?;
+            // The snapshot file is written and synced inside the loop (blocking).
+            let took = Instant::now().saturating_duration_since(started);
+            if took >= Duration::from_millis(limits::SLOW_TURN_MS) {
+                log::warn!(
+                    "node {}: snapshot at {applied} ({} bytes) blocked the loop for {:.1} ms",
+                    self.id,
+                    bytes.len(),
+                    took.as_secs_f64() * 1e3
+                );
+            }
         }
         Ok(())
     }
@@ -1281,7 +1389,7 @@ impl Node {
         self.fsync_latency.render(
             &mut out,
             "vigil_fsync_latency_seconds",
-            "WAL + hard state sync per loop turn.",
+            "WAL + hard state sync, from its start to its completion.",
             "",
         );
         let _ = std::fmt::Write::write_str(&mut out, "# HELP vigil_peer_lag_entries Entries the peer lags behind the leader's log.\n# TYPE vigil_peer_lag_entries gauge\n");
@@ -1307,7 +1415,25 @@ impl Node {
     }
 
     fn stop(&mut self) {
-        // The loop's sync is synchronous: nothing is in flight here. Close sockets.
+        // Finish the sync in flight (its flushes cannot be cancelled anyway); other
+        // completions that arrive meanwhile no longer matter. Then close sockets.
+        let mut completions = [Completion::EMPTY; 16];
+        while self.sync_flushes > 0 {
+            let n = match self.io.wait(None, &mut completions) {
+                Ok(n) => n,
+                Err(e) => {
+                    log::error!("node {}: waiting for the sync in flight: {e}", self.id);
+                    break;
+                }
+            };
+            for c in completions[..n].iter().copied() {
+                if c.token >> 56 == TOKEN_SYNC >> 56 {
+                    if let Err(e) = self.on_flush(c.result) {
+                        log::error!("node {}: completing the sync in flight: {e}", self.id);
+                    }
+                }
+            }
+        }
         self.peers.close_all(&mut self.io);
         self.control.close_all(&mut self.io);
         let _ = std::fs::remove_file(&self.control_path);

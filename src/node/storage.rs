@@ -4,6 +4,11 @@
 //! - Entries go to `wal/` with their kind as the first payload byte.
 //! - The hard state is kept in memory until the turn's sync, then saved (two-slot file,
 //!   synced), so a slot is never written twice before a flush.
+//! - Syncs are split ([`SplitSync`]): `begin_sync` captures what the WAL holds and writes
+//!   the hard state; the node runs the flushes ([`Storage::sync_targets`]) as fdatasync
+//!   operations on its ring; `complete_sync` once all of them succeeded. A failed flush
+//!   is fatal ([`Storage::sync_failed`]). The blocking `LogStorage::sync` does the same
+//!   with fdatasync(2) inside the call (tests use it).
 //! - A snapshot is written atomically: `snapshot.tmp`, fsync, rename to `snapshot`,
 //!   fsync the directory; then the WAL prefix it covers is compacted.
 //!
@@ -12,14 +17,15 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
-use vigil_wal::{EntryRef, HardState as WalHardState, HardStateFile, Wal};
+use vigil_wal::{EntryRef, HardState as WalHardState, HardStateFile, SyncToken, Wal};
 
 use crate::codec::{put_u32, put_u64, Reader};
 use crate::limits;
 use crate::raft::{
-    EntriesView, Entry, EntryKind, HardState, Index, LogStorage, Recovered, SnapshotMeta,
+    EntriesView, Entry, EntryKind, HardState, Index, LogStorage, Recovered, SnapshotMeta, SplitSync,
 };
 
 const SNAPSHOT_MAGIC: [u8; 4] = *b"VGLS";
@@ -33,8 +39,19 @@ pub struct Storage {
     pending_hard_state: Option<HardState>,
     /// Kind-prefixed payloads of the batch being appended (reused).
     scratch: Vec<u8>,
+    /// Where each entry of a piece of the batch lies in `scratch` (reused).
+    bounds: Vec<(usize, usize)>,
+    /// The sync in flight, if any: when it began, the WAL's part (None when the WAL had
+    /// nothing unsynced), and the hard-state file's descriptor if it was written.
+    sync: Option<InFlightSync>,
     /// Durations of the last syncs in nanoseconds, for metrics (drained by the node).
     pub last_sync_ns: Option<u64>,
+}
+
+struct InFlightSync {
+    started: crate::io::Instant,
+    wal: Option<SyncToken>,
+    hard_state_fd: Option<RawFd>,
 }
 
 #[derive(Debug)]
@@ -145,10 +162,97 @@ impl Storage {
                 scratch: Vec::with_capacity(
                     limits::MAX_APPEND_BYTES + limits::MAX_ENTRIES_PER_APPEND,
                 ),
+                bounds: Vec::with_capacity(limits::MAX_ENTRIES_PER_APPEND),
+                sync: None,
                 last_sync_ns: None,
             },
             recovered,
         ))
+    }
+}
+
+impl Storage {
+    /// The descriptors to fdatasync for the sync in flight: the WAL segments it touched
+    /// (normally one, two at a rollover), then the hard-state file if it was written.
+    /// They stay open until `complete_sync`.
+    pub fn sync_targets(&self) -> impl Iterator<Item = RawFd> + '_ {
+        let sync = self.sync.as_ref();
+        let wal = sync
+            .filter(|s| s.wal.is_some())
+            .into_iter()
+            .flat_map(|_| self.wal.sync_targets().map(|t| t.fd));
+        wal.chain(sync.and_then(|s| s.hard_state_fd))
+    }
+
+    /// Whether the sync in flight carries a new term or vote (an election is waiting).
+    pub fn sync_writes_hard_state(&self) -> bool {
+        self.sync
+            .as_ref()
+            .is_some_and(|s| s.hard_state_fd.is_some())
+    }
+
+    /// Runs the flushes of the sync in flight here, blocking (fdatasync(2)); a failure
+    /// aborts. The caller then completes the sync as if the flushes had run on the ring.
+    pub fn flush_blocking(&self) {
+        for fd in self.sync_targets() {
+            // SAFETY: fdatasync on a descriptor the storage keeps open until complete_sync.
+            if unsafe { libc::fdatasync(fd) } != 0 {
+                self.sync_failed(&std::io::Error::last_os_error());
+            }
+        }
+    }
+
+    /// A flush of the sync in flight failed: stop now (a retried flush may report
+    /// success for data the kernel dropped). Logs and aborts.
+    pub fn sync_failed(&self, err: &std::io::Error) -> ! {
+        self.wal.sync_failed(err)
+    }
+
+    /// The last log index the WAL holds durably.
+    pub fn synced_index(&self) -> Index {
+        self.wal.synced_index()
+    }
+}
+
+impl SplitSync for Storage {
+    fn begin_sync(&mut self) -> Result<usize, StorageError> {
+        assert!(self.sync.is_none(), "one sync in flight at most");
+        // The hard-state write and the WAL's flush run in parallel, and the hard state's
+        // block may even reach the disk by writeback before either flush. Recovery
+        // refuses a hard state whose commit index the log does not hold, so the commit
+        // index written rides along only as far as the log was durable before this sync.
+        let durable_before = self.wal.synced_index();
+        let wal = self.wal.begin_sync();
+        let hard_state_fd = match self.pending_hard_state.take() {
+            Some(hs) => Some(self.hard_state.write_unsynced(WalHardState {
+                term: hs.term,
+                voted_for: hs.vote,
+                commit: hs.commit.min(durable_before),
+            })?),
+            None => None,
+        };
+        self.sync = Some(InFlightSync {
+            started: crate::io::Instant::now(),
+            wal,
+            hard_state_fd,
+        });
+        Ok(self.sync_targets().count())
+    }
+
+    fn complete_sync(&mut self) -> Result<Index, StorageError> {
+        let sync = self
+            .sync
+            .take()
+            .expect("complete_sync without a sync in flight");
+        if let Some(token) = sync.wal {
+            self.wal.complete_sync(token)?;
+        }
+        self.last_sync_ns = Some(
+            crate::io::Instant::now()
+                .saturating_duration_since(sync.started)
+                .as_nanos() as u64,
+        );
+        Ok(self.wal.synced_index())
     }
 }
 
@@ -164,7 +268,8 @@ impl LogStorage for Storage {
         while i < entries.len() {
             self.scratch.clear();
             let start = i;
-            let mut bounds = Vec::with_capacity(limits::MAX_ENTRIES_PER_APPEND);
+            let bounds = &mut self.bounds;
+            bounds.clear();
             while i < entries.len()
                 && bounds.len() < limits::MAX_ENTRIES_PER_APPEND
                 && (bounds.is_empty()
@@ -177,18 +282,21 @@ impl LogStorage for Storage {
                 bounds.push((at, self.scratch.len()));
                 i += 1;
             }
-            let refs: Vec<EntryRef<'_>> = bounds
-                .iter()
-                .enumerate()
-                .map(|(k, &(a, b))| {
-                    let e = entries.get(start + k);
-                    EntryRef {
-                        index: e.index,
-                        term: e.term,
-                        payload: &self.scratch[a..b],
-                    }
-                })
-                .collect();
+            // On the stack: the steady-state write path does not allocate.
+            let mut refs = [EntryRef {
+                index: 0,
+                term: 0,
+                payload: &[],
+            }; limits::MAX_ENTRIES_PER_APPEND];
+            for (k, &(a, b)) in bounds.iter().enumerate() {
+                let e = entries.get(start + k);
+                refs[k] = EntryRef {
+                    index: e.index,
+                    term: e.term,
+                    payload: &self.scratch[a..b],
+                };
+            }
+            let refs = &refs[..bounds.len()];
             if let Some(first) = refs.first() {
                 let expected = self.wal.last_index() + 1;
                 if first.index != expected {
@@ -199,7 +307,19 @@ impl LogStorage for Storage {
                     )));
                 }
             }
-            self.wal.append(&refs)?;
+            let segments = self.wal.segment_count();
+            let started = crate::io::Instant::now();
+            self.wal.append(refs)?;
+            if self.wal.segment_count() > segments {
+                // Creating a segment (fallocate, fdatasync, rename, directory fsync)
+                // blocks the loop: worth knowing when a turn was slow.
+                let took = crate::io::Instant::now().saturating_duration_since(started);
+                log::info!(
+                    "wal: new segment at entry {} ({:.1} ms, blocking)",
+                    refs[0].index,
+                    took.as_secs_f64() * 1e3
+                );
+            }
         }
         Ok(())
     }
@@ -231,6 +351,10 @@ impl LogStorage for Storage {
     }
 
     fn sync(&mut self) -> Result<(), StorageError> {
+        assert!(
+            self.sync.is_none(),
+            "blocking sync while a split sync is in flight"
+        );
         let start = crate::io::Instant::now();
         self.wal.sync()?;
         if let Some(hs) = self.pending_hard_state.take() {
@@ -364,6 +488,68 @@ mod tests {
         assert_eq!(r.entries.len(), 4);
         assert_eq!(r.entries[3].term, 2);
         assert_eq!(r.entries[0], entry(1));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn flush(fds: &[RawFd]) {
+        for &fd in fds {
+            // SAFETY: fdatasync on descriptors the storage keeps open until complete_sync.
+            assert_eq!(unsafe { libc::fdatasync(fd) }, 0);
+        }
+    }
+
+    #[test]
+    fn split_sync_names_its_flushes_and_covers_what_was_written_before_it_began() {
+        let dir = temp_dir("split");
+        {
+            let (mut s, _) = Storage::open(&dir).unwrap();
+            let es: Vec<Entry> = (1..=5).map(entry).collect();
+            s.write_entries(1, EntriesView::from_slice(&es)).unwrap();
+            s.write_hard_state(&HardState {
+                term: 1,
+                vote: 2,
+                commit: 5,
+            })
+            .unwrap();
+            assert_eq!(
+                s.begin_sync().unwrap(),
+                2,
+                "the WAL segment and the hard state"
+            );
+            let fds: Vec<RawFd> = s.sync_targets().collect();
+            assert_eq!(fds.len(), 2);
+            // Writes go on while the flushes run; they belong to the next sync.
+            s.write_entries(6, EntriesView::from_slice(&[entry(6)]))
+                .unwrap();
+            flush(&fds);
+            assert_eq!(
+                s.complete_sync().unwrap(),
+                5,
+                "entry 6 came after the begin"
+            );
+            assert_eq!(
+                s.begin_sync().unwrap(),
+                1,
+                "the WAL only: no new term or vote"
+            );
+            flush(&s.sync_targets().collect::<Vec<_>>());
+            assert_eq!(s.complete_sync().unwrap(), 6);
+            assert_eq!(s.begin_sync().unwrap(), 0, "nothing left to flush");
+            assert_eq!(s.complete_sync().unwrap(), 6);
+        }
+        let (_, r) = Storage::open(&dir).unwrap();
+        // The hard state's flush ran beside the WAL's, so its commit index was cut to
+        // what the log held durably before that sync (nothing): recovery never sees a
+        // commit index beyond the log.
+        assert_eq!(
+            r.hard_state,
+            HardState {
+                term: 1,
+                vote: 2,
+                commit: 0
+            }
+        );
+        assert_eq!(r.entries.len(), 6);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

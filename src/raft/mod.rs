@@ -15,6 +15,8 @@
 //!                            send messages that promise nothing, queue votes and acks
 //! driver.finish_turn(..)     ONE sync; raft.persisted(..); send the queued messages;
 //!                            apply committed entries; answer reads whose index is applied
+//!                            (or split: driver.end_turn(..) starts the sync and applies,
+//!                            driver.complete_sync(..) when the flushes are done)
 //! occasionally:              raft.compact(applied, state_machine_bytes)
 //! ```
 //!
@@ -42,5 +44,5 @@ pub mod rng;
 pub mod types;
 
 pub use self::core::{Bugs, Config, Outputs, Raft, Recovered};
-pub use self::driver::{Driver, LogStorage, StateMachine, Transport};
+pub use self::driver::{Driver, LogStorage, SplitSync, StateMachine, Transport};
 pub use self::types::*;
