@@ -961,3 +961,87 @@ fn a_leader_whose_transfer_failed_after_timeout_now_steps_down() {
     assert!(c.raft(l).term() > term);
     assert!(c.raft(l).quorum_contact().is_some());
 }
+
+/// Takes the first queued message that matches `f` out of the queue (held in flight).
+fn hold(c: &mut Cluster, f: impl Fn(&Message) -> bool) -> (Message, OwnedPayload) {
+    let at = c
+        .queue
+        .iter()
+        .position(|(m, _)| f(m))
+        .expect("a matching message");
+    c.queue.remove(at).unwrap()
+}
+
+/// The simulator's split brain on seeds 14195, 15458, 16906 and 17224: a follower process
+/// acknowledged round R and crashed; its successor received a late copy of round R and
+/// then the leader's confirmation of R, which the leader had made from the predecessor's
+/// acknowledgement. The successor anchored its host lease at its late receipt, after the
+/// last acknowledgement the leader ever got from the node: its lease outlived the
+/// leader's L(1 + eps) wait. Confirmations name the acknowledging process now.
+#[test]
+fn a_restarted_follower_never_takes_its_predecessors_lease_confirmation() {
+    let mut c = Cluster::new(3, 0, 0, |_| {});
+    elect(&mut c, 1);
+    // Round R: a heartbeat, and an entry appended in the same round whose copy to node 2
+    // stays in flight.
+    c.advance(20 * MS);
+    c.propose(1, b"late").unwrap();
+    let is_append_to_2 = |m: &Message, entries: bool| {
+        m.to == 2 && matches!(m.body, Body::Append { count, .. } if (count > 0) == entries)
+    };
+    let late = hold(&mut c, |m| is_append_to_2(m, true));
+    let Body::Append {
+        read_seq: round, ..
+    } = late.0.body
+    else {
+        unreachable!()
+    };
+    c.deliver_all();
+    // Node 2 answered R's heartbeat; the leader confirms R in its next round.
+    c.advance(20 * MS);
+    let confirm = hold(&mut c, |m| {
+        m.to == 2 && matches!(m.body, Body::Append { lease_seq, .. } if lease_seq == round)
+    });
+    let last_ack = c.raft(1).peer_last_ack(2).unwrap();
+    let old_anchor = c.raft(2).host_lease_anchor().expect("confirmed rounds");
+    assert!(old_anchor.0 <= last_ack);
+    // Node 2 crashes and starts again (a new incarnation); its answers are lost.
+    let n = c.node(2);
+    let rec = Recovered {
+        hard_state: n.storage.hard_state,
+        snapshot: n.storage.snapshot.clone(),
+        entries: n.storage.entries.clone(),
+    };
+    let mut cfg = config(2);
+    cfg.incarnation ^= 0xff;
+    let m = Membership::new(&[1, 2, 3], &[]).unwrap();
+    n.raft = Raft::new(cfg, m, rec).unwrap();
+    n.driver = Driver::new(1024, 1024);
+    c.queue.retain(|(m, _)| m.to != 2);
+    c.cut[1][0] = true;
+    // Much later the held copies arrive: first round R, then the confirmation of R.
+    c.now += 300 * MS;
+    c.queue.push_front(confirm);
+    c.queue.push_front(late);
+    c.deliver_all();
+    assert!(
+        c.raft(2).last_leader_contact().is_some(),
+        "it heard the leader"
+    );
+    // The host lease never starts after the last acknowledgement the leader received
+    // from the node (the leader declares it dead L(1 + eps) after that).
+    let anchor = c.raft(2).host_lease_anchor();
+    assert!(
+        anchor.is_none_or(|(t, _)| t <= last_ack),
+        "the new process anchored its lease at {anchor:?}, after the leader's last ack {last_ack}"
+    );
+    // Once its own answers get through, the new process's rounds are confirmed.
+    c.heal();
+    c.run_for(100 * MS);
+    let (t, _) = c
+        .raft(2)
+        .host_lease_anchor()
+        .expect("its own rounds confirmed");
+    assert!(t > last_ack + 300 * MS);
+    assert!(t <= c.raft(1).peer_last_ack(2).unwrap());
+}

@@ -3,16 +3,25 @@
 //! Every host measures time on its own CLOCK_MONOTONIC, and clock rates differ by at
 //! most eps. The rules (ARCHITECTURE.md, "Time, leases and fencing"):
 //!
-//! - A host's lease starts when it *received* a leader heartbeat that it then
-//!   acknowledged, and ends at `receipt + L(1 - eps) - fence_margin` on the host's
-//!   clock. Past that, its VMMs fence themselves.
+//! - A host's lease starts when it *received* a leader heartbeat round that it
+//!   acknowledged and whose acknowledgement the leader confirmed it received, and ends at
+//!   `receipt + L(1 - eps) - fence_margin` on the host's clock. Past that, its VMMs fence
+//!   themselves. Precisely (`Raft::host_lease_anchor`): the leader numbers its heartbeat
+//!   rounds; a follower process records the first receipt of each round newer than all
+//!   it recorded; the leader confirms round R to the follower (`lease_seq`) only after it
+//!   received a successful acknowledgement of R *from that same process* (its
+//!   incarnation, `lease_incarnation`) while it held its own leader lease; the lease runs
+//!   from the process's recorded receipt of the latest confirmed round, and only once the
+//!   host applied the commit index the confirming append carried.
 //! - The leader may declare a host dead only once `L(1 + eps)` has passed on the
 //!   leader's clock since it received that host's last acknowledgement.
 //! - A newly elected leader first waits `L(1 + eps)` from its election before declaring
 //!   anyone dead (it does not know which acknowledgements its predecessor received).
 //!
-//! Why it is safe: the acknowledgement was sent after the host received the heartbeat,
-//! so in true time `host receipt <= leader receipt`. A host clock that runs slow by eps
+//! Why it is safe: the confirmed acknowledgement was sent by the same process after it
+//! received the round (a restarted process does not remember its predecessor's
+//! receipts, hence the incarnation), so in true time `host receipt <= leader receipt`
+//! of that acknowledgement `<=` the leader's last acknowledgement from the host. A host clock that runs slow by eps
 //! turns the host's `L(1 - eps)` into at most `L` of true time; a leader clock that runs
 //! fast by eps turns the leader's `L(1 + eps)` into at least `L` of true time. So the
 //! host fences at least `fence_margin` before the leader may act, and the margin covers

@@ -66,6 +66,12 @@ pub struct Config {
     pub max_pending_reads: usize,
     pub snapshot_chunk_bytes: usize,
     pub seed: u64,
+    /// Which process of this node this is: nonzero, and different for every start of
+    /// the node (a random number). Acknowledgements carry it and the leader echoes it
+    /// with its host lease confirmation (`Body::Append::lease_incarnation`), so that a
+    /// restarted process never takes a confirmation meant for its predecessor.
+    /// `Config::new` derives it from the seed, which must then differ per start too.
+    pub incarnation: u64,
     pub bugs: Bugs,
 }
 
@@ -86,6 +92,7 @@ impl Config {
             max_pending_reads: limits::MAX_PENDING_READS,
             snapshot_chunk_bytes: limits::SNAPSHOT_CHUNK_BYTES,
             seed,
+            incarnation: Rng::new(seed ^ id.rotate_left(32) ^ 0x1dc4_a7e0).next_u64() | 1,
             bugs: Bugs::default(),
         }
     }
@@ -230,6 +237,7 @@ impl Raft {
         assert!(cfg.id != 0, "node id 0 is reserved");
         assert!(cfg.heartbeat_interval > 0 && cfg.election_timeout > cfg.heartbeat_interval);
         assert!(cfg.election_spread > 0, "randomised timeouts need a spread");
+        assert!(cfg.incarnation != 0, "incarnation 0 is reserved");
         let mut log = RaftLog::new(cfg.log_capacity);
         let mut snapshot_membership = initial;
         let mut snapshot_data = Vec::with_capacity(MEMBERSHIP_MAX_BYTES);
@@ -438,10 +446,24 @@ impl Raft {
         Some(self.last_leader_contact)
     }
     /// Follower: where this host's lease may run from: (receipt time, leader commit
-    /// index) of the latest round of the current leader's appends that this node
+    /// index) of the latest round of the current leader's appends that this process
     /// acknowledged with success and that the leader confirmed it received while it
     /// held its leader lease. Use it only once the state machine applied up to that
     /// commit index.
+    ///
+    /// The rule, precisely: the leader numbers its heartbeat rounds (`read_seq`). This
+    /// process records the first receipt of any append of a round, for rounds newer
+    /// than every round it recorded in the term. The leader confirms round R to this
+    /// node (`lease_seq = R`, `lease_incarnation`) only after it received a successful
+    /// acknowledgement of R, sent by the process with that incarnation, while it held
+    /// its leader lease. The anchor is this process's receipt of the latest round
+    /// confirmed for its own incarnation, with the commit index of the confirming
+    /// append. So the anchor precedes (in true time) an acknowledgement the leader
+    /// received, and the leader's L(1 + eps) wait from its last acknowledgement covers
+    /// the host's lease. Without the incarnation a restarted process, which forgot its
+    /// predecessor's receipts, took the confirmation of its predecessor's
+    /// acknowledgement for a late copy of the same round that it received itself (the
+    /// simulator's split brain on seeds 14195, 15458, 16906 and 17224).
     ///
     /// Why not `last_leader_contact`: that is refreshed by any message of the leader,
     /// also by appends this node rejects, by appends whose acknowledgement is lost
@@ -731,6 +753,7 @@ impl Raft {
                             hint_index: 0,
                             hint_term: 0,
                             read_seq: 0,
+                            incarnation: self.cfg.incarnation,
                         },
                         false,
                     );
@@ -794,6 +817,7 @@ impl Raft {
                 count,
                 read_seq,
                 lease_seq,
+                lease_incarnation,
             } => {
                 self.accept_leader(m.from);
                 if self.rounds_term != self.term {
@@ -807,7 +831,9 @@ impl Raft {
                 }
                 let slot = (lease_seq % ROUND_HISTORY as u64) as usize;
                 let (seq, at, _) = self.round_receipts[slot];
-                if lease_seq != 0 && seq == lease_seq && at >= self.lease_anchor.0 {
+                let confirmed =
+                    lease_seq != 0 && lease_incarnation == self.cfg.incarnation && seq == lease_seq;
+                if confirmed && at >= self.lease_anchor.0 {
                     // The commit index of this (confirming) append, not of the round's:
                     // the round's append may have waited long (a freeze) and predate
                     // verdicts the leader committed before it confirmed the round.
@@ -844,11 +870,11 @@ impl Raft {
                 hint_index,
                 hint_term,
                 read_seq,
+                incarnation,
             } => {
                 if self.role == Role::Leader {
-                    self.handle_append_resp(
-                        m.from, success, index, hint_index, hint_term, read_seq,
-                    );
+                    let round = (read_seq, incarnation);
+                    self.handle_append_resp(m.from, success, index, hint_index, hint_term, round);
                 }
             }
             Body::Snapshot {
@@ -1282,6 +1308,7 @@ impl Raft {
             count: 0,
             read_seq: self.read_seq,
             lease_seq: p.lease_acked_seq,
+            lease_incarnation: p.lease_acked_incarnation,
         };
         let to = p.id;
         self.send(to, body, false);
@@ -1338,6 +1365,7 @@ impl Raft {
                 count: count as u32,
                 read_seq: self.read_seq,
                 lease_seq: self.progress[i].lease_acked_seq,
+                lease_incarnation: self.progress[i].lease_acked_incarnation,
             };
             let to = self.progress[i].id;
             self.send(to, body, false);
@@ -1415,7 +1443,7 @@ impl Raft {
         index: Index,
         hint_index: Index,
         hint_term: Term,
-        read_seq: u64,
+        (read_seq, incarnation): (u64, u64),
     ) {
         let Some(i) = self.progress_slot(from) else {
             return;
@@ -1431,7 +1459,16 @@ impl Raft {
         let p = &mut self.progress[i];
         p.last_ack_at = now;
         if success && leader_lease {
-            p.lease_acked_seq = p.lease_acked_seq.max(read_seq);
+            if p.lease_acked_incarnation == incarnation {
+                p.lease_acked_seq = p.lease_acked_seq.max(read_seq);
+            } else {
+                // Another process of the follower answered (it restarted, or a late
+                // answer of its predecessor arrived): confirm rounds for that process
+                // only. A late predecessor answer delays the new process's lease by a
+                // round; it never lends the predecessor's rounds to the new process.
+                p.lease_acked_incarnation = incarnation;
+                p.lease_acked_seq = read_seq;
+            }
         }
         p.acked_read_seq = p.acked_read_seq.max(read_seq);
         let (round, started) = self.round_started[(read_seq % ROUND_HISTORY as u64) as usize];
@@ -1671,6 +1708,7 @@ impl Raft {
                     hint_index,
                     hint_term,
                     read_seq,
+                    incarnation: me.cfg.incarnation,
                 },
                 true,
             );
@@ -1696,6 +1734,7 @@ impl Raft {
                         hint_index: 0,
                         hint_term: 0,
                         read_seq,
+                        incarnation: self.cfg.incarnation,
                     },
                     true,
                 );
@@ -1759,6 +1798,7 @@ impl Raft {
                 hint_index: 0,
                 hint_term: 0,
                 read_seq,
+                incarnation: self.cfg.incarnation,
             },
             true,
         );
@@ -1833,6 +1873,7 @@ impl Raft {
                     hint_index: 0,
                     hint_term: 0,
                     read_seq: 0,
+                    incarnation: self.cfg.incarnation,
                 },
                 true,
             );
@@ -1912,6 +1953,7 @@ impl Raft {
                 hint_index: 0,
                 hint_term: 0,
                 read_seq: 0,
+                incarnation: self.cfg.incarnation,
             },
             true,
         );

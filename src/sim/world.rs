@@ -1075,6 +1075,7 @@ impl World {
                     for h in &mut vm.hosts {
                         h.frozen_until = 0;
                     }
+                    vm.healed_at = Some(self.now);
                 }
                 for row in &mut self.blocked {
                     row.iter_mut().for_each(|x| *x = false);
