@@ -353,12 +353,12 @@ impl World {
         };
         if w.cfg.vms {
             let fault_time = w.cfg.fault_time;
-            w.vm = Some(hosts::VmWorld::new(
-                total,
-                w.cfg.vm_bugs,
-                &mut w.rng,
-                fault_time,
-            ));
+            let mut vm = hosts::VmWorld::new(total, w.cfg.vm_bugs, &mut w.rng, fault_time);
+            if !w.cfg.faults {
+                // Nothing to heal: the liveness checks hold from the start.
+                vm.healed_at = Some(0);
+            }
+            w.vm = Some(vm);
         }
         for n in 0..total {
             w.start_node(n);
