@@ -1045,3 +1045,110 @@ fn a_restarted_follower_never_takes_its_predecessors_lease_confirmation() {
     assert!(t > last_ack + 300 * MS);
     assert!(t <= c.raft(1).peer_last_ack(2).unwrap());
 }
+
+/// Fast failover: survivors that saw the dead leader's connection break elect a new
+/// leader at once, without waiting out the old leader's lease (an election timeout).
+#[test]
+fn survivors_that_lost_the_leaders_connection_elect_at_once() {
+    let mut c = Cluster::new(3, 0, 0, |_| {});
+    elect(&mut c, 1);
+    let term = c.raft(1).term();
+    // Leader 1 dies (kill -9): nodes 2 and 3 see its connections reset.
+    c.isolate(1);
+    c.advance(5 * MS);
+    c.deliver_all();
+    // Loyal voters refuse a campaign within an election timeout of the leader's message.
+    c.campaign(2);
+    assert_eq!(
+        c.leader(),
+        Some(1),
+        "refused while the old lease is honoured"
+    );
+    assert_ne!(c.raft(2).role(), Role::Follower, "node 2 did campaign");
+    let now = c.now;
+    assert!(
+        !c.node(2).raft.leader_connection_lost(now, 3),
+        "3 is not the leader"
+    );
+    // Both survivors see the reset, also node 2 whose PreVote is under way.
+    for id in [2, 3] {
+        assert!(c.node(id).raft.leader_connection_lost(now, 1), "node {id}");
+    }
+    c.campaign(2);
+    assert_eq!(c.raft(2).role(), Role::Leader, "elected at once");
+    assert!(c.raft(2).term() > term);
+    // The leader and candidates ignore the call.
+    let now = c.now;
+    assert!(!c.node(2).raft.leader_connection_lost(now, 2));
+}
+
+/// A message from the leader restores the loyalty: a connection that broke and came back
+/// (the leader is alive) does not leave the follower granting votes to others.
+#[test]
+fn a_message_from_the_leader_restores_loyalty_after_a_lost_connection() {
+    let mut c = Cluster::new(3, 0, 0, |_| {});
+    elect(&mut c, 1);
+    let term = c.raft(1).term();
+    let now = c.now;
+    assert!(c.node(2).raft.leader_connection_lost(now, 1));
+    // The leader's next heartbeat arrives on a new connection.
+    c.advance(20 * MS);
+    c.deliver_all();
+    // Node 3 cannot hear the leader and campaigns; node 2 is loyal again.
+    c.cut[0][2] = true;
+    c.campaign(3);
+    assert_eq!(
+        c.raft(2).term(),
+        term,
+        "node 2 refused: it hears the leader"
+    );
+    assert_eq!(c.leader(), Some(1));
+}
+
+/// Seed 2461 (once failover was fast): the leader proposed `HostDead` for a host and
+/// then confirmed that host's next acknowledgement; the confirmation carried only the
+/// old commit index, so the host used it, kept its VM, and the VM started elsewhere once
+/// the verdict committed. A confirmation now requires the leader's last index.
+#[test]
+fn a_lease_confirmed_after_a_proposed_verdict_needs_the_verdict_applied() {
+    let mut c = Cluster::new(5, 0, 0, |_| {});
+    elect(&mut c, 1);
+    let step = |c: &mut Cluster| {
+        // Entries reach only node 2: nothing new commits; heartbeats reach everyone.
+        c.advance(5 * MS);
+        c.drop_where(|m| m.to != 2 && matches!(m.body, Body::Append { count, .. } if count > 0));
+        while c.deliver_one().is_some() {
+            c.drop_where(|m| {
+                m.to != 2 && matches!(m.body, Body::Append { count, .. } if count > 0)
+            });
+        }
+    };
+    c.run_for(60 * MS);
+    let before = c.raft(2).host_lease_anchor().expect("confirmed").0;
+    let proposed_at = c.now;
+    let (verdict, _) = c.propose(1, b"HostDead(2)").unwrap();
+    for _ in 0..20 {
+        step(&mut c);
+    }
+    assert!(
+        c.raft(1).commit_index() < verdict,
+        "the verdict did not commit"
+    );
+    assert!(
+        c.raft(1).quorum_contact().is_some(),
+        "the leader kept its lease"
+    );
+    assert!(c.raft(2).last_index() >= verdict, "node 2 has the verdict");
+    let (at, required) = c.raft(2).host_lease_anchor().unwrap();
+    assert!(at >= before);
+    assert!(
+        at <= proposed_at,
+        "node 2's lease runs from {at}, confirmed after the verdict was proposed at \
+         {proposed_at}, without the verdict applied (required index {required})"
+    );
+    // Once the verdict commits and node 2 applies it, the newer anchors count.
+    c.run_for(50 * MS);
+    assert!(c.raft(2).applied_index() >= verdict);
+    let (at, _) = c.raft(2).host_lease_anchor().unwrap();
+    assert!(at > proposed_at + 100 * MS);
+}

@@ -295,22 +295,23 @@ mod tests {
     fn declared_dead_only_after_the_wait_since_ack_and_since_election() {
         let rules = LeaseRules::new(&Timing::default());
         let wait = rules.leader_wait_ns;
+        let election_wait = rules.new_leader_wait_ns;
         let mut state = state_with_hosts(&[1, 2, 3]);
         let elected = 10_000 * MS;
         let mut detector = FailureDetector::new(rules, elected, MS);
         // Host 2 acks shortly after the election; host 3 never does.
-        detector.on_ack(2, elected + 100 * MS);
+        detector.on_ack(2, elected + 200 * MS);
         // Before the election wait nobody is declared dead, not even the silent host 3.
         assert!(detector
-            .hosts_to_declare_dead(&state, 1, elected + wait - 1)
+            .hosts_to_declare_dead(&state, 1, elected + election_wait - 1)
             .is_empty());
         // At the election wait: host 3 (never acked); host 2 is protected by its ack;
         // host 1 is the leader itself.
         assert_eq!(
-            dead_hosts(&detector.hosts_to_declare_dead(&state, 1, elected + wait)),
+            dead_hosts(&detector.hosts_to_declare_dead(&state, 1, elected + election_wait)),
             vec![3]
         );
-        let ack = elected + 100 * MS;
+        let ack = elected + 200 * MS;
         assert_eq!(
             dead_hosts(&detector.hosts_to_declare_dead(&state, 1, ack + wait - 1)),
             vec![3]

@@ -105,6 +105,7 @@ pub fn encode_message(m: &Message, payload: Payload<'_>, out: &mut Vec<u8>) {
             read_seq,
             lease_seq,
             lease_incarnation,
+            lease_index,
         } => {
             put_u8(out, 5);
             put_u64(out, prev_index);
@@ -114,6 +115,7 @@ pub fn encode_message(m: &Message, payload: Payload<'_>, out: &mut Vec<u8>) {
             put_u64(out, read_seq);
             put_u64(out, lease_seq);
             put_u64(out, lease_incarnation);
+            put_u64(out, lease_index);
         }
         Body::AppendResp {
             success,
@@ -210,6 +212,7 @@ pub fn decode_message(bytes: &[u8]) -> Result<(Message, OwnedPayload), DecodeErr
             read_seq: r.u64("append.read_seq")?,
             lease_seq: r.u64("append.lease_seq")?,
             lease_incarnation: r.u64("append.lease_incarnation")?,
+            lease_index: r.u64("append.lease_index")?,
         },
         6 => Body::AppendResp {
             success: r.bool("append_resp.success")?,
@@ -375,6 +378,7 @@ mod tests {
                 read_seq: 9,
                 lease_seq: 4,
                 lease_incarnation: 0x0123_4567_89ab_cdef,
+                lease_index: 11,
             },
         };
         let mut out = Vec::new();
@@ -444,6 +448,7 @@ mod tests {
                 read_seq: 0,
                 lease_seq: 0,
                 lease_incarnation: 0,
+                lease_index: 0,
             },
         };
         let mut out = Vec::new();

@@ -256,6 +256,11 @@ pub enum Body {
         /// sent that acknowledgement: a confirmation counts only for that process (a
         /// restarted one may have received another copy of the same round later).
         lease_incarnation: u64,
+        /// The leader's last log index when it sent this append: the receiver may use
+        /// the lease this append confirms only once it applied that far, so that every
+        /// verdict the leader had proposed by then (a `HostDead` for the receiver)
+        /// reaches it first.
+        lease_index: Index,
     },
     /// On success `index` is the highest index known to match; on rejection it is
     /// the rejected `prev_index` and `hint_*` point the leader at the conflict.

@@ -199,11 +199,11 @@ impl VmWorld {
 }
 
 /// How long a VM may run nowhere while one leader leads, after the last heal: the new
-/// leader's L(1 + eps) wait before it may declare its host dead (the host's own L(1 + eps)
+/// leader's L(1 + eps) + ET(1 + eps) wait before it may declare its host dead (the host's own L(1 + eps)
 /// since its last acknowledgement runs concurrently), then the verdict, the placement
 /// and the start, a few heartbeats and host ticks; one second of slack for lossy links.
 pub(super) fn vm_recovery_bound(rules: &LeaseRules) -> Nanos {
-    rules.leader_wait_ns + 1_000 * MS
+    rules.new_leader_wait_ns + 1_000 * MS
 }
 
 impl VmWorld {
@@ -354,7 +354,7 @@ impl World {
         if h.detector.as_ref().is_none_or(|(t, _)| *t != term) {
             // Noticed at the first tick as leader: no earlier than the election.
             let elected_at = if vm.bugs.skip_new_leader_lease_wait {
-                local.saturating_sub(vm.rules.leader_wait_ns)
+                local.saturating_sub(vm.rules.new_leader_wait_ns)
             } else {
                 local
             };
@@ -834,6 +834,6 @@ mod tests {
         // No leader: no clock.
         vm.stable_leader = (None, 3_900 * MS);
         assert_eq!(vm.down_while_led(1_000 * MS, 9_000 * MS), None);
-        assert_eq!(vm_recovery_bound(&vm.rules), 1_505 * MS);
+        assert_eq!(vm_recovery_bound(&vm.rules), 1_606 * MS);
     }
 }
