@@ -127,7 +127,9 @@ fn seeds_that_once_failed_pass() {
     // Split brain (2461, with fast failover): the leader confirmed a host's lease right
     // after it proposed the host's `HostDead`; confirmations now require the leader's
     // last index applied.
-    for seed in [14195, 15458, 16906, 17224, 8128, 18535, 10177, 2461] {
+    // Liveness (3144): a leader whose own host an earlier leader had declared dead never
+    // revived it, and with no other host left the VMs waited for good.
+    for seed in [14195, 15458, 16906, 17224, 8128, 18535, 10177, 2461, 3144] {
         let r = run(SimConfig::vm_mode(seed));
         assert_eq!(r.violation, None, "seed {seed}");
     }

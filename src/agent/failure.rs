@@ -193,15 +193,25 @@ impl FailureDetector {
 
     /// The `HostAlive` commands to propose at `now_ns`: dead hosts that acknowledged a
     /// heartbeat of this leader recently enough that they could not be declared dead
-    /// now. Safe at any time: their VMs were moved under new tokens when they were
-    /// declared dead, and reconcile on the returning host stops its stale VMMs.
-    pub fn hosts_to_revive(&self, state: &ClusterState, now_ns: u64) -> Vec<Command> {
+    /// now, and the leader's own host if an earlier leader declared it dead (it never
+    /// acknowledges itself; without this its host stayed dead for good, and with no
+    /// other host left its VMs waited forever: the simulator's seed 3144). Safe at any
+    /// time: their VMs were moved under new tokens when they were declared dead, and
+    /// reconcile on the returning host stops its stale VMMs.
+    pub fn hosts_to_revive(
+        &self,
+        state: &ClusterState,
+        leader: HostId,
+        now_ns: u64,
+    ) -> Vec<Command> {
         state
             .hosts()
             .filter(|host| host.state == HostState::Dead)
             .filter(|host| {
-                self.last_ack_ns(host.id)
-                    .is_some_and(|ack| now_ns.saturating_sub(ack) < self.rules.leader_wait_ns)
+                host.id == leader
+                    || self
+                        .last_ack_ns(host.id)
+                        .is_some_and(|ack| now_ns.saturating_sub(ack) < self.rules.leader_wait_ns)
             })
             .map(|host| Command::HostAlive { host: host.id })
             .collect()
@@ -337,14 +347,19 @@ mod tests {
             .is_empty());
         // Host 3 acks again: it is revived (and only it; host 2 is alive already).
         let back = ack + wait + 50 * MS;
-        assert!(detector.hosts_to_revive(&state, back).is_empty());
+        assert!(detector.hosts_to_revive(&state, 1, back).is_empty());
         detector.on_ack(3, back);
         assert_eq!(
-            detector.hosts_to_revive(&state, back + 10 * MS),
+            detector.hosts_to_revive(&state, 1, back + 10 * MS),
             vec![Command::HostAlive { host: 3 }]
         );
         // An old ack does not revive it.
-        assert!(detector.hosts_to_revive(&state, back + wait).is_empty());
+        assert!(detector.hosts_to_revive(&state, 1, back + wait).is_empty());
+        // A leader whose own host an earlier leader declared dead revives it.
+        assert_eq!(
+            detector.hosts_to_revive(&state, 3, back + wait),
+            vec![Command::HostAlive { host: 3 }]
+        );
     }
 
     #[test]

@@ -390,7 +390,7 @@ impl World {
             // Register first; verdicts and placement once the hosts are known.
         } else {
             cmds.extend(det.hosts_to_declare_dead(state, me, local));
-            cmds.extend(det.hosts_to_revive(state, local));
+            cmds.extend(det.hosts_to_revive(state, me, local));
             if cmds.is_empty() {
                 cmds.extend(placement::plan(state).commands);
                 if self.cfg.verbose {
