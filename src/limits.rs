@@ -47,6 +47,9 @@ pub const RAFT_LOG_CAPACITY: usize = 16 * 1024;
 pub const RAFT_OUTPUT_MESSAGES: usize = MAX_MEMBERS * 4;
 /// Heartbeat rounds whose start times the leader remembers for its lease.
 pub const RAFT_LEASE_ROUNDS: usize = 64;
+/// Confirmed host lease anchors a follower keeps: the newest one whose required index
+/// it has applied is its lease (one per heartbeat round; applying lags a round or two).
+pub const RAFT_LEASE_ANCHORS: usize = 8;
 /// One chunk of an InstallSnapshot transfer.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 512 * 1024;
 

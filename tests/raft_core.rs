@@ -961,3 +961,194 @@ fn a_leader_whose_transfer_failed_after_timeout_now_steps_down() {
     assert!(c.raft(l).term() > term);
     assert!(c.raft(l).quorum_contact().is_some());
 }
+
+/// Takes the first queued message that matches `f` out of the queue (held in flight).
+fn hold(c: &mut Cluster, f: impl Fn(&Message) -> bool) -> (Message, OwnedPayload) {
+    let at = c
+        .queue
+        .iter()
+        .position(|(m, _)| f(m))
+        .expect("a matching message");
+    c.queue.remove(at).unwrap()
+}
+
+/// The simulator's split brain on seeds 14195, 15458, 16906 and 17224: a follower process
+/// acknowledged round R and crashed; its successor received a late copy of round R and
+/// then the leader's confirmation of R, which the leader had made from the predecessor's
+/// acknowledgement. The successor anchored its host lease at its late receipt, after the
+/// last acknowledgement the leader ever got from the node: its lease outlived the
+/// leader's L(1 + eps) wait. Confirmations name the acknowledging process now.
+#[test]
+fn a_restarted_follower_never_takes_its_predecessors_lease_confirmation() {
+    let mut c = Cluster::new(3, 0, 0, |_| {});
+    elect(&mut c, 1);
+    // Round R: a heartbeat, and an entry appended in the same round whose copy to node 2
+    // stays in flight.
+    c.advance(20 * MS);
+    c.propose(1, b"late").unwrap();
+    let is_append_to_2 = |m: &Message, entries: bool| {
+        m.to == 2 && matches!(m.body, Body::Append { count, .. } if (count > 0) == entries)
+    };
+    let late = hold(&mut c, |m| is_append_to_2(m, true));
+    let Body::Append {
+        read_seq: round, ..
+    } = late.0.body
+    else {
+        unreachable!()
+    };
+    c.deliver_all();
+    // Node 2 answered R's heartbeat; the leader confirms R in its next round.
+    c.advance(20 * MS);
+    let confirm = hold(&mut c, |m| {
+        m.to == 2 && matches!(m.body, Body::Append { lease_seq, .. } if lease_seq == round)
+    });
+    let last_ack = c.raft(1).peer_last_ack(2).unwrap();
+    let old_anchor = c.raft(2).host_lease_anchor().expect("confirmed rounds");
+    assert!(old_anchor.0 <= last_ack);
+    // Node 2 crashes and starts again (a new incarnation); its answers are lost.
+    let n = c.node(2);
+    let rec = Recovered {
+        hard_state: n.storage.hard_state,
+        snapshot: n.storage.snapshot.clone(),
+        entries: n.storage.entries.clone(),
+    };
+    let mut cfg = config(2);
+    cfg.incarnation ^= 0xff;
+    let m = Membership::new(&[1, 2, 3], &[]).unwrap();
+    n.raft = Raft::new(cfg, m, rec).unwrap();
+    n.driver = Driver::new(1024, 1024);
+    c.queue.retain(|(m, _)| m.to != 2);
+    c.cut[1][0] = true;
+    // Much later the held copies arrive: first round R, then the confirmation of R.
+    c.now += 300 * MS;
+    c.queue.push_front(confirm);
+    c.queue.push_front(late);
+    c.deliver_all();
+    assert!(
+        c.raft(2).last_leader_contact().is_some(),
+        "it heard the leader"
+    );
+    // The host lease never starts after the last acknowledgement the leader received
+    // from the node (the leader declares it dead L(1 + eps) after that).
+    let anchor = c.raft(2).host_lease_anchor();
+    assert!(
+        anchor.is_none_or(|(t, _)| t <= last_ack),
+        "the new process anchored its lease at {anchor:?}, after the leader's last ack {last_ack}"
+    );
+    // Once its own answers get through, the new process's rounds are confirmed.
+    c.heal();
+    c.run_for(100 * MS);
+    let (t, _) = c
+        .raft(2)
+        .host_lease_anchor()
+        .expect("its own rounds confirmed");
+    assert!(t > last_ack + 300 * MS);
+    assert!(t <= c.raft(1).peer_last_ack(2).unwrap());
+}
+
+/// Fast failover: survivors that saw the dead leader's connection break elect a new
+/// leader at once, without waiting out the old leader's lease (an election timeout).
+#[test]
+fn survivors_that_lost_the_leaders_connection_elect_at_once() {
+    let mut c = Cluster::new(3, 0, 0, |_| {});
+    elect(&mut c, 1);
+    let term = c.raft(1).term();
+    // Leader 1 dies (kill -9): nodes 2 and 3 see its connections reset.
+    c.isolate(1);
+    c.advance(5 * MS);
+    c.deliver_all();
+    // Loyal voters refuse a campaign within an election timeout of the leader's message.
+    c.campaign(2);
+    assert_eq!(
+        c.leader(),
+        Some(1),
+        "refused while the old lease is honoured"
+    );
+    assert_ne!(c.raft(2).role(), Role::Follower, "node 2 did campaign");
+    let now = c.now;
+    assert!(
+        !c.node(2).raft.leader_connection_lost(now, 3),
+        "3 is not the leader"
+    );
+    // Both survivors see the reset, also node 2 whose PreVote is under way.
+    for id in [2, 3] {
+        assert!(c.node(id).raft.leader_connection_lost(now, 1), "node {id}");
+    }
+    c.campaign(2);
+    assert_eq!(c.raft(2).role(), Role::Leader, "elected at once");
+    assert!(c.raft(2).term() > term);
+    // The leader and candidates ignore the call.
+    let now = c.now;
+    assert!(!c.node(2).raft.leader_connection_lost(now, 2));
+}
+
+/// A message from the leader restores the loyalty: a connection that broke and came back
+/// (the leader is alive) does not leave the follower granting votes to others.
+#[test]
+fn a_message_from_the_leader_restores_loyalty_after_a_lost_connection() {
+    let mut c = Cluster::new(3, 0, 0, |_| {});
+    elect(&mut c, 1);
+    let term = c.raft(1).term();
+    let now = c.now;
+    assert!(c.node(2).raft.leader_connection_lost(now, 1));
+    // The leader's next heartbeat arrives on a new connection.
+    c.advance(20 * MS);
+    c.deliver_all();
+    // Node 3 cannot hear the leader and campaigns; node 2 is loyal again.
+    c.cut[0][2] = true;
+    c.campaign(3);
+    assert_eq!(
+        c.raft(2).term(),
+        term,
+        "node 2 refused: it hears the leader"
+    );
+    assert_eq!(c.leader(), Some(1));
+}
+
+/// Seed 2461 (once failover was fast): the leader proposed `HostDead` for a host and
+/// then confirmed that host's next acknowledgement; the confirmation carried only the
+/// old commit index, so the host used it, kept its VM, and the VM started elsewhere once
+/// the verdict committed. A confirmation now requires the leader's last index.
+#[test]
+fn a_lease_confirmed_after_a_proposed_verdict_needs_the_verdict_applied() {
+    let mut c = Cluster::new(5, 0, 0, |_| {});
+    elect(&mut c, 1);
+    let step = |c: &mut Cluster| {
+        // Entries reach only node 2: nothing new commits; heartbeats reach everyone.
+        c.advance(5 * MS);
+        c.drop_where(|m| m.to != 2 && matches!(m.body, Body::Append { count, .. } if count > 0));
+        while c.deliver_one().is_some() {
+            c.drop_where(|m| {
+                m.to != 2 && matches!(m.body, Body::Append { count, .. } if count > 0)
+            });
+        }
+    };
+    c.run_for(60 * MS);
+    let before = c.raft(2).host_lease_anchor().expect("confirmed").0;
+    let proposed_at = c.now;
+    let (verdict, _) = c.propose(1, b"HostDead(2)").unwrap();
+    for _ in 0..20 {
+        step(&mut c);
+    }
+    assert!(
+        c.raft(1).commit_index() < verdict,
+        "the verdict did not commit"
+    );
+    assert!(
+        c.raft(1).quorum_contact().is_some(),
+        "the leader kept its lease"
+    );
+    assert!(c.raft(2).last_index() >= verdict, "node 2 has the verdict");
+    let (at, required) = c.raft(2).host_lease_anchor().unwrap();
+    assert!(at >= before);
+    assert!(
+        at <= proposed_at,
+        "node 2's lease runs from {at}, confirmed after the verdict was proposed at \
+         {proposed_at}, without the verdict applied (required index {required})"
+    );
+    // Once the verdict commits and node 2 applies it, the newer anchors count.
+    c.run_for(50 * MS);
+    assert!(c.raft(2).applied_index() >= verdict);
+    let (at, _) = c.raft(2).host_lease_anchor().unwrap();
+    assert!(at > proposed_at + 100 * MS);
+}

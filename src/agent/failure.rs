@@ -193,15 +193,25 @@ impl FailureDetector {
 
     /// The `HostAlive` commands to propose at `now_ns`: dead hosts that acknowledged a
     /// heartbeat of this leader recently enough that they could not be declared dead
-    /// now. Safe at any time: their VMs were moved under new tokens when they were
-    /// declared dead, and reconcile on the returning host stops its stale VMMs.
-    pub fn hosts_to_revive(&self, state: &ClusterState, now_ns: u64) -> Vec<Command> {
+    /// now, and the leader's own host if an earlier leader declared it dead (it never
+    /// acknowledges itself; without this its host stayed dead for good, and with no
+    /// other host left its VMs waited forever: the simulator's seed 3144). Safe at any
+    /// time: their VMs were moved under new tokens when they were declared dead, and
+    /// reconcile on the returning host stops its stale VMMs.
+    pub fn hosts_to_revive(
+        &self,
+        state: &ClusterState,
+        leader: HostId,
+        now_ns: u64,
+    ) -> Vec<Command> {
         state
             .hosts()
             .filter(|host| host.state == HostState::Dead)
             .filter(|host| {
-                self.last_ack_ns(host.id)
-                    .is_some_and(|ack| now_ns.saturating_sub(ack) < self.rules.leader_wait_ns)
+                host.id == leader
+                    || self
+                        .last_ack_ns(host.id)
+                        .is_some_and(|ack| now_ns.saturating_sub(ack) < self.rules.leader_wait_ns)
             })
             .map(|host| Command::HostAlive { host: host.id })
             .collect()
@@ -295,22 +305,23 @@ mod tests {
     fn declared_dead_only_after_the_wait_since_ack_and_since_election() {
         let rules = LeaseRules::new(&Timing::default());
         let wait = rules.leader_wait_ns;
+        let election_wait = rules.new_leader_wait_ns;
         let mut state = state_with_hosts(&[1, 2, 3]);
         let elected = 10_000 * MS;
         let mut detector = FailureDetector::new(rules, elected, MS);
         // Host 2 acks shortly after the election; host 3 never does.
-        detector.on_ack(2, elected + 100 * MS);
+        detector.on_ack(2, elected + 200 * MS);
         // Before the election wait nobody is declared dead, not even the silent host 3.
         assert!(detector
-            .hosts_to_declare_dead(&state, 1, elected + wait - 1)
+            .hosts_to_declare_dead(&state, 1, elected + election_wait - 1)
             .is_empty());
         // At the election wait: host 3 (never acked); host 2 is protected by its ack;
         // host 1 is the leader itself.
         assert_eq!(
-            dead_hosts(&detector.hosts_to_declare_dead(&state, 1, elected + wait)),
+            dead_hosts(&detector.hosts_to_declare_dead(&state, 1, elected + election_wait)),
             vec![3]
         );
-        let ack = elected + 100 * MS;
+        let ack = elected + 200 * MS;
         assert_eq!(
             dead_hosts(&detector.hosts_to_declare_dead(&state, 1, ack + wait - 1)),
             vec![3]
@@ -336,14 +347,19 @@ mod tests {
             .is_empty());
         // Host 3 acks again: it is revived (and only it; host 2 is alive already).
         let back = ack + wait + 50 * MS;
-        assert!(detector.hosts_to_revive(&state, back).is_empty());
+        assert!(detector.hosts_to_revive(&state, 1, back).is_empty());
         detector.on_ack(3, back);
         assert_eq!(
-            detector.hosts_to_revive(&state, back + 10 * MS),
+            detector.hosts_to_revive(&state, 1, back + 10 * MS),
             vec![Command::HostAlive { host: 3 }]
         );
         // An old ack does not revive it.
-        assert!(detector.hosts_to_revive(&state, back + wait).is_empty());
+        assert!(detector.hosts_to_revive(&state, 1, back + wait).is_empty());
+        // A leader whose own host an earlier leader declared dead revives it.
+        assert_eq!(
+            detector.hosts_to_revive(&state, 3, back + wait),
+            vec![Command::HostAlive { host: 3 }]
+        );
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub fn encode_message(m: &Message, payload: Payload<'_>, out: &mut Vec<u8>) {
             count,
             read_seq,
             lease_seq,
+            lease_incarnation,
+            lease_index,
         } => {
             put_u8(out, 5);
             put_u64(out, prev_index);
@@ -91,6 +93,8 @@ pub fn encode_message(m: &Message, payload: Payload<'_>, out: &mut Vec<u8>) {
             put_u32(out, count);
             put_u64(out, read_seq);
             put_u64(out, lease_seq);
+            put_u64(out, lease_incarnation);
+            put_u64(out, lease_index);
         }
         Body::AppendResp {
             success,
@@ -98,6 +102,7 @@ pub fn encode_message(m: &Message, payload: Payload<'_>, out: &mut Vec<u8>) {
             hint_index,
             hint_term,
             read_seq,
+            incarnation,
         } => {
             put_u8(out, 6);
             put_bool(out, success);
@@ -105,6 +110,7 @@ pub fn encode_message(m: &Message, payload: Payload<'_>, out: &mut Vec<u8>) {
             put_u64(out, hint_index);
             put_u64(out, hint_term);
             put_u64(out, read_seq);
+            put_u64(out, incarnation);
         }
         Body::Snapshot {
             index,
@@ -184,6 +190,8 @@ pub fn decode_message(bytes: &[u8]) -> Result<(Message, OwnedPayload), DecodeErr
             count: r.u32("append.count")?,
             read_seq: r.u64("append.read_seq")?,
             lease_seq: r.u64("append.lease_seq")?,
+            lease_incarnation: r.u64("append.lease_incarnation")?,
+            lease_index: r.u64("append.lease_index")?,
         },
         6 => Body::AppendResp {
             success: r.bool("append_resp.success")?,
@@ -191,6 +199,7 @@ pub fn decode_message(bytes: &[u8]) -> Result<(Message, OwnedPayload), DecodeErr
             hint_index: r.u64("append_resp.hint_index")?,
             hint_term: r.u64("append_resp.hint_term")?,
             read_seq: r.u64("append_resp.read_seq")?,
+            incarnation: r.u64("append_resp.incarnation")?,
         },
         7 => Body::Snapshot {
             index: r.u64("snapshot.index")?,
@@ -347,6 +356,8 @@ mod tests {
                 count: 2,
                 read_seq: 9,
                 lease_seq: 4,
+                lease_incarnation: 0x0123_4567_89ab_cdef,
+                lease_index: 11,
             },
         };
         let mut out = Vec::new();
@@ -362,6 +373,25 @@ mod tests {
         for cut in 0..out.len() {
             assert!(decode_message(&out[..cut]).is_err());
         }
+        // An answer carries the answering process's incarnation.
+        let resp = Message {
+            from: 2,
+            to: 1,
+            term: 3,
+            body: Body::AppendResp {
+                success: true,
+                index: 8,
+                hint_index: 0,
+                hint_term: 0,
+                read_seq: 9,
+                incarnation: 0xfedc_ba98_7654_3211,
+            },
+        };
+        out.clear();
+        encode_message(&resp, Payload::None, &mut out);
+        assert_eq!(decode_message(&out).unwrap(), (resp, OwnedPayload::None));
+        let e = decode_message(&out[..out.len() - 2]).unwrap_err();
+        assert_eq!(e.field, "append_resp.incarnation");
     }
 
     #[test]
@@ -395,6 +425,8 @@ mod tests {
                 count: 1,
                 read_seq: 0,
                 lease_seq: 0,
+                lease_incarnation: 0,
+                lease_index: 0,
             },
         };
         let mut out = Vec::new();

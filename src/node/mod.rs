@@ -551,7 +551,11 @@ impl Node {
                                 .filter(|&&v| v != peer && v < self.id)
                                 .count() as u64;
                             let jitter = rank * HINT_STAGGER_NS + self.rng % HINT_JITTER_NS;
-                            let at = contact + self.election_ns + HINT_MARGIN_NS + jitter;
+                            let at = if self.raft.leader_connection_lost(now_ns(now), peer) {
+                                now_ns(now) + jitter
+                            } else {
+                                contact + self.election_ns + HINT_MARGIN_NS + jitter
+                            };
                             log::info!(
                                 "node {}: connection to leader {peer} lost; PreVote in {:.1} ms",
                                 self.id,

@@ -66,6 +66,12 @@ pub struct Config {
     pub max_pending_reads: usize,
     pub snapshot_chunk_bytes: usize,
     pub seed: u64,
+    /// Which process of this node this is: nonzero, and different for every start of
+    /// the node (a random number). Acknowledgements carry it and the leader echoes it
+    /// with its host lease confirmation (`Body::Append::lease_incarnation`), so that a
+    /// restarted process never takes a confirmation meant for its predecessor.
+    /// `Config::new` derives it from the seed, which must then differ per start too.
+    pub incarnation: u64,
     pub bugs: Bugs,
 }
 
@@ -86,6 +92,7 @@ impl Config {
             max_pending_reads: limits::MAX_PENDING_READS,
             snapshot_chunk_bytes: limits::SNAPSHOT_CHUNK_BYTES,
             seed,
+            incarnation: Rng::new(seed ^ id.rotate_left(32) ^ 0x1dc4_a7e0).next_u64() | 1,
             bugs: Bugs::default(),
         }
     }
@@ -154,6 +161,8 @@ impl Outputs {
 
 /// Heartbeat rounds remembered for the leader-lease computation.
 const ROUND_HISTORY: usize = limits::RAFT_LEASE_ROUNDS;
+/// Confirmed host lease anchors a follower keeps.
+const LEASE_ANCHORS: usize = limits::RAFT_LEASE_ANCHORS;
 
 #[derive(Clone, Copy, Debug)]
 struct PendingRead {
@@ -200,6 +209,11 @@ pub struct Raft {
     heartbeat_deadline: Nanos,
     check_quorum_deadline: Nanos,
     last_leader_contact: Nanos,
+    /// The leader whose message set `last_leader_contact`.
+    contact_from: NodeId,
+    /// The connection to `contact_from` broke (`leader_connection_lost`): its lease is
+    /// no longer honoured, until a message of a leader arrives.
+    loyalty_dropped: bool,
     /// Follower: per round of the current leader (`read_seq % ROUND_HISTORY`), the
     /// first successful append's receipt time and the leader's commit index in it.
     round_receipts: [(u64, Nanos, Index); ROUND_HISTORY],
@@ -207,9 +221,10 @@ pub struct Raft {
     latest_round: u64,
     /// The term `round_receipts` belong to.
     rounds_term: Term,
-    /// Follower: the host lease anchor (receipt time, leader commit) of the latest round
-    /// the leader confirmed (`lease_seq`).
-    lease_anchor: (Nanos, Index),
+    /// Follower: host lease anchors, oldest first: (receipt time of a round the leader
+    /// confirmed, the index this node must have applied before it may use it).
+    lease_anchors: [(Nanos, Index); LEASE_ANCHORS],
+    lease_anchor_count: usize,
     transfer_target: NodeId,
     transfer_deadline: Nanos,
     /// Replace: the voter to remove once the promotion of its replacement commits.
@@ -230,6 +245,7 @@ impl Raft {
         assert!(cfg.id != 0, "node id 0 is reserved");
         assert!(cfg.heartbeat_interval > 0 && cfg.election_timeout > cfg.heartbeat_interval);
         assert!(cfg.election_spread > 0, "randomised timeouts need a spread");
+        assert!(cfg.incarnation != 0, "incarnation 0 is reserved");
         let mut log = RaftLog::new(cfg.log_capacity);
         let mut snapshot_membership = initial;
         let mut snapshot_data = Vec::with_capacity(MEMBERSHIP_MAX_BYTES);
@@ -287,10 +303,13 @@ impl Raft {
             heartbeat_deadline: 0,
             check_quorum_deadline: 0,
             last_leader_contact: 0,
+            contact_from: 0,
+            loyalty_dropped: false,
             round_receipts: [(0, 0, 0); ROUND_HISTORY],
             latest_round: 0,
             rounds_term: 0,
-            lease_anchor: (0, 0),
+            lease_anchors: [(0, 0); LEASE_ANCHORS],
+            lease_anchor_count: 0,
             transfer_target: 0,
             transfer_deadline: 0,
             replace_remove: 0,
@@ -437,11 +456,30 @@ impl Raft {
         }
         Some(self.last_leader_contact)
     }
-    /// Follower: where this host's lease may run from: (receipt time, leader commit
-    /// index) of the latest round of the current leader's appends that this node
-    /// acknowledged with success and that the leader confirmed it received while it
-    /// held its leader lease. Use it only once the state machine applied up to that
-    /// commit index.
+    /// Follower: where this host's lease may run from: (receipt time, required index) of
+    /// the latest round of the current leader's appends that this process acknowledged
+    /// with success, that the leader confirmed it received while it held its leader
+    /// lease, and whose required index this node has applied (the leader's last log
+    /// index, and its commit index, when it sent the confirmation).
+    ///
+    /// The rule, precisely: the leader numbers its heartbeat rounds (`read_seq`). This
+    /// process records the first receipt of any append of a round, for rounds newer
+    /// than every round it recorded in the term. The leader confirms round R to this
+    /// node (`lease_seq = R`, `lease_incarnation`) only after it received a successful
+    /// acknowledgement of R, sent by the process with that incarnation, while it held
+    /// its leader lease. The anchor is this process's receipt of the latest round
+    /// confirmed for its own incarnation whose required index this node applied. So the
+    /// anchor precedes (in true time) an acknowledgement the leader received, and the
+    /// leader's L(1 + eps) wait from its last acknowledgement covers the host's lease
+    /// against any verdict proposed after that confirmation; a verdict proposed before
+    /// it (or inherited in the log by a new leader) is below the required index, so
+    /// this node applies it before it uses the anchor. (Requiring only the commit index
+    /// let a host keep a lease confirmed right after the leader proposed its `HostDead`,
+    /// which committed later: the simulator's split brain on seed 2461 once failover
+    /// got faster.) Without the incarnation a restarted process, which forgot its
+    /// predecessor's receipts, took the confirmation of its predecessor's
+    /// acknowledgement for a late copy of the same round that it received itself (the
+    /// simulator's split brain on seeds 14195, 15458, 16906 and 17224).
     ///
     /// Why not `last_leader_contact`: that is refreshed by any message of the leader,
     /// also by appends this node rejects, by appends whose acknowledgement is lost
@@ -449,10 +487,39 @@ impl Raft {
     /// leader that no longer holds its lease; the leader that declares hosts dead knows
     /// nothing of those, so a lease from them can outlive the leader's L(1 + eps) wait.
     pub fn host_lease_anchor(&self) -> Option<(Nanos, Index)> {
-        if self.leader == 0 || self.role == Role::Leader || self.lease_anchor.0 == 0 {
+        if self.leader == 0 || self.role == Role::Leader {
             return None;
         }
-        Some(self.lease_anchor)
+        self.lease_anchors[..self.lease_anchor_count]
+            .iter()
+            .rev()
+            .find(|&&(_, required)| required <= self.applied)
+            .copied()
+    }
+    /// The connection to `leader` broke because the leader's side closed it (every
+    /// survivor sees that when the leader's process dies). From now until the next
+    /// message of a leader, this node no longer honours that leader's lease: it grants
+    /// PreVotes and votes at once rather than an election timeout after the leader's
+    /// last message. Returns true if it did: `leader` is the leader this node last heard
+    /// from (whatever its role now, unless it leads); the caller may then campaign at
+    /// once (`campaign_now`), staggered against the other survivors. False otherwise.
+    ///
+    /// Why it is safe: a voter's loyalty backs the leader lease (`quorum_contact`),
+    /// which only matters while the leader can still act on it. A dead leader receives
+    /// no acknowledgement after its death, and the reset is seen after it, so every vote
+    /// this enables comes after the last acknowledgement the old leader ever counted.
+    /// Host leases need exactly that (the old leader confirms rounds only from
+    /// acknowledgements it received; see `host_lease_anchor`). Call it only when the
+    /// peer closed the connection (end of stream, reset), not when this node closed it
+    /// (a bad frame, its own full queue): a leader that is alive would still count this
+    /// node's earlier acknowledgements in its lease.
+    pub fn leader_connection_lost(&mut self, now: Nanos, leader: NodeId) -> bool {
+        self.advance_clock(now);
+        if self.role == Role::Leader || leader == 0 || self.contact_from != leader {
+            return false;
+        }
+        self.loyalty_dropped = true;
+        true
     }
     /// Leader: the replication state of a peer (match, next).
     pub fn peer_progress(&self, peer: NodeId) -> Option<(Index, Index)> {
@@ -731,6 +798,7 @@ impl Raft {
                             hint_index: 0,
                             hint_term: 0,
                             read_seq: 0,
+                            incarnation: self.cfg.incarnation,
                         },
                         false,
                     );
@@ -794,6 +862,8 @@ impl Raft {
                 count,
                 read_seq,
                 lease_seq,
+                lease_incarnation,
+                lease_index,
             } => {
                 self.accept_leader(m.from);
                 if self.rounds_term != self.term {
@@ -803,15 +873,28 @@ impl Raft {
                     self.rounds_term = self.term;
                     self.round_receipts = [(0, 0, 0); ROUND_HISTORY];
                     self.latest_round = 0;
-                    self.lease_anchor = (0, 0);
+                    self.lease_anchor_count = 0;
                 }
                 let slot = (lease_seq % ROUND_HISTORY as u64) as usize;
                 let (seq, at, _) = self.round_receipts[slot];
-                if lease_seq != 0 && seq == lease_seq && at >= self.lease_anchor.0 {
-                    // The commit index of this (confirming) append, not of the round's:
-                    // the round's append may have waited long (a freeze) and predate
-                    // verdicts the leader committed before it confirmed the round.
-                    self.lease_anchor = (at, self.lease_anchor.1.max(commit));
+                let confirmed =
+                    lease_seq != 0 && lease_incarnation == self.cfg.incarnation && seq == lease_seq;
+                let newest = match self.lease_anchor_count {
+                    0 => (0, 0),
+                    n => self.lease_anchors[n - 1],
+                };
+                if confirmed && at > newest.0 {
+                    // The indexes of this (confirming) append, not of the round's: the
+                    // round's append may have waited long (a freeze) and predate verdicts
+                    // the leader proposed before it confirmed the round. Required indexes
+                    // only grow, so the usable anchors are a prefix.
+                    let required = newest.1.max(commit).max(lease_index);
+                    if self.lease_anchor_count == LEASE_ANCHORS {
+                        self.lease_anchors.copy_within(1.., 0);
+                        self.lease_anchor_count -= 1;
+                    }
+                    self.lease_anchors[self.lease_anchor_count] = (at, required);
+                    self.lease_anchor_count += 1;
                 }
                 if read_seq > self.latest_round {
                     // The first append of the round this node received (whatever it
@@ -844,11 +927,11 @@ impl Raft {
                 hint_index,
                 hint_term,
                 read_seq,
+                incarnation,
             } => {
                 if self.role == Role::Leader {
-                    self.handle_append_resp(
-                        m.from, success, index, hint_index, hint_term, read_seq,
-                    );
+                    let round = (read_seq, incarnation);
+                    self.handle_append_resp(m.from, success, index, hint_index, hint_term, round);
                 }
             }
             Body::Snapshot {
@@ -957,6 +1040,8 @@ impl Raft {
         }
         match self.role {
             Role::Leader => true,
+            // The leader's connection broke: it is gone (see `leader_connection_lost`).
+            _ if self.loyalty_dropped => false,
             // Measured from the last message of any leader, even if a higher term has
             // since cleared `leader` (the promise behind the old leader's lease stands).
             _ => self.now < self.last_leader_contact + self.cfg.election_timeout,
@@ -1001,6 +1086,8 @@ impl Raft {
         self.fail_pending_reads();
         if leader != 0 {
             self.last_leader_contact = self.now;
+            self.contact_from = leader;
+            self.loyalty_dropped = false;
         }
         self.reset_election_deadline();
     }
@@ -1027,6 +1114,8 @@ impl Raft {
             self.become_follower(self.term, from);
         }
         self.last_leader_contact = self.now;
+        self.contact_from = from;
+        self.loyalty_dropped = false;
         self.reset_election_deadline();
     }
 
@@ -1282,6 +1371,8 @@ impl Raft {
             count: 0,
             read_seq: self.read_seq,
             lease_seq: p.lease_acked_seq,
+            lease_incarnation: p.lease_acked_incarnation,
+            lease_index: self.log.last_index(),
         };
         let to = p.id;
         self.send(to, body, false);
@@ -1338,6 +1429,8 @@ impl Raft {
                 count: count as u32,
                 read_seq: self.read_seq,
                 lease_seq: self.progress[i].lease_acked_seq,
+                lease_incarnation: self.progress[i].lease_acked_incarnation,
+                lease_index: self.log.last_index(),
             };
             let to = self.progress[i].id;
             self.send(to, body, false);
@@ -1415,7 +1508,7 @@ impl Raft {
         index: Index,
         hint_index: Index,
         hint_term: Term,
-        read_seq: u64,
+        (read_seq, incarnation): (u64, u64),
     ) {
         let Some(i) = self.progress_slot(from) else {
             return;
@@ -1431,7 +1524,16 @@ impl Raft {
         let p = &mut self.progress[i];
         p.last_ack_at = now;
         if success && leader_lease {
-            p.lease_acked_seq = p.lease_acked_seq.max(read_seq);
+            if p.lease_acked_incarnation == incarnation {
+                p.lease_acked_seq = p.lease_acked_seq.max(read_seq);
+            } else {
+                // Another process of the follower answered (it restarted, or a late
+                // answer of its predecessor arrived): confirm rounds for that process
+                // only. A late predecessor answer delays the new process's lease by a
+                // round; it never lends the predecessor's rounds to the new process.
+                p.lease_acked_incarnation = incarnation;
+                p.lease_acked_seq = read_seq;
+            }
         }
         p.acked_read_seq = p.acked_read_seq.max(read_seq);
         let (round, started) = self.round_started[(read_seq % ROUND_HISTORY as u64) as usize];
@@ -1671,6 +1773,7 @@ impl Raft {
                     hint_index,
                     hint_term,
                     read_seq,
+                    incarnation: me.cfg.incarnation,
                 },
                 true,
             );
@@ -1696,6 +1799,7 @@ impl Raft {
                         hint_index: 0,
                         hint_term: 0,
                         read_seq,
+                        incarnation: self.cfg.incarnation,
                     },
                     true,
                 );
@@ -1759,6 +1863,7 @@ impl Raft {
                 hint_index: 0,
                 hint_term: 0,
                 read_seq,
+                incarnation: self.cfg.incarnation,
             },
             true,
         );
@@ -1833,6 +1938,7 @@ impl Raft {
                     hint_index: 0,
                     hint_term: 0,
                     read_seq: 0,
+                    incarnation: self.cfg.incarnation,
                 },
                 true,
             );
@@ -1912,6 +2018,7 @@ impl Raft {
                 hint_index: 0,
                 hint_term: 0,
                 read_seq: 0,
+                incarnation: self.cfg.incarnation,
             },
             true,
         );

@@ -25,8 +25,10 @@
 //! pipelined and batched replication with per-follower bounds on appends and bytes in
 //! flight, conflict backtracking by term, leadership transfer, observers (non-voting
 //! members), single-server membership changes (effective when appended, one at a time),
-//! snapshots with chunked InstallSnapshot, ReadIndex, and leader-lease information
-//! (`quorum_contact`, `peer_last_ack`, `last_leader_contact`).
+//! snapshots with chunked InstallSnapshot, ReadIndex, and lease information: the
+//! leader's lease (`quorum_contact`), acknowledgement times (`peer_last_ack`), and the
+//! anchor of a follower host's lease (`host_lease_anchor`: rounds confirmed per
+//! follower process, by `Config::incarnation`).
 //!
 //! Steady state does not allocate: the log is a preallocated ring whose payload buffers
 //! are recycled, outputs reuse their buffers, per-peer state has fixed capacity

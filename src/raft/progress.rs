@@ -89,6 +89,9 @@ pub struct Progress {
     /// The highest round this follower acknowledged with success, received while this
     /// leader held its lease (echoed in appends as `lease_seq`).
     pub lease_acked_seq: u64,
+    /// The incarnation of the follower's process that sent those acknowledgements
+    /// (echoed as `lease_incarnation`); 0 until the first.
+    pub lease_acked_incarnation: u64,
     /// Snapshot transfer: which snapshot, the next offset to send, when last sent.
     pub snapshot_index: Index,
     pub snapshot_offset: u64,
@@ -109,6 +112,7 @@ impl Progress {
             last_progress_at: now,
             acked_read_seq: 0,
             lease_acked_seq: 0,
+            lease_acked_incarnation: 0,
             snapshot_index: 0,
             snapshot_offset: 0,
             snapshot_sent_at: 0,

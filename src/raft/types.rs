@@ -252,6 +252,15 @@ pub enum Body {
         /// while it held its leader lease: the receiver's host lease may run from its
         /// receipt of that round (see `Raft::host_lease_anchor`).
         lease_seq: u64,
+        /// The incarnation (`AppendResp::incarnation`) of the receiver's process that
+        /// sent that acknowledgement: a confirmation counts only for that process (a
+        /// restarted one may have received another copy of the same round later).
+        lease_incarnation: u64,
+        /// The leader's last log index when it sent this append: the receiver may use
+        /// the lease this append confirms only once it applied that far, so that every
+        /// verdict the leader had proposed by then (a `HostDead` for the receiver)
+        /// reaches it first.
+        lease_index: Index,
     },
     /// On success `index` is the highest index known to match; on rejection it is
     /// the rejected `prev_index` and `hint_*` point the leader at the conflict.
@@ -261,6 +270,8 @@ pub enum Body {
         hint_index: Index,
         hint_term: Term,
         read_seq: u64,
+        /// The sender's `Config::incarnation`: which process of the node answered.
+        incarnation: u64,
     },
     /// Bytes `offset .. offset + len` of the snapshot at `index` (payload alongside).
     Snapshot {

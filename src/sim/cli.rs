@@ -23,7 +23,7 @@ Usage: vigil sim [--seed S | --seeds N [--start S]] [--bug NAME] [--no-faults]
                     token and VM liveness checks; freezes and power losses too);
                     --seeds adds the resurrection-time distribution
   --bug NAME (VM mode) skip-new-leader-lease-wait, renew-without-lease,
-                    lease-from-any-contact
+                    lease-from-any-contact, no-resurrection
   --no-faults       no network, crash or disk faults
   --election-bench  measure election convergence (leader lost -> new leader commits)
   --runs N          elections measured by --election-bench (default 200)
@@ -153,6 +153,7 @@ fn run_cli(args: Vec<OsString>) -> Result<ExitCode, String> {
                     "skip-new-leader-lease-wait" => vm_bugs.skip_new_leader_lease_wait = true,
                     "renew-without-lease" => vm_bugs.renew_without_lease = true,
                     "lease-from-any-contact" => vm_bugs.lease_from_any_contact = true,
+                    "no-resurrection" => vm_bugs.no_resurrection = true,
                     _ => {
                         bugs =
                             bug_from_name(&v).ok_or_else(|| format!("--bug: unknown bug '{v}'"))?

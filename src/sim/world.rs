@@ -17,6 +17,9 @@ mod hosts;
 pub use hosts::{VmBugs, Workload};
 
 pub const MS: Nanos = 1_000_000;
+/// The agent's fast-failover stagger between survivors' campaigns, and its jitter.
+const HINT_STAGGER: Nanos = 8 * MS;
+const HINT_JITTER: Nanos = MS;
 
 /// Delay, loss and duplication of every link.
 #[derive(Clone, Copy, Debug)]
@@ -163,6 +166,20 @@ enum Ev {
     Fault(usize),
     HostTick(usize),
     Workload(usize),
+    /// `node` sees its connection to `peer` reset: `peer`'s process died (kill -9, power
+    /// loss). Only for the process `epoch` of `node` (a restarted one has new ones).
+    ConnectionLost {
+        node: usize,
+        peer: usize,
+        epoch: u64,
+    },
+    /// The fast-failover campaign planned after a lost leader connection (as the agent
+    /// does: staggered by rank), unless a leader was heard from meanwhile.
+    HintCampaign {
+        node: usize,
+        lost: NodeId,
+        epoch: u64,
+    },
 }
 
 struct Live {
@@ -353,12 +370,12 @@ impl World {
         };
         if w.cfg.vms {
             let fault_time = w.cfg.fault_time;
-            w.vm = Some(hosts::VmWorld::new(
-                total,
-                w.cfg.vm_bugs,
-                &mut w.rng,
-                fault_time,
-            ));
+            let mut vm = hosts::VmWorld::new(total, w.cfg.vm_bugs, &mut w.rng, fault_time);
+            if !w.cfg.faults {
+                // Nothing to heal: the liveness checks hold from the start.
+                vm.healed_at = Some(0);
+            }
+            w.vm = Some(vm);
         }
         for n in 0..total {
             w.start_node(n);
@@ -534,6 +551,21 @@ impl World {
         if self.nodes[n].live.take().is_none() {
             return;
         }
+        // Every peer that still reaches it sees its connection reset.
+        for m in 0..self.nodes.len() {
+            if m != n && self.nodes[m].live.is_some() && !self.blocked[n][m] {
+                let at = self.now + self.delays[n][m].0;
+                let epoch = self.nodes[m].epoch;
+                self.push(
+                    at,
+                    Ev::ConnectionLost {
+                        node: m,
+                        peer: n,
+                        epoch,
+                    },
+                );
+            }
+        }
         if let Some(vm) = self.vm.as_mut() {
             vm.hosts[n].frozen_until = 0;
         }
@@ -555,6 +587,41 @@ impl World {
                 self.push(t, Ev::Client(c));
             }
         }
+    }
+
+    /// Node `n` saw its connection to `peer` reset: if that was its leader, it drops its
+    /// loyalty and campaigns after a stagger by rank (the agent's fast failover).
+    fn connection_lost(&mut self, n: usize, peer: usize, epoch: u64) {
+        if self.nodes[n].epoch != epoch {
+            return;
+        }
+        let local = self.local(n, self.now);
+        let lost = self.nodes[peer].id;
+        let me = self.nodes[n].id;
+        let Some(live) = self.nodes[n].live.as_mut() else {
+            return;
+        };
+        if !live.raft.leader_connection_lost(local, lost) {
+            return;
+        }
+        let rank = live
+            .raft
+            .membership()
+            .voters
+            .as_slice()
+            .iter()
+            .filter(|&&v| v != lost && v < me)
+            .count() as u64;
+        self.after_input(n);
+        let at = self.now + rank * HINT_STAGGER + self.rng.below(HINT_JITTER);
+        self.push(
+            at,
+            Ev::HintCampaign {
+                node: n,
+                lost,
+                epoch,
+            },
+        );
     }
 
     /// Handles the driver's work after any input to node `n`.
@@ -815,7 +882,10 @@ impl World {
         // A frozen agent (SIGSTOP) handles nothing: its inputs wait until it thaws.
         let target = match &ev {
             Ev::Deliver { to, .. } => Some(*to),
-            Ev::Tick { node, .. } | Ev::SyncDone { node, .. } => Some(*node),
+            Ev::Tick { node, .. }
+            | Ev::SyncDone { node, .. }
+            | Ev::ConnectionLost { node, .. }
+            | Ev::HintCampaign { node, .. } => Some(*node),
             _ => None,
         };
         if let Some(until) = target.and_then(|n| self.frozen(n)) {
@@ -867,6 +937,20 @@ impl World {
                 self.after_apply(node);
             }
             Ev::HostTick(n) => self.host_tick(n),
+            Ev::ConnectionLost { node, peer, epoch } => self.connection_lost(node, peer, epoch),
+            Ev::HintCampaign { node, lost, epoch } => {
+                if self.nodes[node].epoch != epoch {
+                    return;
+                }
+                let local = self.local(node, self.now);
+                if let Some(live) = self.nodes[node].live.as_mut() {
+                    let r = &live.raft;
+                    if r.role() == Role::Follower && (r.leader() == 0 || r.leader() == lost) {
+                        live.raft.campaign_now(local);
+                        self.after_input(node);
+                    }
+                }
+            }
             Ev::Workload(i) => self.workload(i),
             Ev::Client(c) => self.client_step(c),
             Ev::ClientTimeout { client, hist } => {
@@ -1075,6 +1159,7 @@ impl World {
                     for h in &mut vm.hosts {
                         h.frozen_until = 0;
                     }
+                    vm.healed_at = Some(self.now);
                 }
                 for row in &mut self.blocked {
                     row.iter_mut().for_each(|x| *x = false);
