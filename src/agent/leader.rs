@@ -108,7 +108,7 @@ impl LeaderDuties {
         if self.detector.as_ref().is_none_or(|(t, _)| *t != term) {
             // Noticed at the first tick as leader: no earlier than the election.
             let elected_at = if self.bug_skip_new_leader_lease_wait {
-                now_ns.saturating_sub(self.rules.leader_wait_ns)
+                now_ns.saturating_sub(self.rules.new_leader_wait_ns)
             } else {
                 now_ns
             };
@@ -147,7 +147,7 @@ impl LeaderDuties {
             return cmds;
         }
         cmds.extend(det.hosts_to_declare_dead(state, raft.me, now_ns));
-        cmds.extend(det.hosts_to_revive(state, now_ns));
+        cmds.extend(det.hosts_to_revive(state, raft.me, now_ns));
         if cmds.is_empty() {
             cmds.extend(placement::plan(state).commands);
         }
@@ -214,7 +214,7 @@ mod tests {
         h.host(1, 4, 4);
         h.host(2, 4, 4);
         h.host(3, 4, 4);
-        let wait = LeaseRules::new(&Timing::default()).leader_wait_ns;
+        let wait = LeaseRules::new(&Timing::default()).new_leader_wait_ns;
         let t0 = 1_000 * MS;
         let mut d = duties();
         // Host 3 acknowledges all along; host 2 never does.

@@ -697,6 +697,8 @@ mod tests {
                 count,
                 read_seq: 0,
                 lease_seq: 0,
+                lease_incarnation: 0,
+                lease_index: 0,
             },
         }
     }
@@ -870,6 +872,7 @@ mod tests {
                 hint_index: 0,
                 hint_term: 0,
                 read_seq: 0,
+                incarnation: 1,
             },
         );
         c.step(now + MS, &ack, &[]);
