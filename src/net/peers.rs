@@ -56,8 +56,14 @@ pub enum PeerEvent {
         status: u16,
         body: Vec<u8>,
     },
-    /// The connection to this peer closed or failed.
-    Lost(NodeId),
+    /// The connection to this peer closed or failed. `by_peer`: the other end closed or
+    /// reset it (end of stream, ECONNRESET, EPIPE), as when its process died; false when
+    /// this node dropped it (bad frame, slow peer, replaced, handshake timeout, shutdown).
+    /// Only the first is evidence that the peer's process is gone.
+    Lost {
+        peer: NodeId,
+        by_peer: bool,
+    },
 }
 
 /// Where a connection is in proving who is at the other end.
@@ -85,6 +91,8 @@ struct Conn {
     rbuf: Vec<u8>,
     queue: SendQueue,
     broken: bool,
+    /// The other end closed or reset the connection (see `PeerEvent::Lost`).
+    closed_by_peer: bool,
 }
 
 impl Conn {
@@ -452,6 +460,7 @@ impl Peers {
                         _ => closed = true,
                     }
                 }
+                conn.closed_by_peer |= closed;
                 break;
             }
             conn.rbuf.truncate(len + n as usize);
@@ -632,8 +641,20 @@ impl Peers {
         if let Some(i) = self.slots.iter().position(|s| s.conn == Some(id)) {
             self.slots[i].conn = None;
             self.schedule_dial(i, now);
-            log::info!("peer {}: connection lost", self.slots[i].id);
-            events.push(PeerEvent::Lost(self.slots[i].id));
+            let by_peer = conn.closed_by_peer;
+            log::info!(
+                "peer {}: connection lost ({})",
+                self.slots[i].id,
+                if by_peer {
+                    "closed by the peer"
+                } else {
+                    "closed here"
+                }
+            );
+            events.push(PeerEvent::Lost {
+                peer: self.slots[i].id,
+                by_peer,
+            });
         }
         drop(conn.fd);
     }
@@ -661,6 +682,10 @@ impl Peers {
                     match e.raw_os_error() {
                         Some(libc::EAGAIN) => pending = true,
                         Some(libc::EINTR) => continue,
+                        Some(libc::EPIPE) | Some(libc::ECONNRESET) => {
+                            conn.closed_by_peer = true;
+                            conn.broken = true;
+                        }
                         _ => conn.broken = true,
                     }
                     break;
@@ -802,6 +827,7 @@ impl Conn {
             rbuf: Vec::new(),
             queue: SendQueue::new(limits::PEER_SEND_QUEUE_BYTES),
             broken: false,
+            closed_by_peer: false,
         }
     }
 }

@@ -527,7 +527,7 @@ impl Node {
                     self.raft.step(now_ns(now), &m, payload.as_payload());
                     self.collect()?;
                 }
-                PeerEvent::Lost(peer) => {
+                PeerEvent::Lost { peer, by_peer } => {
                     self.fail_forwarded(|to, _| to == peer, now)?;
                     if peer == self.raft.leader() && self.raft.role() == Role::Follower {
                         // Voters honour the old leader's lease for an election timeout
@@ -551,11 +551,15 @@ impl Node {
                                 .filter(|&&v| v != peer && v < self.id)
                                 .count() as u64;
                             let jitter = rank * HINT_STAGGER_NS + self.rng % HINT_JITTER_NS;
-                            let at = if self.raft.leader_connection_lost(now_ns(now), peer) {
-                                now_ns(now) + jitter
-                            } else {
-                                contact + self.election_ns + HINT_MARGIN_NS + jitter
-                            };
+                            // Only the peer's own close or reset (its process died) lets
+                            // this node stop honouring the leader's lease at once; a
+                            // connection this node dropped says nothing about the leader.
+                            let at =
+                                if by_peer && self.raft.leader_connection_lost(now_ns(now), peer) {
+                                    now_ns(now) + jitter
+                                } else {
+                                    contact + self.election_ns + HINT_MARGIN_NS + jitter
+                                };
                             log::info!(
                                 "node {}: connection to leader {peer} lost; PreVote in {:.1} ms",
                                 self.id,
