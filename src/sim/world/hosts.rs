@@ -26,14 +26,13 @@
 //! had no leader for 3 s after the heal.)
 
 use super::{Ev, World, MS};
-use crate::agent::failure::FailureDetector;
-use crate::agent::lease::LeaseRules;
+use crate::agent::leader::{LeaderDuties, RaftView};
+use crate::agent::lease::{own_lease_expiry, LeaseRules};
 use crate::agent::reconcile::{self, snapshot_record, Action, LocalVmm};
 use crate::cluster::command::{Command, RequestId, Resources, VmSpec};
-use crate::cluster::placement;
 use crate::cluster::state::ClusterState;
 use crate::config::Timing;
-use crate::raft::{Nanos, NodeId, Term};
+use crate::raft::{Nanos, Term};
 use std::collections::BTreeMap;
 use vigil_kvm::control::VmmState;
 
@@ -72,18 +71,28 @@ pub(super) struct FakeVmm {
 }
 
 /// The agent-side state of one host (the VMMs live here too: they survive the agent).
-#[derive(Default)]
 pub(super) struct HostSim {
     pub(super) vmms: Vec<FakeVmm>,
     /// True time until which the whole agent (Raft included) is stopped.
     pub(super) frozen_until: Nanos,
-    detector: Option<(Term, FailureDetector)>,
-    fed: BTreeMap<NodeId, Nanos>,
-    /// The last index this host proposed as leader (term, index): no new round of
-    /// leader proposals until it applied.
-    proposed: (Term, u64),
+    /// The leader's duties: the agent's own component (`agent::leader`).
+    duties: LeaderDuties,
     /// Per VM, the highest token this host's applied state showed (reset on restart).
     tokens: BTreeMap<String, u64>,
+}
+
+impl HostSim {
+    fn new(rules: LeaseRules, bugs: VmBugs) -> HostSim {
+        // The phi floor: about one duty tick, as the agent sets it.
+        let mut duties = LeaderDuties::new(rules, 10 * MS);
+        duties.bug_skip_new_leader_lease_wait = bugs.skip_new_leader_lease_wait;
+        HostSim {
+            vmms: Vec::new(),
+            frozen_until: 0,
+            duties,
+            tokens: BTreeMap::new(),
+        }
+    }
 }
 
 /// The VM layer of the world.
@@ -177,7 +186,7 @@ impl VmWorld {
         }
         workload.sort_by_key(|(t, _)| *t);
         VmWorld {
-            hosts: (0..total).map(|_| HostSim::default()).collect(),
+            hosts: (0..total).map(|_| HostSim::new(rules, bugs)).collect(),
             rules,
             bugs,
             workload,
@@ -250,9 +259,7 @@ impl World {
             return;
         };
         let h = &mut vm.hosts[n];
-        h.detector = None;
-        h.fed.clear();
-        h.proposed = (0, 0);
+        h.duties.reset();
         h.tokens.clear();
         if power_loss {
             h.vmms.clear();
@@ -301,7 +308,7 @@ impl World {
         let ok = match live.raft.propose(local, &data) {
             Ok((index, term)) => {
                 if let Some(vm) = self.vm.as_mut() {
-                    vm.hosts[n].proposed = (term, index);
+                    vm.hosts[n].duties.proposed(term, index);
                 }
                 true
             }
@@ -333,7 +340,8 @@ impl World {
         self.host_reconcile(n);
     }
 
-    /// Leader: failure detection, host verdicts, placement.
+    /// Leader: failure detection, host verdicts, placement (`agent::leader`, the code
+    /// the agent runs).
     fn leader_duties(&mut self, n: usize) {
         let local = self.local(n, self.now);
         let me = self.nodes[n].id;
@@ -341,73 +349,14 @@ impl World {
         let Some(live) = self.nodes[n].live.as_ref() else {
             return;
         };
-        let raft = &live.raft;
-        if !raft.is_leader() {
-            vm.hosts[n].detector = None;
-            return;
-        }
         let Some(state) = live.kv.cluster.as_deref() else {
             return;
         };
-        let term = raft.term();
-        let h = &mut vm.hosts[n];
-        if h.detector.as_ref().is_none_or(|(t, _)| *t != term) {
-            // Noticed at the first tick as leader: no earlier than the election.
-            let elected_at = if vm.bugs.skip_new_leader_lease_wait {
-                local.saturating_sub(vm.rules.new_leader_wait_ns)
-            } else {
-                local
-            };
-            h.detector = Some((term, FailureDetector::new(vm.rules, elected_at, 10 * MS)));
-            h.fed.clear();
-        }
-        let (_, det) = h.detector.as_mut().expect("set above");
-        let m = *raft.membership();
-        for &peer in m.voters.as_slice().iter().chain(m.observers.as_slice()) {
-            if peer == me {
-                continue;
-            }
-            if let Some(t) = raft.peer_last_ack(peer).filter(|&t| t > 0) {
-                if h.fed.get(&peer) != Some(&t) {
-                    h.fed.insert(peer, t);
-                    det.on_ack(peer, t);
-                }
-            }
-        }
-        if h.proposed.0 == term && state.applied_index() < h.proposed.1 {
-            return;
-        }
-        let mut cmds = Vec::new();
-        for &peer in m.voters.as_slice().iter().chain(m.observers.as_slice()) {
-            if state.host(peer).is_none() {
-                cmds.push(Command::RegisterHost {
-                    host: peer,
-                    capacity: capacity(),
-                });
-            }
-        }
-        if !cmds.is_empty() {
-            // Register first; verdicts and placement once the hosts are known.
-        } else {
-            cmds.extend(det.hosts_to_declare_dead(state, me, local));
-            cmds.extend(det.hosts_to_revive(state, me, local));
-            if cmds.is_empty() {
-                cmds.extend(placement::plan(state).commands);
-                if self.cfg.verbose {
-                    for c in &cmds {
-                        if let Command::PlaceVm { vm: id, .. } = c {
-                            eprintln!(
-                                "leader {} applied {} places {:?} hosts {:?}",
-                                n + 1,
-                                state.applied_index(),
-                                state.vm(id),
-                                state.hosts().collect::<Vec<_>>()
-                            );
-                        }
-                    }
-                }
-            }
-        }
+        let view = RaftView::of(&live.raft, me);
+        // The simulator registers every member with the same capacity.
+        let cmds = vm.hosts[n]
+            .duties
+            .tick(&view, state, local, |_| Some(capacity()));
         for c in cmds {
             if self.cfg.verbose {
                 eprintln!("leader {} proposes {c:?}", n + 1);
@@ -418,38 +367,20 @@ impl World {
         }
     }
 
-    /// This host's own lease expiry on its clock (None: no lease).
+    /// This host's own lease expiry on its clock (None: no lease): the agent's rule
+    /// (`lease::own_lease_expiry`), unless a planted bug replaces it.
     fn own_lease(&self, n: usize, local: Nanos) -> Option<Nanos> {
         let vm = self.vm.as_ref()?;
         if vm.bugs.renew_without_lease {
             return Some(local + vm.rules.host_lease_ns);
         }
         let raft = &self.nodes[n].live.as_ref()?.raft;
-        // The lease runs from a leader contact only once this host's state machine has
-        // applied everything the leader had committed at that contact: otherwise a
-        // host whose state lags the log (restart, partition) renews VMMs of VMs that
-        // were moved meanwhile.
-        let start = if raft.is_leader() {
-            let caught_up = raft.applied_index() >= raft.commit_index()
-                && raft.term_at(raft.commit_index()) == Some(raft.term());
-            raft.quorum_contact().filter(|_| caught_up)
-        } else if vm.bugs.lease_from_any_contact {
-            raft.last_leader_contact()
-        } else {
-            raft.host_lease_anchor()
-                .filter(|&(_, commit)| raft.applied_index() >= commit)
-                .map(|(t, _)| t)
-        }?;
-        if self.cfg.verbose {
-            eprintln!(
-                "lease host {} leader {} start {} now {}",
-                n + 1,
-                raft.is_leader(),
-                start,
-                local
-            );
+        if vm.bugs.lease_from_any_contact && !raft.is_leader() {
+            return raft
+                .last_leader_contact()
+                .map(|t| vm.rules.host_lease_expiry(t));
         }
-        Some(vm.rules.host_lease_expiry(start))
+        own_lease_expiry(raft, &vm.rules)
     }
 
     /// Runs reconcile on host `n` and carries out the actions.
