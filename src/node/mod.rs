@@ -294,6 +294,12 @@ impl Node {
             .ok_or("the peers do not form a valid membership")?;
         let seed = config.node_id ^ Instant::now().as_nanos().rotate_left(17);
         let mut rcfg = raft::Config::new(config.node_id, seed);
+        // Each process of this node must have its own incarnation (host-lease
+        // confirmations name it); from getrandom, not from the clock.
+        let mut random = [0u8; 8];
+        crate::auth::key::fill_random(&mut random)
+            .map_err(|e| format!("getrandom for the incarnation: {e}"))?;
+        rcfg.incarnation = u64::from_le_bytes(random) | 1;
         rcfg.heartbeat_interval = config.timing.heartbeat_ms * 1_000_000;
         rcfg.election_timeout = config.timing.election_min_ms * 1_000_000;
         rcfg.election_spread =
