@@ -32,6 +32,7 @@
 //! refuse it).
 
 pub mod storage;
+pub mod sweep;
 mod vmm_conn;
 mod vms;
 
@@ -352,7 +353,7 @@ impl Node {
             forwarded: HashMap::new(),
             next_forward: 1,
             stepdowns: Vec::new(),
-            events: EventHub::new(),
+            events: EventHub::new(config.node_id),
             subscribers: Vec::new(),
             last_leader: (0, 0),
             elections_won: 0,

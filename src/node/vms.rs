@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use vigil_kvm::control::{Reply as VmmReply, Request, SnapshotKindWire, Status, VmmState};
 
+use super::sweep::{self, Sweep};
 use super::vmm_conn::VmmConn;
 use super::{now_ns, raft_error, Node, Reply};
 use crate::agent::leader::{LeaderDuties, RaftView};
@@ -273,6 +274,11 @@ pub(super) struct Vms {
     own_lease: Option<u64>,
     vmm_starts: u64,
     vmm_kills: u64,
+    /// Snapshot directories to remove, waiting for a sweeper (bounded by
+    /// `limits::MAX_PENDING_SWEEPS`).
+    sweeps: VecDeque<(PathBuf, Sweep)>,
+    /// Running `vigil sweep-snapshots` children (at most `limits::MAX_SNAPSHOT_SWEEPERS`).
+    sweepers: Vec<(Child, PathBuf)>,
 }
 
 impl Vms {
@@ -306,6 +312,8 @@ impl Vms {
             own_lease: None,
             vmm_starts: 0,
             vmm_kills: 0,
+            sweeps: VecDeque::new(),
+            sweepers: Vec::new(),
         };
         if vms.config.is_some() {
             vms.discover(now);
@@ -314,6 +322,8 @@ impl Vms {
     }
 
     /// VMMs left by an earlier agent process: one directory per VM with a socket.
+    /// Runs once, while the node is built, before the loop serves anything; the run
+    /// directory is on the local data disk.
     fn discover(&mut self, now: Instant) {
         let Ok(entries) = std::fs::read_dir(&self.run_dir) else {
             return;
@@ -378,9 +388,17 @@ impl Vms {
     }
 
     /// The highest `<token>-<seq>` directory under `vms/<vm>/` on shared storage.
+    ///
+    /// This listing stays on the loop: it runs once per VMM start or adoption (not per
+    /// snapshot), the directory holds at most the committed chain plus a few
+    /// directories not yet swept (superseded ones are removed by `vigil
+    /// sweep-snapshots`), and the next snapshot's name depends on it, so it is needed
+    /// before the VMM's first snapshot. It is timed: a warning above
+    /// `limits::SLOW_FS_WARN_MS` tells an operator that shared storage is slow.
     fn highest_seq(&self, vm: &str, token: u64) -> u64 {
         let prefix = format!("{token}-");
-        let Ok(entries) = std::fs::read_dir(self.shared_dir.join("vms").join(vm)) else {
+        let dir = self.shared_dir.join("vms").join(vm);
+        let Ok(entries) = timed_fs("list a VM's snapshots", || std::fs::read_dir(&dir)) else {
             return 0;
         };
         entries
@@ -394,6 +412,39 @@ impl Vms {
             .max()
             .unwrap_or(0)
     }
+}
+
+impl Vms {
+    /// Queues the removal of snapshot directories; false when the queue is full.
+    fn queue_sweep(&mut self, dir: PathBuf, sweep: Sweep) -> bool {
+        if self.sweeps.iter().any(|(d, s)| *d == dir && *s == sweep) {
+            return true;
+        }
+        if self.sweeps.len() >= limits::MAX_PENDING_SWEEPS {
+            log::warn!(
+                "{} snapshot sweeps queued; {} waits",
+                self.sweeps.len(),
+                dir.display()
+            );
+            return false;
+        }
+        self.sweeps.push_back((dir, sweep));
+        true
+    }
+}
+
+/// Runs a file-system call the loop makes itself and warns when it was slow.
+fn timed_fs<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let result = f();
+    let took = started.elapsed();
+    if took > Duration::from_millis(limits::SLOW_FS_WARN_MS) {
+        log::warn!(
+            "{what} took {} ms on the event loop (storage is slow)",
+            took.as_millis()
+        );
+    }
+    result
 }
 
 fn status_for(code: RejectCode) -> (u16, &'static str) {
@@ -461,6 +512,7 @@ impl Node {
             .collect();
         self.vms.internal.retain(|(id, _)| !expired.contains(id));
         self.vms.start_backoff.retain(|_, until| now < *until);
+        self.vms_sweep();
         self.vms_check_waiters(now)?;
         Ok(())
     }
@@ -908,6 +960,7 @@ impl Node {
     /// fails, backs off and retries with the newer chain.
     fn vms_collect_snapshots(&mut self) {
         let state = &self.app.state;
+        let mut queued = Vec::new();
         for p in &self.vms.procs {
             let Some(vm) = state
                 .vm(&p.local.vm)
@@ -921,20 +974,60 @@ impl Node {
             if self.vms.collected.get(&vm.id) == Some(&head.committed_index) {
                 continue;
             }
-            self.vms
-                .collected
-                .insert(vm.id.clone(), head.committed_index);
-            let dir = self.vms.shared_dir.join("vms").join(&vm.id);
-            for name in superseded(&dir, (head.token, head.seq)) {
-                let path = dir.join(&name);
-                match std::fs::remove_dir_all(&path) {
-                    Ok(()) => log::debug!("removed superseded snapshot {}", path.display()),
-                    Err(e) => log::warn!("remove {}: {e}", path.display()),
-                }
+            queued.push((vm.id.clone(), head.committed_index, head.token, head.seq));
+        }
+        for (vm, index, token, seq) in queued {
+            let dir = self.vms.shared_dir.join("vms").join(&vm);
+            // Not marked collected when the queue is full: the next apply tries again.
+            if self.vms.queue_sweep(dir, Sweep::Before(token, seq)) {
+                self.vms.collected.insert(vm, index);
             }
         }
         let known: Vec<String> = self.vms.procs.iter().map(|p| p.local.vm.clone()).collect();
         self.vms.collected.retain(|vm, _| known.contains(vm));
+    }
+
+    /// Reaps finished sweepers and starts queued sweeps, at most
+    /// `limits::MAX_SNAPSHOT_SWEEPERS` at once. Listing and removing directories on
+    /// shared storage happens only in those children (`vigil sweep-snapshots`).
+    fn vms_sweep(&mut self) {
+        self.vms.sweepers.retain(|(c, dir)| match c.try_wait() {
+            Ok(None) => true,
+            Ok(Some(ExitStatus::Exited(0))) => {
+                log::debug!("swept {}", dir.display());
+                false
+            }
+            Ok(Some(how)) => {
+                // The child logged why (its stderr is ours); a later head retries.
+                log::warn!("sweeping {} failed: {how:?}", dir.display());
+                false
+            }
+            Err(e) => {
+                log::warn!("sweeping {}: {e}", dir.display());
+                false
+            }
+        });
+        while self.vms.sweepers.len() < limits::MAX_SNAPSHOT_SWEEPERS {
+            let Some((dir, sweep)) = self.vms.sweeps.pop_front() else {
+                break;
+            };
+            let mut cmd = std::process::Command::new(&self.vms.vmm_binary);
+            cmd.args(sweep::args(&dir, sweep))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            // fork + exec only; the child does the storage work.
+            match child::spawn(&mut cmd, false) {
+                Ok(c) => {
+                    log::debug!("sweeping {} ({sweep:?}), pid {}", dir.display(), c.pid());
+                    self.vms.sweepers.push((c, dir));
+                }
+                Err(e) => log::warn!(
+                    "cannot spawn {} to sweep {}: {e}",
+                    self.vms.vmm_binary.display(),
+                    dir.display()
+                ),
+            }
+        }
     }
 
     fn vms_act(&mut self, action: Action, now: Instant) {
@@ -1065,40 +1158,35 @@ impl Node {
             vms.start_backoff
                 .insert(vm.to_string(), now.saturating_add(START_BACKOFF));
         };
-        // Restore only what the committed state names: each directory's state file must
-        // carry the committed snapshot id (a rewrite by an attempt whose record never
-        // committed is refused).
-        let mut chain = Vec::new();
-        for c in restore {
-            let dir = self.vms.shared_dir.join(&c.path);
-            match vigil_kvm::snapshot::read_state(&dir) {
-                Ok(s) if s.snapshot_id == c.snapshot_id => chain.push(dir),
-                Ok(s) => {
-                    return fail(
-                        &mut self.vms,
-                        format!(
-                            "{} holds snapshot {:#x}, the committed one is {:#x}",
-                            dir.display(),
-                            s.snapshot_id,
-                            c.snapshot_id
-                        ),
-                    )
-                }
-                Err(e) => return fail(&mut self.vms, e.to_string()),
-            }
-        }
+        // Restore only what the committed state names: the VMM checks that each
+        // directory's state file carries the committed snapshot id
+        // (`--expect-snapshot-id`; a rewrite by an attempt whose record never committed
+        // is refused). It reads the state files anyway to restore them, so they are
+        // read once, and never here: shared storage may be slow, and the loop must not
+        // wait for it. A VMM that refuses exits before it ever runs; `vms_exited` then
+        // backs off before the next start.
+        let chain: Vec<(PathBuf, u64)> = restore
+            .iter()
+            .map(|c| (self.vms.shared_dir.join(&c.path), c.snapshot_id))
+            .collect();
         let Some(cfg) = self.vms.config.clone() else {
             return;
         };
         let dir = self.vms.run_dir.join(vm);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
+        // These two stay on the loop: the run directory is on the agent's local data
+        // disk (where the WAL lives, which the loop writes every turn anyway), not on
+        // shared storage; they are a mkdir and an open of one small file, and they are
+        // timed (a warning above `limits::SLOW_FS_WARN_MS`). The VMM's stderr must be
+        // open before it is spawned.
+        if let Err(e) = timed_fs("create the VMM directory", || std::fs::create_dir_all(&dir)) {
             return fail(&mut self.vms, format!("create {}: {e}", dir.display()));
         }
-        let log = match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("vmm.log"))
-        {
+        let log = match timed_fs("open vmm.log", || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("vmm.log"))
+        }) {
             Ok(f) => f,
             Err(e) => return fail(&mut self.vms, format!("vmm.log: {e}")),
         };
@@ -1128,8 +1216,11 @@ impl Node {
                 .arg("--touch-percent")
                 .arg(spec.touch_percent.to_string());
         } else {
-            for d in &chain {
-                cmd.arg("--restore").arg(d);
+            for (d, id) in &chain {
+                cmd.arg("--restore")
+                    .arg(d)
+                    .arg("--expect-snapshot-id")
+                    .arg(format!("{id:x}"));
             }
         }
         let child = match child::spawn(&mut cmd, true) {
@@ -1377,8 +1468,35 @@ impl Node {
             }
             self.vms.view_vms.insert(vm.id.clone(), now_view);
         }
+        // Deleted VMs: their snapshot directories are removed by the host they were
+        // last placed on, or by the leader when that host is gone (dead, drained or
+        // unknown) or the VM was placed nowhere. Off the loop (`vigil sweep-snapshots`).
+        let applied = state.applied_index();
+        let leader = self.raft.leader() == self.id;
+        let mut deleted = Vec::new();
+        for (id, view) in &self.vms.view_vms {
+            if seen.contains(id) {
+                continue;
+            }
+            let host_alive = view
+                .host
+                .and_then(|h| state.hosts().find(|x| x.id == h))
+                .is_some_and(|h| h.state == HostState::Alive || h.state == HostState::Draining);
+            let mine = view.host == Some(self.id) && host_alive;
+            if mine || (leader && !host_alive) {
+                deleted.push(id.clone());
+            }
+        }
         self.vms.view_vms.retain(|id, _| seen.contains(id));
-        self.vms.view_at = state.applied_index();
+        self.vms.view_at = applied;
+        for vm in deleted {
+            // Every token of the deleted VM is at most `applied`; a VM created again
+            // under this id gets larger ones, and its snapshots stay.
+            let dir = self.vms.shared_dir.join("vms").join(&vm);
+            if self.vms.queue_sweep(dir, Sweep::Deleted(applied + 1)) {
+                log::info!("vm {vm}: deleted; its snapshot directory will be removed");
+            }
+        }
         for (kind, fields) in events {
             self.vm_event(kind, fields, now);
         }
@@ -1939,23 +2057,6 @@ impl Node {
     }
 }
 
-/// The `<token>-<seq>` directories in `dir` older than `head` (token, then sequence).
-fn superseded(dir: &std::path::Path, head: (u64, u64)) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
-        .filter(|name| {
-            let Some((t, q)) = name.split_once('-') else {
-                return false;
-            };
-            matches!((t.parse::<u64>(), q.parse::<u64>()), (Ok(t), Ok(q)) if (t, q) < head)
-        })
-        .collect()
-}
-
 /// Whether a renewal reconcile asked for is sent (see `vms_act`): always, unless the VM
 /// migrates and its VMM was paused for it, does not run, or its final snapshot is
 /// committed.
@@ -1977,6 +2078,7 @@ fn token_exit(slot: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::sweep::superseded;
     use std::path::Path;
 
     #[test]
@@ -2047,14 +2149,14 @@ mod tests {
         assert_eq!(vms.highest_seq("a", 8), 9);
         assert_eq!(vms.highest_seq("a", 9), 0);
         assert_eq!(vms.highest_seq("b", 7), 0);
-        let mut old = superseded(&dir.join("vms/a"), (7, 3));
+        let mut old = superseded(&dir.join("vms/a"), (7, 3)).unwrap();
         old.sort();
         assert_eq!(
             old,
             vec!["7-1".to_string()],
             "older than the head only; 7-x is not ours"
         );
-        let mut old = superseded(&dir.join("vms/a"), (8, 9));
+        let mut old = superseded(&dir.join("vms/a"), (8, 9)).unwrap();
         old.sort();
         assert_eq!(old, vec!["7-1".to_string(), "7-3".to_string()]);
         let _ = std::fs::remove_dir_all(&dir);
