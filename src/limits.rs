@@ -167,6 +167,9 @@ pub const MAX_DEMO_EVENTS: usize = 4096;
 
 /// VMs in the cluster.
 pub const MAX_VMS: usize = 4096;
+/// VMs in one `GET /vms` answer (`?limit=` may ask for fewer); the answer also stops
+/// early, with a `next` cursor, before it would pass `MAX_CONTROL_OUTPUT_BYTES`.
+pub const MAX_VMS_PAGE: usize = 256;
 /// Smallest guest memory.
 pub const MIN_GUEST_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest guest memory.

@@ -509,8 +509,8 @@ impl Node {
                         Reply::Local(id),
                         req.method,
                         &req.path,
+                        &req.query,
                         &req.body,
-                        req.close,
                         now,
                     )?;
                 }
@@ -583,7 +583,7 @@ impl Node {
                         continue;
                     }
                     match api::method_from_code(method) {
-                        Some(m) => self.handle_request(reply, m, &path, &body, false, now)?,
+                        Some(m) => self.handle_request(reply, m, &path, "", &body, now)?,
                         None => self.answer(
                             reply,
                             400,
@@ -613,8 +613,8 @@ impl Node {
                 Reply::Local(conn),
                 req.method,
                 &req.path,
+                &req.query,
                 &req.body,
-                req.close,
                 now,
             )?;
         }
@@ -653,14 +653,13 @@ impl Node {
         reply: Reply,
         method: Method,
         path: &str,
+        query: &str,
         body: &[u8],
-        close: bool,
         now: Instant,
     ) -> Result<(), String> {
-        let _ = close;
         if let Some(vm_route) = api::vm_route(method, path) {
             return match vm_route {
-                Ok(r) => self.handle_vm_request(reply, method, path, r, body, now),
+                Ok(r) => self.handle_vm_request(reply, method, path, query, r, body, now),
                 Err(e) => self.answer_then_next(reply, e.status(), &http::error_body(&e), now),
             };
         }

@@ -65,6 +65,9 @@ const STATUS_EVERY: Duration = Duration::from_millis(250);
 /// This host's registration is proposed again after this long if the state still
 /// does not show it.
 const REGISTER_RETRY: Duration = Duration::from_secs(1);
+/// A refused registration is logged at warn at most this often (it is retried every
+/// `REGISTER_RETRY`, and shown in /status all the time).
+const REGISTER_WARN_EVERY: Duration = Duration::from_secs(30);
 /// A forwarded internal proposal not answered by then is forgotten (its sender
 /// proposes again when it still needs to).
 const INTERNAL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -233,7 +236,11 @@ struct Waiter {
 }
 
 enum ReadKind {
-    Vms,
+    /// A page of `GET /vms`: VMs with ids after `after`, at most `limit`.
+    Vms {
+        after: Option<String>,
+        limit: usize,
+    },
     Vm(String),
     Validate(String, u64),
 }
@@ -259,6 +266,9 @@ pub(super) struct Vms {
     next_slot: u64,
     discovery_until: Option<Instant>,
     register_sent_at: Option<Instant>,
+    /// Why the cluster refuses this host's registration (capacity), while it does.
+    register_refused: Option<String>,
+    register_warned_at: Option<Instant>,
     /// Forwarded internal proposals: (forward id, deadline).
     internal: Vec<(u64, Instant)>,
     waiters: Vec<Waiter>,
@@ -301,6 +311,8 @@ impl Vms {
             next_slot: 1,
             discovery_until: None,
             register_sent_at: None,
+            register_refused: None,
+            register_warned_at: None,
             internal: Vec::new(),
             waiters: Vec::new(),
             reads: HashMap::new(),
@@ -431,6 +443,36 @@ impl Vms {
         self.sweeps.push_back((dir, sweep));
         true
     }
+}
+
+/// What one `GET /vms` page may take of the control output limit (the rest is for the
+/// envelope and headers).
+const VMS_PAGE_BUDGET_BYTES: usize = limits::MAX_CONTROL_OUTPUT_BYTES - 4096;
+
+/// Takes VMs (in id order) for one page: at most `limit`, and no more than `budget`
+/// bytes of JSON. Returns the page and the `next` cursor (the last id taken) when VMs
+/// were left out.
+fn vms_page<'a>(
+    vms: impl Iterator<Item = (&'a str, serde_json::Value)>,
+    limit: usize,
+    budget: usize,
+) -> (Vec<serde_json::Value>, Option<String>) {
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    let mut last: Option<&str> = None;
+    for (id, vm) in vms {
+        let len = vm.to_string().len() + 1;
+        if page.len() == limit || (bytes + len > budget && !page.is_empty()) {
+            return (page, last.map(str::to_string));
+        }
+        // One VM object is far below the budget (its fields are bounded); a page
+        // always makes progress.
+        assert!(len <= budget, "vm {id}: {len} bytes of JSON");
+        bytes += len;
+        page.push(vm);
+        last = Some(id);
+    }
+    (page, None)
 }
 
 /// Runs a file-system call the loop makes itself and warns when it was slow.
@@ -707,13 +749,29 @@ impl Node {
             memory_bytes: cfg.capacity_memory_mib << 20,
             vcpus: cfg.capacity_vcpus,
         };
-        let known = self
-            .app
-            .state
-            .host(self.id)
-            .is_some_and(|h| h.capacity == capacity);
-        if known {
+        let host = self.app.state.host(self.id);
+        if host.is_some_and(|h| h.capacity == capacity) {
+            if self.vms.register_refused.take().is_some() {
+                log::info!("node {}: registered with the configured capacity", self.id);
+            }
             return;
+        }
+        // A new capacity below what this host's VMs use now is refused by the cluster
+        // (a rejected no-op): say so, and propose again only once it would fit.
+        if host.is_some() {
+            let load = self.app.state.load(self.id);
+            if !crate::cluster::state::fits(load, Resources::default(), capacity) {
+                let why = format!(
+                    "configured capacity {} MiB / {} vCPUs is below what this host's VMs use \
+                     ({} MiB / {} vCPUs); the cluster keeps the old capacity",
+                    capacity.memory_bytes >> 20,
+                    capacity.vcpus,
+                    load.memory_bytes >> 20,
+                    load.vcpus
+                );
+                self.vms_registration_refused(why, now);
+                return;
+            }
         }
         if self
             .vms
@@ -728,6 +786,20 @@ impl Node {
             capacity,
         };
         self.vms_propose_own(&cmd, now);
+    }
+
+    /// Records (and, rate-limited, logs at warn) why this host's registration is refused.
+    fn vms_registration_refused(&mut self, why: String, now: Instant) {
+        let warn = self.vms.register_refused.as_ref() != Some(&why)
+            || self
+                .vms
+                .register_warned_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= REGISTER_WARN_EVERY);
+        if warn {
+            log::warn!("node {}: host registration refused: {why}", self.id);
+            self.vms.register_warned_at = Some(now);
+        }
+        self.vms.register_refused = Some(why);
     }
 
     // ---- host: VMM processes ---------------------------------------------------------
@@ -1044,8 +1116,18 @@ impl Node {
             } => self.vms_start(&vm, token, &spec, &restore, lease_deadline_ns, now),
             Action::Adopt { vm, token } => {
                 if let Some(i) = self.vms.find(&vm, token) {
-                    self.vms.procs[i].local.adopted = true;
+                    let p = &mut self.vms.procs[i];
+                    if p.local.adopted {
+                        return;
+                    }
+                    p.local.adopted = true;
                     log::info!("vmm {vm} (token {token}): adopted");
+                    // A VMM an earlier agent process started, found running and placed
+                    // here: it was neither started nor restored now (no `vm_started`).
+                    let fields = serde_json::json!({"vm": vm, "host": self.id,
+                        "token": token, "counter": p.status.as_ref().map(|s| s.counter),
+                        "pid": p.process.pid(), "state": p.local.state.name()});
+                    self.vm_event("vm_adopted", fields, now);
                 }
             }
             Action::Stop { vm, token, reason } => {
@@ -1601,6 +1683,7 @@ impl Node {
             "enabled": self.vms.config.is_some(),
             "phi": phi,
             "own_lease_ms": lease_ms,
+            "registration_refused": self.vms.register_refused,
             "vmms": local,
         })
     }
@@ -1637,11 +1720,14 @@ impl Node {
     }
 
     /// A request on one of the VM routes.
+    // The request's parts, as `Node::handle_request` has them (no struct holds them).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn handle_vm_request(
         &mut self,
         reply: Reply,
         method: Method,
         path: &str,
+        query: &str,
         route: VmRoute,
         body: &[u8],
         now: Instant,
@@ -1660,7 +1746,10 @@ impl Node {
             };
         }
         match route {
-            VmRoute::Vms if method == Method::Get => self.vms_read_index(reply, ReadKind::Vms, now),
+            VmRoute::Vms if method == Method::Get => {
+                let (after, limit) = parse!(api::parse_vms_page(query));
+                self.vms_read_index(reply, ReadKind::Vms { after, limit }, now)
+            }
             VmRoute::Vm(id) if method == Method::Get => {
                 self.vms_read_index(reply, ReadKind::Vm(id), now)
             }
@@ -1850,11 +1939,15 @@ impl Node {
     fn vms_read(&mut self, reply: Reply, kind: ReadKind, now: Instant) -> Result<(), String> {
         let state = &self.app.state;
         let (status, body) = match kind {
-            ReadKind::Vms => {
-                let vms: Vec<serde_json::Value> = state.vms().map(|v| self.vm_json(v)).collect();
+            ReadKind::Vms { after, limit } => {
+                let page = state
+                    .vms()
+                    .filter(|v| after.as_ref().is_none_or(|a| v.id > *a))
+                    .map(|v| (v.id.as_str(), self.vm_json(v)));
+                let (vms, next) = vms_page(page, limit, VMS_PAGE_BUDGET_BYTES);
                 (
                     200,
-                    serde_json::json!({"vms": vms, "served_by": self.id}).to_string(),
+                    serde_json::json!({"vms": vms, "next": next, "served_by": self.id}).to_string(),
                 )
             }
             ReadKind::Vm(id) => match state.vm(&id) {
@@ -2128,6 +2221,26 @@ mod tests {
             let id = t & ((1 << 56) - 1);
             assert_eq!((id >> 16, id & 0xffff), (5, 9));
         }
+    }
+
+    #[test]
+    fn vms_pages_stop_at_the_limit_or_the_byte_budget_with_a_cursor() {
+        let ids: Vec<String> = (0..10).map(|i| format!("vm{i}")).collect();
+        let all = || {
+            ids.iter()
+                .map(|id| (id.as_str(), serde_json::json!({ "id": id })))
+        };
+        let (page, next) = vms_page(all(), 4, usize::MAX);
+        assert_eq!(page.len(), 4);
+        assert_eq!(next.as_deref(), Some("vm3"));
+        let (page, next) = vms_page(all(), 10, usize::MAX);
+        assert_eq!((page.len(), next), (10, None));
+        // Each object is 13 bytes + 1: a 30-byte budget holds two.
+        let (page, next) = vms_page(all(), 10, 30);
+        assert_eq!(page.len(), 2);
+        assert_eq!(next.as_deref(), Some("vm1"));
+        let (page, next) = vms_page(std::iter::empty(), 10, 30);
+        assert!(page.is_empty() && next.is_none());
     }
 
     #[test]
