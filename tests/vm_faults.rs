@@ -36,6 +36,20 @@ fn kill_host_of_a_vm(name: &str, victim_leads: bool) {
         create_idempotently(&c, "a", 300)
     };
     let victim = before.host.unwrap();
+    if !victim_leads {
+        // A snapshot asked for through the API commits and says what it is.
+        let (status, v) = ok(
+            &c,
+            c.request(
+                victim,
+                "POST",
+                "/vms/a/snapshot",
+                Some(&json!({"kind": "full"})),
+            ),
+        );
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["snapshot"]["kind"], "full", "{v}");
+    }
     if victim_leads {
         make_leader(&c, victim);
     } else {
