@@ -170,6 +170,9 @@ pub const MAX_DEMO_EVENTS: usize = 4096;
 
 /// VMs in the cluster.
 pub const MAX_VMS: usize = 4096;
+/// VMs in one `GET /vms` answer (`?limit=` may ask for fewer); the answer also stops
+/// early, with a `next` cursor, before it would pass `MAX_CONTROL_OUTPUT_BYTES`.
+pub const MAX_VMS_PAGE: usize = 256;
 /// Smallest guest memory.
 pub const MIN_GUEST_MEMORY_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest guest memory.
@@ -203,6 +206,16 @@ pub const MAX_HOST_VCPUS: u32 = 4096;
 /// `vigil vmm` processes one agent looks after at once (started, adopted or stopping);
 /// each has at most one control request in flight, so this also bounds those.
 pub const MAX_LOCAL_VMMS: usize = 256;
+/// `vigil sweep-snapshots` children (snapshot directory removal off the event loop) one
+/// agent runs at once.
+pub const MAX_SNAPSHOT_SWEEPERS: usize = 2;
+/// Snapshot sweeps waiting for a sweeper: one per local VM (superseded snapshots) plus
+/// as many deleted VMs.
+pub const MAX_PENDING_SWEEPS: usize = 2 * MAX_LOCAL_VMMS;
+/// A file-system call the agent's loop still makes itself (the VMM's local run
+/// directory, one listing of a VM's snapshot directory at VMM start) is logged as a
+/// warning when it takes longer than this.
+pub const SLOW_FS_WARN_MS: u64 = 20;
 /// Requests queued for one VMM behind the one in flight.
 pub const MAX_VMM_QUEUED_REQUESTS: usize = 8;
 /// A VMM that does not answer a control request within this long is reported and

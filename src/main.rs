@@ -33,6 +33,11 @@ const COMMANDS: &[Command] = &[
         run: vigil::sim::cli::main,
     },
     Command {
+        name: "sweep-snapshots",
+        summary: "remove a VM's superseded (or, once deleted, all) snapshot directories (the agent runs it)",
+        run: vigil::node::sweep::main,
+    },
+    Command {
         name: "vmm",
         summary: "run one VM (built-in guest or a restored snapshot) with its control socket and lease watchdog",
         run: vmm,

@@ -5,6 +5,11 @@
 //! placements never interleave in time, and counters never go back except to the
 //! snapshot a failover restores.
 //!
+//! Also: a retried create is idempotent and a conflicting one answers 409; a host
+//! killed with SIGKILL is shown dead; a restarted agent starts no VMM; a deleted VM's
+//! snapshot directory is removed from shared storage. (This file absorbed
+//! tests/vm_failover.rs, which covered the same kill -9 and restart cases.)
+//!
 //! Every agent and VMM is killed by PID when a test ends (also when it fails): see
 //! `vigil::demo::local`.
 
@@ -15,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use vigil::demo::snapshot::counter_in_chain;
+use vigil::demo::vms::VmView;
 use vms::*;
 
 /// kill -9 of the host running VM "a" (its agent and its VMM): the VM runs again on
@@ -24,8 +30,26 @@ fn kill_host_of_a_vm(name: &str, victim_leads: bool) {
         return;
     }
     let mut c = start(name);
-    let before = create_running(&c, "a", 300);
+    let before = if victim_leads {
+        create_running(&c, "a", 300)
+    } else {
+        create_idempotently(&c, "a", 300)
+    };
     let victim = before.host.unwrap();
+    if !victim_leads {
+        // A snapshot asked for through the API commits and says what it is.
+        let (status, v) = ok(
+            &c,
+            c.request(
+                victim,
+                "POST",
+                "/vms/a/snapshot",
+                Some(&json!({"kind": "full"})),
+            ),
+        );
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["snapshot"]["kind"], "full", "{v}");
+    }
     if victim_leads {
         make_leader(&c, victim);
     } else {
@@ -59,6 +83,11 @@ fn kill_host_of_a_vm(name: &str, victim_leads: bool) {
         after.token
     );
     let new_host = after.host.unwrap();
+    assert_eq!(
+        host_state(&c, victim).as_deref(),
+        Some("dead"),
+        "the killed host is shown dead"
+    );
     let first = wait_first_report(&c, new_host, "a", after.token);
     assert!(
         first.counter >= snapshot_counter,
@@ -76,6 +105,41 @@ fn kill_host_of_a_vm(name: &str, victim_leads: bool) {
     let runs = check_no_overlap(&c, "a");
     assert_eq!(runs.len(), 2, "one run per placement: {runs:?}");
     assert_eq!((runs[0].host, runs[1].host), (victim, new_host));
+}
+
+/// Creates VM `id` with a fixed request id, then checks that the same create again
+/// (through every host) gets the original answer and that a different spec under the
+/// same id conflicts; waits until it runs with a committed snapshot.
+fn create_idempotently(c: &vigil::demo::local::LocalCluster, id: &str, snapshot_ms: u64) -> VmView {
+    let body = vigil::demo::vms::spec(id, 64, snapshot_ms, 77);
+    let (status, first) = ok(
+        c,
+        vigil::demo::vms::write_retry(c, "POST", "/vms", &body, PATIENCE),
+    );
+    assert_eq!(status, 201, "{first}");
+    assert_eq!(first["vm"]["id"], id);
+    for via in c.ids() {
+        let (status, again) = ok(c, c.request(via, "POST", "/vms", Some(&body)));
+        assert_eq!(
+            status, 201,
+            "a retried create through host {via} is idempotent: {again}"
+        );
+        // The VM was not created again: same placement entry (token). (The answer's
+        // "index" is the retried entry's own index, not the original one's.)
+        assert_eq!(
+            again["vm"]["token"], first["vm"]["token"],
+            "the retry created the VM again: {again}"
+        );
+    }
+    let other = json!({"id": id, "memory_mib": 128, "vcpus": 1});
+    let (status, v) = ok(
+        c,
+        vigil::demo::vms::write_retry(c, "POST", "/vms", &other, PATIENCE),
+    );
+    assert_eq!(status, 409, "another spec under an existing id: {v}");
+    wait_vm(c, id, "running with a committed snapshot", |v| {
+        v.running() && !v.snapshot_chain.is_empty()
+    })
 }
 
 #[test]
@@ -194,6 +258,17 @@ fn agent_restart_within_the_lease_keeps_its_vms() {
     assert_eq!(host_state(&c, host).as_deref(), Some("alive"));
     let runs = check_no_overlap(&c, "a");
     assert_eq!(runs.len(), 1, "restored somewhere: {runs:?}");
+    let metrics = ok(
+        &c,
+        c.client(host, PATIENCE)
+            .request("GET", "/metrics", None)
+            .map_err(|e| e.to_string()),
+    );
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        metrics.contains("vigil_vmm_starts_total 0"),
+        "the restarted agent started a VMM:\n{metrics}"
+    );
 }
 
 /// A planned move keeps every round of work: the new placement's first counter is past
@@ -254,4 +329,22 @@ fn drain_and_migrate_never_move_a_counter_backwards() {
         let v = wait_vm(&c, id, "running", |v| v.running());
         assert_ne!(v.host, Some(drained), "{id} is still on the drained host");
     }
+    // A deleted VM's snapshots leave shared storage (removed off the agents' loops).
+    let dir = c.shared.join("vms/a");
+    assert!(dir.exists(), "{} holds a's snapshots", dir.display());
+    accepted(&c, "DELETE", "/vms/a", &json!({}));
+    let start = Instant::now();
+    while dir.exists() {
+        assert!(
+            start.elapsed() < PATIENCE,
+            "{} is still there after the delete\n{}",
+            dir.display(),
+            c.logs(30)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        c.shared.join("vms/b").exists(),
+        "b's snapshots were removed too"
+    );
 }

@@ -438,9 +438,26 @@ impl Vm {
         sink: Option<ReportSink>,
         options: &RestoreOptions,
     ) -> Result<Vm> {
+        Vm::restore_checked(chain, None, track_dirty, sink, options)
+    }
+
+    /// `restore_with`, which first checks that chain entry `i` holds the snapshot
+    /// `expected_ids[i]` (when given): a caller that trusts only certain snapshots (the
+    /// agent: the ones its committed cluster state names) has the state files read once,
+    /// here, rather than reading them itself beforehand.
+    pub fn restore_checked(
+        chain: &[PathBuf],
+        expected_ids: Option<&[u64]>,
+        track_dirty: bool,
+        sink: Option<ReportSink>,
+        options: &RestoreOptions,
+    ) -> Result<Vm> {
         let started = Instant::now();
         let mut timings = RestoreTimings::default();
         let states = read_chain(chain)?;
+        if let Some(expected) = expected_ids {
+            check_ids(chain, &states, expected)?;
+        }
         timings.read_states_ns = elapsed_ns(started);
         let mapping = Instant::now();
         let base = &states[0];
@@ -544,6 +561,27 @@ pub fn read_state(dir: &Path) -> Result<VmState> {
     let path = dir.join(STATE_FILE);
     let bytes = std::fs::read(&path).context(&format!("read {}", path.display()))?;
     state::decode(&bytes).map_err(|e| Error(format!("{}: {e}", path.display())))
+}
+
+/// Checks that each chain entry holds the snapshot the caller expects there.
+fn check_ids(chain: &[PathBuf], states: &[VmState], expected: &[u64]) -> Result<()> {
+    if expected.len() != states.len() {
+        return Err(Error(format!(
+            "{} snapshot ids expected for a chain of {}",
+            expected.len(),
+            states.len()
+        )));
+    }
+    for ((dir, saved), &id) in chain.iter().zip(states).zip(expected) {
+        if saved.snapshot_id != id {
+            return Err(Error(format!(
+                "{} holds snapshot {:#x}, the expected one is {id:#x}",
+                dir.display(),
+                saved.snapshot_id
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Reads and checks a chain: first a full snapshot, then diffs whose parents match.

@@ -33,7 +33,7 @@ use crate::control::{
     ERROR_BAD_REQUEST, ERROR_FAILED, ERROR_FENCED, ERROR_STALE_TOKEN,
 };
 use crate::monotonic_ns;
-use crate::snapshot::{Capture, SnapshotKind, SnapshotOptions, Written};
+use crate::snapshot::{Capture, RestoreOptions, SnapshotKind, SnapshotOptions, Written};
 use crate::vcpu::{Report, ReportSink};
 use crate::vm::{Error, Result, Vm, VmConfig};
 
@@ -69,6 +69,8 @@ pub struct VmmOptions {
     /// Most bytes of guest memory a snapshot copies aside while the vCPUs are paused
     /// (`SnapshotOptions::buffer_cap_bytes`); the VMM keeps a buffer up to this size.
     pub snapshot_buffer_bytes: u64,
+    /// When not empty: the snapshot id each `Source::Restore` entry must hold.
+    pub expected_snapshot_ids: Vec<u64>,
 }
 
 /// Default of `--snapshot-buffer-mib`: 1 % of a 6 GiB guest. The agent should pass its
@@ -96,6 +98,8 @@ Runs one VM (the built-in guest, or a restored snapshot) until told to stop.
   --touch-pages <N>          pages written per ~10 ms round (default 64)
   --restore <DIR>            restore this snapshot instead; repeat for a diff chain
                              (full snapshot first)
+  --expect-snapshot-id <HEX> the snapshot id the matching --restore must hold (repeat,
+                             one per --restore, in order); a mismatch is an error
   --report-file <PATH>       append guest reports: <monotonic_ns> <token> <vcpu> <counter>
   --snapshot-buffer-mib <N>  snapshot pages copied aside while paused and written after
                              resuming, at most this much (default 64); a larger
@@ -114,6 +118,7 @@ fn parse(args: Vec<OsString>, limits: &VmmLimits) -> std::result::Result<VmmOpti
     let mut touch_percent: u8 = 0;
     let mut touch_pages: u64 = 64;
     let mut restore = Vec::new();
+    let mut expected_ids = Vec::new();
     let mut report_file = None;
     let mut snapshot_buffer_mib = DEFAULT_SNAPSHOT_BUFFER_MIB;
     let e = |e: lexopt::Error| e.to_string();
@@ -134,6 +139,13 @@ fn parse(args: Vec<OsString>, limits: &VmmLimits) -> std::result::Result<VmmOpti
             }
             Long("touch-pages") => touch_pages = parser.value().map_err(e)?.parse().map_err(e)?,
             Long("restore") => restore.push(PathBuf::from(parser.value().map_err(e)?)),
+            Long("expect-snapshot-id") => {
+                let text = parser.value().map_err(e)?.string().map_err(e)?;
+                let hex = text.trim_start_matches("0x");
+                let id = u64::from_str_radix(hex, 16)
+                    .map_err(|_| format!("--expect-snapshot-id {text}: not a hex u64"))?;
+                expected_ids.push(id);
+            }
             Long("report-file") => report_file = Some(PathBuf::from(parser.value().map_err(e)?)),
             Long("snapshot-buffer-mib") => {
                 snapshot_buffer_mib = parser.value().map_err(e)?.parse().map_err(e)?
@@ -167,6 +179,13 @@ fn parse(args: Vec<OsString>, limits: &VmmLimits) -> std::result::Result<VmmOpti
                 limits.max_memory_bytes >> 20
             )
         })?;
+    if !expected_ids.is_empty() && expected_ids.len() != restore.len() {
+        return Err(format!(
+            "{} --expect-snapshot-id for {} --restore: give one per snapshot or none",
+            expected_ids.len(),
+            restore.len()
+        ));
+    }
     let source = if restore.is_empty() {
         let mut config = VmConfig::new(memory_bytes, vcpus);
         config.touch_percent = touch_percent;
@@ -183,6 +202,7 @@ fn parse(args: Vec<OsString>, limits: &VmmLimits) -> std::result::Result<VmmOpti
         abandon_after_ns: abandon_ms.saturating_mul(1_000_000),
         report_file,
         snapshot_buffer_bytes,
+        expected_snapshot_ids: expected_ids,
     })
 }
 
@@ -318,7 +338,11 @@ pub fn run(options: VmmOptions, limits: &VmmLimits) -> Result<u8> {
     let sink = report_sink(&options)?;
     let vm = match &options.source {
         Source::Fresh(config) => Vm::create(config, sink)?,
-        Source::Restore(chain) => Vm::restore(chain, true, sink)?,
+        Source::Restore(chain) => {
+            let expected = (!options.expected_snapshot_ids.is_empty())
+                .then_some(&options.expected_snapshot_ids[..]);
+            Vm::restore_checked(chain, expected, true, sink, &RestoreOptions::default())?
+        }
     };
     if let Some(t) = vm.restore_timings() {
         let ms = |ns: u64| ns as f64 / 1e6;

@@ -429,3 +429,34 @@ fn diff_pages_mapped_or_copied_restore_the_same_memory() {
     let timings = copied.restore_timings().expect("restore timings");
     assert!(timings.diff_runs_copied > 0 && timings.diff_runs_mapped == 0);
 }
+
+#[test]
+fn a_restore_that_expects_other_snapshot_ids_is_refused() {
+    if let Err(why) = vigil_kvm::kvm_available() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let dir = TempDir::new("expect");
+    let snap = dir.path().join("snap-1");
+    let config = VmConfig::new(64 << 20, 1);
+    let mut vm = Vm::create(&config, None).expect("create");
+    let info = vm.snapshot(SnapshotKind::Full, &snap).expect("snapshot");
+    drop(vm);
+    let chain = std::slice::from_ref(&snap);
+    let options = RestoreOptions::default();
+    let wrong = info.snapshot_id ^ 1;
+    let err = Vm::restore_checked(chain, Some(&[wrong]), true, None, &options)
+        .err()
+        .expect("a restore of another snapshot than the expected one must fail");
+    assert!(
+        err.to_string().contains(&format!("{wrong:#x}")) && err.to_string().contains("snap-1"),
+        "the error names the file and the expected id: {err}"
+    );
+    let err = Vm::restore_checked(chain, Some(&[]), true, None, &options)
+        .err()
+        .expect("a count mismatch must fail");
+    assert!(err.to_string().contains("expected"), "{err}");
+    let vm = Vm::restore_checked(chain, Some(&[info.snapshot_id]), true, None, &options)
+        .expect("the expected snapshot restores");
+    drop(vm);
+}

@@ -46,6 +46,7 @@ fn start_vmm(dir: &Path, buffer_bytes: u64) -> (PathBuf, std::thread::JoinHandle
         abandon_after_ns: 60_000_000_000,
         report_file: None,
         snapshot_buffer_bytes: buffer_bytes,
+        expected_snapshot_ids: Vec::new(),
     };
     let limits = VmmLimits {
         max_frame_bytes: MAX_FRAME,

@@ -32,7 +32,7 @@
 //! leader known or reachable; retry), 504 `timeout`, 409 `conflict`, 400 `bad_body`, ...
 
 use super::http::{HttpError, Method};
-use crate::limits::{MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES, MAX_VM_ID_BYTES};
+use crate::limits::{MAX_KV_KEY_BYTES, MAX_KV_VALUE_BYTES, MAX_VMS_PAGE, MAX_VM_ID_BYTES};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
@@ -274,6 +274,40 @@ impl VmRoute {
             VmRoute::Snapshot(_) | VmRoute::ValidateToken => false,
         }
     }
+}
+
+/// `GET /vms?after=<id>&limit=<n>`: the page asked for (`after` exclusive; `limit`
+/// 1..=`MAX_VMS_PAGE`, that by default).
+pub fn parse_vms_page(query: &str) -> Result<(Option<String>, usize), HttpError> {
+    let mut after = None;
+    let mut limit = MAX_VMS_PAGE;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "after" => match percent_decode(value) {
+                Some(id) if !id.is_empty() && id.len() <= MAX_VM_ID_BYTES => after = Some(id),
+                _ => {
+                    return Err(HttpError::BadBody(format!(
+                        "after: {value:?} is not a VM id (1..={MAX_VM_ID_BYTES} bytes)"
+                    )))
+                }
+            },
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if (1..=MAX_VMS_PAGE).contains(&n) => limit = n,
+                _ => {
+                    return Err(HttpError::BadBody(format!(
+                        "limit: {value:?} must be 1..={MAX_VMS_PAGE}"
+                    )))
+                }
+            },
+            other => {
+                return Err(HttpError::BadBody(format!(
+                    "unknown query parameter {other:?} (after, limit)"
+                )))
+            }
+        }
+    }
+    Ok((after, limit))
 }
 
 /// The VM routes: None when `path` is not one of them.
@@ -576,6 +610,25 @@ mod tests {
             parse_kv_write(Method::Delete, b"").unwrap().if_revision,
             None
         );
+    }
+
+    #[test]
+    fn vms_pages_are_parsed_and_bounded() {
+        assert_eq!(parse_vms_page(""), Ok((None, MAX_VMS_PAGE)));
+        assert_eq!(
+            parse_vms_page("after=vm%2D1&limit=10"),
+            Ok((Some("vm-1".to_string()), 10))
+        );
+        for bad in [
+            "limit=0",
+            "limit=x",
+            &format!("limit={}", MAX_VMS_PAGE + 1),
+            "after=",
+            "sort=id",
+        ] {
+            let e = parse_vms_page(bad).unwrap_err();
+            assert_eq!(e.status(), 400, "{bad}");
+        }
     }
 
     #[test]

@@ -230,7 +230,17 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             return ExitCode::from(3);
         }
     };
-    let text = String::from_utf8_lossy(&response.body).to_string();
+    let mut text = String::from_utf8_lossy(&response.body).to_string();
+    if words == ["vms"] && response.status < 300 {
+        // `GET /vms` answers in pages: follow the `next` cursor and show them as one.
+        match follow_vms_pages(&client, &text) {
+            Ok(all) => text = all,
+            Err(e) => {
+                eprintln!("vigil ctl: {e}");
+                return ExitCode::from(3);
+            }
+        }
+    }
     if response.status >= 300 {
         eprintln!("vigil ctl: {} {}", response.status, text.trim());
         return ExitCode::from(1);
@@ -419,6 +429,40 @@ fn cell(v: &serde_json::Value) -> String {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     }
+}
+
+/// Fetches the pages after `first` (a `GET /vms` answer) and returns one answer with
+/// every VM, in the API's shape (`next` null).
+fn follow_vms_pages(client: &Client, first: &str) -> Result<String, String> {
+    let mut all: serde_json::Value =
+        serde_json::from_str(first).map_err(|e| format!("GET /vms: {e}"))?;
+    let mut next = all["next"].as_str().map(str::to_string);
+    // Every page holds at least one VM and the cluster holds at most MAX_VMS.
+    for _ in 0..crate::limits::MAX_VMS {
+        let Some(after) = next.take() else {
+            return Ok(all.to_string());
+        };
+        let path = format!("/vms?after={}", encode_key(&after));
+        let r = client
+            .request("GET", &path, None)
+            .map_err(|e| format!("GET {path}: {e}"))?;
+        let text = String::from_utf8_lossy(&r.body);
+        if r.status >= 300 {
+            return Err(format!("GET {path}: {} {}", r.status, text.trim()));
+        }
+        let page: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format!("GET {path}: {e}"))?;
+        let vms = page["vms"].as_array().cloned().unwrap_or_default();
+        if vms.is_empty() && page["next"].is_string() {
+            return Err(format!("GET {path}: an empty page with a next cursor"));
+        }
+        if let Some(list) = all["vms"].as_array_mut() {
+            list.extend(vms);
+        }
+        next = page["next"].as_str().map(str::to_string);
+        all["next"] = serde_json::Value::Null;
+    }
+    Err("GET /vms: more pages than the cluster can hold VMs".into())
 }
 
 fn encode_key(key: &str) -> String {

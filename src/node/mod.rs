@@ -32,6 +32,7 @@
 //! refuse it).
 
 pub mod storage;
+pub mod sweep;
 mod vmm_conn;
 mod vms;
 
@@ -358,7 +359,7 @@ impl Node {
             forwarded: HashMap::new(),
             next_forward: 1,
             stepdowns: Vec::new(),
-            events: EventHub::new(),
+            events: EventHub::new(config.node_id),
             subscribers: Vec::new(),
             last_leader: (0, 0),
             elections_won: 0,
@@ -514,8 +515,8 @@ impl Node {
                         Reply::Local(id),
                         req.method,
                         &req.path,
+                        &req.query,
                         &req.body,
-                        req.close,
                         now,
                     )?;
                 }
@@ -596,7 +597,7 @@ impl Node {
                         continue;
                     }
                     match api::method_from_code(method) {
-                        Some(m) => self.handle_request(reply, m, &path, &body, false, now)?,
+                        Some(m) => self.handle_request(reply, m, &path, "", &body, now)?,
                         None => self.answer(
                             reply,
                             400,
@@ -626,8 +627,8 @@ impl Node {
                 Reply::Local(conn),
                 req.method,
                 &req.path,
+                &req.query,
                 &req.body,
-                req.close,
                 now,
             )?;
         }
@@ -666,14 +667,13 @@ impl Node {
         reply: Reply,
         method: Method,
         path: &str,
+        query: &str,
         body: &[u8],
-        close: bool,
         now: Instant,
     ) -> Result<(), String> {
-        let _ = close;
         if let Some(vm_route) = api::vm_route(method, path) {
             return match vm_route {
-                Ok(r) => self.handle_vm_request(reply, method, path, r, body, now),
+                Ok(r) => self.handle_vm_request(reply, method, path, query, r, body, now),
                 Err(e) => self.answer_then_next(reply, e.status(), &http::error_body(&e), now),
             };
         }

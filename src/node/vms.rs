@@ -27,6 +27,7 @@ use std::time::Duration;
 
 use vigil_kvm::control::{Reply as VmmReply, Request, SnapshotKindWire, Status, VmmState};
 
+use super::sweep::{self, Sweep};
 use super::vmm_conn::VmmConn;
 use super::{now_ns, raft_error, Node, Reply};
 use crate::agent::leader::{LeaderDuties, RaftView};
@@ -64,6 +65,9 @@ const STATUS_EVERY: Duration = Duration::from_millis(250);
 /// This host's registration is proposed again after this long if the state still
 /// does not show it.
 const REGISTER_RETRY: Duration = Duration::from_secs(1);
+/// A refused registration is logged at warn at most this often (it is retried every
+/// `REGISTER_RETRY`, and shown in /status all the time).
+const REGISTER_WARN_EVERY: Duration = Duration::from_secs(30);
 /// A forwarded internal proposal not answered by then is forgotten (its sender
 /// proposes again when it still needs to).
 const INTERNAL_TIMEOUT: Duration = Duration::from_secs(2);
@@ -232,7 +236,11 @@ struct Waiter {
 }
 
 enum ReadKind {
-    Vms,
+    /// A page of `GET /vms`: VMs with ids after `after`, at most `limit`.
+    Vms {
+        after: Option<String>,
+        limit: usize,
+    },
     Vm(String),
     Validate(String, u64),
 }
@@ -258,6 +266,9 @@ pub(super) struct Vms {
     next_slot: u64,
     discovery_until: Option<Instant>,
     register_sent_at: Option<Instant>,
+    /// Why the cluster refuses this host's registration (capacity), while it does.
+    register_refused: Option<String>,
+    register_warned_at: Option<Instant>,
     /// Forwarded internal proposals: (forward id, deadline).
     internal: Vec<(u64, Instant)>,
     waiters: Vec<Waiter>,
@@ -273,6 +284,11 @@ pub(super) struct Vms {
     own_lease: Option<u64>,
     vmm_starts: u64,
     vmm_kills: u64,
+    /// Snapshot directories to remove, waiting for a sweeper (bounded by
+    /// `limits::MAX_PENDING_SWEEPS`).
+    sweeps: VecDeque<(PathBuf, Sweep)>,
+    /// Running `vigil sweep-snapshots` children (at most `limits::MAX_SNAPSHOT_SWEEPERS`).
+    sweepers: Vec<(Child, PathBuf)>,
 }
 
 impl Vms {
@@ -295,6 +311,8 @@ impl Vms {
             next_slot: 1,
             discovery_until: None,
             register_sent_at: None,
+            register_refused: None,
+            register_warned_at: None,
             internal: Vec::new(),
             waiters: Vec::new(),
             reads: HashMap::new(),
@@ -306,6 +324,8 @@ impl Vms {
             own_lease: None,
             vmm_starts: 0,
             vmm_kills: 0,
+            sweeps: VecDeque::new(),
+            sweepers: Vec::new(),
         };
         if vms.config.is_some() {
             vms.discover(now);
@@ -314,6 +334,8 @@ impl Vms {
     }
 
     /// VMMs left by an earlier agent process: one directory per VM with a socket.
+    /// Runs once, while the node is built, before the loop serves anything; the run
+    /// directory is on the local data disk.
     fn discover(&mut self, now: Instant) {
         let Ok(entries) = std::fs::read_dir(&self.run_dir) else {
             return;
@@ -378,9 +400,17 @@ impl Vms {
     }
 
     /// The highest `<token>-<seq>` directory under `vms/<vm>/` on shared storage.
+    ///
+    /// This listing stays on the loop: it runs once per VMM start or adoption (not per
+    /// snapshot), the directory holds at most the committed chain plus a few
+    /// directories not yet swept (superseded ones are removed by `vigil
+    /// sweep-snapshots`), and the next snapshot's name depends on it, so it is needed
+    /// before the VMM's first snapshot. It is timed: a warning above
+    /// `limits::SLOW_FS_WARN_MS` tells an operator that shared storage is slow.
     fn highest_seq(&self, vm: &str, token: u64) -> u64 {
         let prefix = format!("{token}-");
-        let Ok(entries) = std::fs::read_dir(self.shared_dir.join("vms").join(vm)) else {
+        let dir = self.shared_dir.join("vms").join(vm);
+        let Ok(entries) = timed_fs("list a VM's snapshots", || std::fs::read_dir(&dir)) else {
             return 0;
         };
         entries
@@ -394,6 +424,69 @@ impl Vms {
             .max()
             .unwrap_or(0)
     }
+}
+
+impl Vms {
+    /// Queues the removal of snapshot directories; false when the queue is full.
+    fn queue_sweep(&mut self, dir: PathBuf, sweep: Sweep) -> bool {
+        if self.sweeps.iter().any(|(d, s)| *d == dir && *s == sweep) {
+            return true;
+        }
+        if self.sweeps.len() >= limits::MAX_PENDING_SWEEPS {
+            log::warn!(
+                "{} snapshot sweeps queued; {} waits",
+                self.sweeps.len(),
+                dir.display()
+            );
+            return false;
+        }
+        self.sweeps.push_back((dir, sweep));
+        true
+    }
+}
+
+/// What one `GET /vms` page may take of the control output limit (the rest is for the
+/// envelope and headers).
+const VMS_PAGE_BUDGET_BYTES: usize = limits::MAX_CONTROL_OUTPUT_BYTES - 4096;
+
+/// Takes VMs (in id order) for one page: at most `limit`, and no more than `budget`
+/// bytes of JSON. Returns the page and the `next` cursor (the last id taken) when VMs
+/// were left out.
+fn vms_page<'a>(
+    vms: impl Iterator<Item = (&'a str, serde_json::Value)>,
+    limit: usize,
+    budget: usize,
+) -> (Vec<serde_json::Value>, Option<String>) {
+    let mut page = Vec::new();
+    let mut bytes = 0;
+    let mut last: Option<&str> = None;
+    for (id, vm) in vms {
+        let len = vm.to_string().len() + 1;
+        if page.len() == limit || (bytes + len > budget && !page.is_empty()) {
+            return (page, last.map(str::to_string));
+        }
+        // One VM object is far below the budget (its fields are bounded); a page
+        // always makes progress.
+        assert!(len <= budget, "vm {id}: {len} bytes of JSON");
+        bytes += len;
+        page.push(vm);
+        last = Some(id);
+    }
+    (page, None)
+}
+
+/// Runs a file-system call the loop makes itself and warns when it was slow.
+fn timed_fs<T>(what: &str, f: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let result = f();
+    let took = started.elapsed();
+    if took > Duration::from_millis(limits::SLOW_FS_WARN_MS) {
+        log::warn!(
+            "{what} took {} ms on the event loop (storage is slow)",
+            took.as_millis()
+        );
+    }
+    result
 }
 
 fn status_for(code: RejectCode) -> (u16, &'static str) {
@@ -461,6 +554,7 @@ impl Node {
             .collect();
         self.vms.internal.retain(|(id, _)| !expired.contains(id));
         self.vms.start_backoff.retain(|_, until| now < *until);
+        self.vms_sweep();
         self.vms_check_waiters(now)?;
         Ok(())
     }
@@ -655,13 +749,29 @@ impl Node {
             memory_bytes: cfg.capacity_memory_mib << 20,
             vcpus: cfg.capacity_vcpus,
         };
-        let known = self
-            .app
-            .state
-            .host(self.id)
-            .is_some_and(|h| h.capacity == capacity);
-        if known {
+        let host = self.app.state.host(self.id);
+        if host.is_some_and(|h| h.capacity == capacity) {
+            if self.vms.register_refused.take().is_some() {
+                log::info!("node {}: registered with the configured capacity", self.id);
+            }
             return;
+        }
+        // A new capacity below what this host's VMs use now is refused by the cluster
+        // (a rejected no-op): say so, and propose again only once it would fit.
+        if host.is_some() {
+            let load = self.app.state.load(self.id);
+            if !crate::cluster::state::fits(load, Resources::default(), capacity) {
+                let why = format!(
+                    "configured capacity {} MiB / {} vCPUs is below what this host's VMs use \
+                     ({} MiB / {} vCPUs); the cluster keeps the old capacity",
+                    capacity.memory_bytes >> 20,
+                    capacity.vcpus,
+                    load.memory_bytes >> 20,
+                    load.vcpus
+                );
+                self.vms_registration_refused(why, now);
+                return;
+            }
         }
         if self
             .vms
@@ -676,6 +786,20 @@ impl Node {
             capacity,
         };
         self.vms_propose_own(&cmd, now);
+    }
+
+    /// Records (and, rate-limited, logs at warn) why this host's registration is refused.
+    fn vms_registration_refused(&mut self, why: String, now: Instant) {
+        let warn = self.vms.register_refused.as_ref() != Some(&why)
+            || self
+                .vms
+                .register_warned_at
+                .is_none_or(|t| now.saturating_duration_since(t) >= REGISTER_WARN_EVERY);
+        if warn {
+            log::warn!("node {}: host registration refused: {why}", self.id);
+            self.vms.register_warned_at = Some(now);
+        }
+        self.vms.register_refused = Some(why);
     }
 
     // ---- host: VMM processes ---------------------------------------------------------
@@ -908,6 +1032,7 @@ impl Node {
     /// fails, backs off and retries with the newer chain.
     fn vms_collect_snapshots(&mut self) {
         let state = &self.app.state;
+        let mut queued = Vec::new();
         for p in &self.vms.procs {
             let Some(vm) = state
                 .vm(&p.local.vm)
@@ -921,20 +1046,60 @@ impl Node {
             if self.vms.collected.get(&vm.id) == Some(&head.committed_index) {
                 continue;
             }
-            self.vms
-                .collected
-                .insert(vm.id.clone(), head.committed_index);
-            let dir = self.vms.shared_dir.join("vms").join(&vm.id);
-            for name in superseded(&dir, (head.token, head.seq)) {
-                let path = dir.join(&name);
-                match std::fs::remove_dir_all(&path) {
-                    Ok(()) => log::debug!("removed superseded snapshot {}", path.display()),
-                    Err(e) => log::warn!("remove {}: {e}", path.display()),
-                }
+            queued.push((vm.id.clone(), head.committed_index, head.token, head.seq));
+        }
+        for (vm, index, token, seq) in queued {
+            let dir = self.vms.shared_dir.join("vms").join(&vm);
+            // Not marked collected when the queue is full: the next apply tries again.
+            if self.vms.queue_sweep(dir, Sweep::Before(token, seq)) {
+                self.vms.collected.insert(vm, index);
             }
         }
         let known: Vec<String> = self.vms.procs.iter().map(|p| p.local.vm.clone()).collect();
         self.vms.collected.retain(|vm, _| known.contains(vm));
+    }
+
+    /// Reaps finished sweepers and starts queued sweeps, at most
+    /// `limits::MAX_SNAPSHOT_SWEEPERS` at once. Listing and removing directories on
+    /// shared storage happens only in those children (`vigil sweep-snapshots`).
+    fn vms_sweep(&mut self) {
+        self.vms.sweepers.retain(|(c, dir)| match c.try_wait() {
+            Ok(None) => true,
+            Ok(Some(ExitStatus::Exited(0))) => {
+                log::debug!("swept {}", dir.display());
+                false
+            }
+            Ok(Some(how)) => {
+                // The child logged why (its stderr is ours); a later head retries.
+                log::warn!("sweeping {} failed: {how:?}", dir.display());
+                false
+            }
+            Err(e) => {
+                log::warn!("sweeping {}: {e}", dir.display());
+                false
+            }
+        });
+        while self.vms.sweepers.len() < limits::MAX_SNAPSHOT_SWEEPERS {
+            let Some((dir, sweep)) = self.vms.sweeps.pop_front() else {
+                break;
+            };
+            let mut cmd = std::process::Command::new(&self.vms.vmm_binary);
+            cmd.args(sweep::args(&dir, sweep))
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::null());
+            // fork + exec only; the child does the storage work.
+            match child::spawn(&mut cmd, false) {
+                Ok(c) => {
+                    log::debug!("sweeping {} ({sweep:?}), pid {}", dir.display(), c.pid());
+                    self.vms.sweepers.push((c, dir));
+                }
+                Err(e) => log::warn!(
+                    "cannot spawn {} to sweep {}: {e}",
+                    self.vms.vmm_binary.display(),
+                    dir.display()
+                ),
+            }
+        }
     }
 
     fn vms_act(&mut self, action: Action, now: Instant) {
@@ -951,8 +1116,18 @@ impl Node {
             } => self.vms_start(&vm, token, &spec, &restore, lease_deadline_ns, now),
             Action::Adopt { vm, token } => {
                 if let Some(i) = self.vms.find(&vm, token) {
-                    self.vms.procs[i].local.adopted = true;
+                    let p = &mut self.vms.procs[i];
+                    if p.local.adopted {
+                        return;
+                    }
+                    p.local.adopted = true;
                     log::info!("vmm {vm} (token {token}): adopted");
+                    // A VMM an earlier agent process started, found running and placed
+                    // here: it was neither started nor restored now (no `vm_started`).
+                    let fields = serde_json::json!({"vm": vm, "host": self.id,
+                        "token": token, "counter": p.status.as_ref().map(|s| s.counter),
+                        "pid": p.process.pid(), "state": p.local.state.name()});
+                    self.vm_event("vm_adopted", fields, now);
                 }
             }
             Action::Stop { vm, token, reason } => {
@@ -1065,40 +1240,35 @@ impl Node {
             vms.start_backoff
                 .insert(vm.to_string(), now.saturating_add(START_BACKOFF));
         };
-        // Restore only what the committed state names: each directory's state file must
-        // carry the committed snapshot id (a rewrite by an attempt whose record never
-        // committed is refused).
-        let mut chain = Vec::new();
-        for c in restore {
-            let dir = self.vms.shared_dir.join(&c.path);
-            match vigil_kvm::snapshot::read_state(&dir) {
-                Ok(s) if s.snapshot_id == c.snapshot_id => chain.push(dir),
-                Ok(s) => {
-                    return fail(
-                        &mut self.vms,
-                        format!(
-                            "{} holds snapshot {:#x}, the committed one is {:#x}",
-                            dir.display(),
-                            s.snapshot_id,
-                            c.snapshot_id
-                        ),
-                    )
-                }
-                Err(e) => return fail(&mut self.vms, e.to_string()),
-            }
-        }
+        // Restore only what the committed state names: the VMM checks that each
+        // directory's state file carries the committed snapshot id
+        // (`--expect-snapshot-id`; a rewrite by an attempt whose record never committed
+        // is refused). It reads the state files anyway to restore them, so they are
+        // read once, and never here: shared storage may be slow, and the loop must not
+        // wait for it. A VMM that refuses exits before it ever runs; `vms_exited` then
+        // backs off before the next start.
+        let chain: Vec<(PathBuf, u64)> = restore
+            .iter()
+            .map(|c| (self.vms.shared_dir.join(&c.path), c.snapshot_id))
+            .collect();
         let Some(cfg) = self.vms.config.clone() else {
             return;
         };
         let dir = self.vms.run_dir.join(vm);
-        if let Err(e) = std::fs::create_dir_all(&dir) {
+        // These two stay on the loop: the run directory is on the agent's local data
+        // disk (where the WAL lives, which the loop writes every turn anyway), not on
+        // shared storage; they are a mkdir and an open of one small file, and they are
+        // timed (a warning above `limits::SLOW_FS_WARN_MS`). The VMM's stderr must be
+        // open before it is spawned.
+        if let Err(e) = timed_fs("create the VMM directory", || std::fs::create_dir_all(&dir)) {
             return fail(&mut self.vms, format!("create {}: {e}", dir.display()));
         }
-        let log = match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join("vmm.log"))
-        {
+        let log = match timed_fs("open vmm.log", || {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join("vmm.log"))
+        }) {
             Ok(f) => f,
             Err(e) => return fail(&mut self.vms, format!("vmm.log: {e}")),
         };
@@ -1128,8 +1298,11 @@ impl Node {
                 .arg("--touch-percent")
                 .arg(spec.touch_percent.to_string());
         } else {
-            for d in &chain {
-                cmd.arg("--restore").arg(d);
+            for (d, id) in &chain {
+                cmd.arg("--restore")
+                    .arg(d)
+                    .arg("--expect-snapshot-id")
+                    .arg(format!("{id:x}"));
             }
         }
         let child = match child::spawn(&mut cmd, true) {
@@ -1377,8 +1550,35 @@ impl Node {
             }
             self.vms.view_vms.insert(vm.id.clone(), now_view);
         }
+        // Deleted VMs: their snapshot directories are removed by the host they were
+        // last placed on, or by the leader when that host is gone (dead, drained or
+        // unknown) or the VM was placed nowhere. Off the loop (`vigil sweep-snapshots`).
+        let applied = state.applied_index();
+        let leader = self.raft.leader() == self.id;
+        let mut deleted = Vec::new();
+        for (id, view) in &self.vms.view_vms {
+            if seen.contains(id) {
+                continue;
+            }
+            let host_alive = view
+                .host
+                .and_then(|h| state.hosts().find(|x| x.id == h))
+                .is_some_and(|h| h.state == HostState::Alive || h.state == HostState::Draining);
+            let mine = view.host == Some(self.id) && host_alive;
+            if mine || (leader && !host_alive) {
+                deleted.push(id.clone());
+            }
+        }
         self.vms.view_vms.retain(|id, _| seen.contains(id));
-        self.vms.view_at = state.applied_index();
+        self.vms.view_at = applied;
+        for vm in deleted {
+            // Every token of the deleted VM is at most `applied`; a VM created again
+            // under this id gets larger ones, and its snapshots stay.
+            let dir = self.vms.shared_dir.join("vms").join(&vm);
+            if self.vms.queue_sweep(dir, Sweep::Deleted(applied + 1)) {
+                log::info!("vm {vm}: deleted; its snapshot directory will be removed");
+            }
+        }
         for (kind, fields) in events {
             self.vm_event(kind, fields, now);
         }
@@ -1483,6 +1683,7 @@ impl Node {
             "enabled": self.vms.config.is_some(),
             "phi": phi,
             "own_lease_ms": lease_ms,
+            "registration_refused": self.vms.register_refused,
             "vmms": local,
         })
     }
@@ -1519,11 +1720,14 @@ impl Node {
     }
 
     /// A request on one of the VM routes.
+    // The request's parts, as `Node::handle_request` has them (no struct holds them).
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn handle_vm_request(
         &mut self,
         reply: Reply,
         method: Method,
         path: &str,
+        query: &str,
         route: VmRoute,
         body: &[u8],
         now: Instant,
@@ -1542,7 +1746,10 @@ impl Node {
             };
         }
         match route {
-            VmRoute::Vms if method == Method::Get => self.vms_read_index(reply, ReadKind::Vms, now),
+            VmRoute::Vms if method == Method::Get => {
+                let (after, limit) = parse!(api::parse_vms_page(query));
+                self.vms_read_index(reply, ReadKind::Vms { after, limit }, now)
+            }
             VmRoute::Vm(id) if method == Method::Get => {
                 self.vms_read_index(reply, ReadKind::Vm(id), now)
             }
@@ -1732,11 +1939,15 @@ impl Node {
     fn vms_read(&mut self, reply: Reply, kind: ReadKind, now: Instant) -> Result<(), String> {
         let state = &self.app.state;
         let (status, body) = match kind {
-            ReadKind::Vms => {
-                let vms: Vec<serde_json::Value> = state.vms().map(|v| self.vm_json(v)).collect();
+            ReadKind::Vms { after, limit } => {
+                let page = state
+                    .vms()
+                    .filter(|v| after.as_ref().is_none_or(|a| v.id > *a))
+                    .map(|v| (v.id.as_str(), self.vm_json(v)));
+                let (vms, next) = vms_page(page, limit, VMS_PAGE_BUDGET_BYTES);
                 (
                     200,
-                    serde_json::json!({"vms": vms, "served_by": self.id}).to_string(),
+                    serde_json::json!({"vms": vms, "next": next, "served_by": self.id}).to_string(),
                 )
             }
             ReadKind::Vm(id) => match state.vm(&id) {
@@ -1939,23 +2150,6 @@ impl Node {
     }
 }
 
-/// The `<token>-<seq>` directories in `dir` older than `head` (token, then sequence).
-fn superseded(dir: &std::path::Path, head: (u64, u64)) -> Vec<String> {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str().map(str::to_string))
-        .filter(|name| {
-            let Some((t, q)) = name.split_once('-') else {
-                return false;
-            };
-            matches!((t.parse::<u64>(), q.parse::<u64>()), (Ok(t), Ok(q)) if (t, q) < head)
-        })
-        .collect()
-}
-
 /// Whether a renewal reconcile asked for is sent (see `vms_act`): always, unless the VM
 /// migrates and its VMM was paused for it, does not run, or its final snapshot is
 /// committed.
@@ -1977,6 +2171,7 @@ fn token_exit(slot: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::node::sweep::superseded;
     use std::path::Path;
 
     #[test]
@@ -2029,6 +2224,26 @@ mod tests {
     }
 
     #[test]
+    fn vms_pages_stop_at_the_limit_or_the_byte_budget_with_a_cursor() {
+        let ids: Vec<String> = (0..10).map(|i| format!("vm{i}")).collect();
+        let all = || {
+            ids.iter()
+                .map(|id| (id.as_str(), serde_json::json!({ "id": id })))
+        };
+        let (page, next) = vms_page(all(), 4, usize::MAX);
+        assert_eq!(page.len(), 4);
+        assert_eq!(next.as_deref(), Some("vm3"));
+        let (page, next) = vms_page(all(), 10, usize::MAX);
+        assert_eq!((page.len(), next), (10, None));
+        // Each object is 13 bytes + 1: a 30-byte budget holds two.
+        let (page, next) = vms_page(all(), 10, 30);
+        assert_eq!(page.len(), 2);
+        assert_eq!(next.as_deref(), Some("vm1"));
+        let (page, next) = vms_page(std::iter::empty(), 10, 30);
+        assert!(page.is_empty() && next.is_none());
+    }
+
+    #[test]
     fn finds_the_highest_sequence_written_under_a_token() {
         let dir = std::env::temp_dir().join(format!("vigil-vms-seq-{}", std::process::id()));
         for d in ["7-1", "7-3", "8-9", "7-x"] {
@@ -2047,14 +2262,14 @@ mod tests {
         assert_eq!(vms.highest_seq("a", 8), 9);
         assert_eq!(vms.highest_seq("a", 9), 0);
         assert_eq!(vms.highest_seq("b", 7), 0);
-        let mut old = superseded(&dir.join("vms/a"), (7, 3));
+        let mut old = superseded(&dir.join("vms/a"), (7, 3)).unwrap();
         old.sort();
         assert_eq!(
             old,
             vec!["7-1".to_string()],
             "older than the head only; 7-x is not ours"
         );
-        let mut old = superseded(&dir.join("vms/a"), (8, 9));
+        let mut old = superseded(&dir.join("vms/a"), (8, 9)).unwrap();
         old.sort();
         assert_eq!(old, vec!["7-1".to_string(), "7-3".to_string()]);
         let _ = std::fs::remove_dir_all(&dir);
