@@ -118,6 +118,11 @@ pub struct Config {
     pub timing: Timing,
     /// Every member, this node included, in file order.
     pub peers: Vec<Peer>,
+    /// `join = true`: this node joins a running cluster. It starts outside the
+    /// membership (it never campaigns) and waits for the leader to add it
+    /// (`POST /members`) and send it the log; the other peers are where to find the
+    /// cluster until the replicated member addresses arrive.
+    pub join: bool,
     /// `[vms]`: None when this host runs no VMs.
     pub vms: Option<VmsConfig>,
 }
@@ -275,6 +280,18 @@ impl Reader<'_> {
             Some(entry) => Some(self.group(entry)?),
             None => None,
         };
+        let join = match keys.take("join") {
+            Some(entry) => match &entry.value {
+                Value::Boolean(b) => *b,
+                other => {
+                    return Err(self.error(
+                        entry.line,
+                        format!("key 'join': expected true or false, found {}", show(other)),
+                    ))
+                }
+            },
+            None => false,
+        };
         self.reject_unknown(&keys, "top level")?;
 
         let mut timing = Timing::default();
@@ -299,6 +316,14 @@ impl Reader<'_> {
         }
         self.check_timing(&timing, timing_line)?;
         self.check_peers(&peers, node_id, listen)?;
+        if join && peers.len() < 2 {
+            return Err(self.error(
+                0,
+                "join = true needs at least one [[peers]] entry besides this node: a member \
+                 of the running cluster to reach"
+                    .into(),
+            ));
+        }
         Ok(Config {
             node_id,
             listen,
@@ -310,6 +335,7 @@ impl Reader<'_> {
             control_group,
             timing,
             peers,
+            join,
             vms,
         })
     }
