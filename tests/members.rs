@@ -31,7 +31,7 @@ fn wait_until(c: &Cluster, what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-fn member<'a>(list: &'a [serde_json::Value], id: u64) -> Option<&'a serde_json::Value> {
+fn member(list: &[serde_json::Value], id: u64) -> Option<&serde_json::Value> {
     list.iter().find(|m| m["node_id"].as_u64() == Some(id))
 }
 
