@@ -549,11 +549,12 @@ fn vm_id(reader: &mut Reader<'_>, field: &'static str) -> Result<String, DecodeE
     Ok(reader.str(field, MAX_VM_ID_BYTES)?.to_string())
 }
 
-/// A peer address as `SocketAddr` prints it; port 0 is no address.
+/// A peer address exactly as `SocketAddr` prints it (one encoding per address: "07004"
+/// is refused); port 0 is no address.
 pub(crate) fn parse_address(text: &str) -> Option<std::net::SocketAddr> {
     text.parse::<std::net::SocketAddr>()
         .ok()
-        .filter(|a| a.port() != 0)
+        .filter(|a| a.port() != 0 && a.to_string() == text)
 }
 
 pub(crate) fn put_optional(out: &mut Vec<u8>, value: Option<u64>) {
@@ -683,6 +684,18 @@ mod tests {
                 reason: "no room".into(),
             },
             Command::CancelMigration { vm: "a".into() },
+            Command::MemberAddress {
+                id: 4,
+                address: Some("127.0.0.1:7004".parse().unwrap()),
+            },
+            Command::MemberAddress {
+                id: 5,
+                address: Some("[::1]:7005".parse().unwrap()),
+            },
+            Command::MemberAddress {
+                id: 4,
+                address: None,
+            },
         ]
     }
 
@@ -754,6 +767,27 @@ mod tests {
         assert_eq!(
             Command::decode(&bytes).unwrap_err().to_string(),
             "migrate_vm.target at byte 16: absent value is not zero"
+        );
+        // Member addresses: IP:port in its one printed form, and a non-zero id.
+        for (text, id) in [("nowhere", 4), ("127.0.0.1:07004", 4), ("127.0.0.1:0", 4)] {
+            let mut bytes = vec![COMMAND_VERSION, KIND_MEMBER_ADDRESS];
+            bytes.extend_from_slice(&[0; 8]);
+            bytes.extend_from_slice(&u64::to_le_bytes(id));
+            let at = bytes.len();
+            put_optional_str(&mut bytes, Some(text));
+            assert_eq!(
+                Command::decode(&bytes).unwrap_err().to_string(),
+                format!("member_address.address at byte {at}: {text:?} is not IP:port")
+            );
+        }
+        let bytes = Command::MemberAddress {
+            id: 0,
+            address: None,
+        }
+        .to_bytes(RequestId(0));
+        assert_eq!(
+            Command::decode(&bytes).unwrap_err().to_string(),
+            "member_address.id at byte 10: node id 0 is reserved"
         );
     }
 }

@@ -977,7 +977,7 @@ impl ClusterState {
                 field: "state.version",
                 offset: 0,
                 problem: Problem::Invalid(format!(
-                    "state format {version} is not supported (this node reads {STATE_VERSION})"
+                    "state format {version} is not supported (this node reads 1 to {STATE_VERSION})"
                 )),
             });
         }

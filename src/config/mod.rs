@@ -658,6 +658,27 @@ role = "observer"
     }
 
     #[test]
+    fn join_mode() {
+        assert!(!parse(GOOD).unwrap().join);
+        let config = parse(&GOOD.replace("key_file", "join = true\nkey_file")).unwrap();
+        assert!(config.join);
+        let error = parse(&GOOD.replace("key_file", "join = 1\nkey_file")).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("key 'join': expected true or false"),
+            "{error}"
+        );
+        // A joining node must name a member of the running cluster.
+        let alone = "node_id = 2\nlisten = \"127.0.0.1:7002\"\ndata_dir = \"/tmp/v2\"\n\
+                     shared_dir = \"/tmp/s\"\ncontrol_socket = \"/tmp/v2/s\"\n\
+                     key_file = \"/k\"\njoin = true\n[[peers]]\nid = 2\n\
+                     address = \"127.0.0.1:7002\"\n";
+        let error = parse(alone).unwrap_err();
+        assert!(error.to_string().contains("join = true needs"), "{error}");
+    }
+
+    #[test]
     fn reads_a_full_config() {
         let config = parse(GOOD).unwrap();
         assert_eq!(config.node_id, 2);
