@@ -234,7 +234,8 @@ fn join_as_voter_and_bad_requests() {
         let (status, body) = c.members_request(1, "POST", "/members", Some(b));
         assert_eq!(status, 400, "{b}: {body}");
     }
-    // An existing member's id or address is refused.
+    // An existing member's id with another address, or its address, is refused; the
+    // same id and address again (a retry) succeeds without a change.
     let (status, body) = c.members_request(
         1,
         "POST",
@@ -242,6 +243,15 @@ fn join_as_voter_and_bad_requests() {
         Some(&serde_json::json!({"id": 2, "address": new_addr})),
     );
     assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "exists", "{body}");
+    let (status, body) = c.members_request(
+        1,
+        "POST",
+        "/members",
+        Some(&serde_json::json!({"id": 2, "address": c.peer_addr(2).to_string()})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["already_member"], true, "{body}");
     let (status, body) = c.members_request(
         1,
         "POST",
@@ -262,5 +272,85 @@ fn join_as_voter_and_bad_requests() {
             member(&c.members(id), new).is_some_and(|m| m["role"] == "voter")
         });
     }
+    // Asking again for the same voter is a no-op success.
+    let (status, body) = c.members_request(
+        3,
+        "POST",
+        "/members",
+        Some(&serde_json::json!({"id": new, "address": new_addr, "role": "voter"})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["already_member"], true, "{body}");
     assert_eq!(c.get_retry(new, "k").as_deref(), Some("v"));
+}
+
+/// Writes `n` keys `{prefix}-{i}` through every live node, four clients at once (to get
+/// past the compaction threshold quickly).
+fn fill(c: &Cluster, prefix: &str, n: usize) {
+    let via = c.alive();
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let via = via[t % via.len()];
+            s.spawn(move || {
+                for i in (t..n).step_by(4) {
+                    let key = format!("{prefix}-{i}");
+                    let start = Instant::now();
+                    while c.put(via, &key, "x").is_err() {
+                        assert!(start.elapsed() < LIMIT, "put {key} via {via}");
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// A joining node that is far behind gets the leader's snapshot; addresses recorded
+/// before a compaction are read back from the snapshot by a restarted node whose config
+/// file does not list the new member.
+#[test]
+fn addresses_survive_snapshots() {
+    let mut c = Cluster::start("join-snapshot", 3, "auto");
+    c.wait_leader();
+    // More entries than RAFT_COMPACT_AFTER_ENTRIES (4096): every node compacts, so the
+    // joining node cannot get the log from index 1.
+    let n = 4200;
+    fill(&c, "a", n);
+    let new = c.start_joining_node();
+    let new_addr = c.peer_addr(new).to_string();
+    wait_until(&c, "the joining node answers /status", || {
+        c.status(new).is_some()
+    });
+    let (status, body) = c.members_request(
+        2,
+        "POST",
+        "/members",
+        Some(&serde_json::json!({"id": new, "address": new_addr, "role": "voter"})),
+    );
+    assert_eq!(status, 200, "{body}\n{}", c.logs());
+    assert_eq!(c.get_retry(new, "a-0").as_deref(), Some("x"));
+    assert_eq!(
+        c.get_retry(new, &format!("a-{}", n - 1)).as_deref(),
+        Some("x")
+    );
+    // Compact past the entry that recorded the address.
+    fill(&c, "b", n);
+    let leader = c.wait_leader();
+    let old = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    assert!(c.terminate(old).success());
+    c.restart(old);
+    wait_until(
+        &c,
+        &format!("restarted node {old} reconnects to {new}"),
+        || {
+            c.status(old).is_some_and(|s| {
+                member(s["members"].as_array().unwrap(), new)
+                    .is_some_and(|m| m["connected"] == true && m["address"] == new_addr)
+            })
+        },
+    );
+    assert_eq!(
+        c.get_retry(new, &format!("b-{}", n - 1)).as_deref(),
+        Some("x")
+    );
 }

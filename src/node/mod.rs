@@ -430,7 +430,7 @@ impl Node {
             {
                 match self.member_address(m) {
                     Some(a) => wanted.push((m, a)),
-                    None if m != self.id => log::warn!(
+                    None if m != self.id => log::info!(
                         "node {}: member {m} has no known address (not in the config file, \
                          no replicated address yet)",
                         self.id
@@ -974,8 +974,32 @@ impl Node {
         now: Instant,
     ) -> Result<(), String> {
         if self.raft.membership().is_member(id) {
-            let body = api::error_json(&format!("node {id} is already a member"), "exists");
-            return self.answer_then_next(reply, 409, &body, now);
+            // A retry (say after a leader change) finds its own earlier work: the same
+            // address is success, and an observer that was to become a voter is
+            // promoted now. Anything else is a conflict.
+            if self.member_address(id) != Some(address) {
+                let body = api::error_json(
+                    &format!("node {id} is already a member with another address"),
+                    "exists",
+                );
+                return self.answer_then_next(reply, 409, &body, now);
+            }
+            if role == api::MemberRole::Voter && !self.raft.membership().is_voter(id) {
+                if self.promotion.is_some() {
+                    let body = api::error_json("a membership change is pending", "change_pending");
+                    return self.answer_then_next(reply, 409, &body, now);
+                }
+                self.promotion = Some(Promotion {
+                    id,
+                    added_at: self.raft.commit_index(),
+                    reply,
+                    deadline: now
+                        .saturating_add(Duration::from_millis(limits::CONTROL_REQUEST_TIMEOUT_MS)),
+                });
+                return Ok(());
+            }
+            let body = serde_json::json!({"committed": true, "already_member": true, "served_by": self.id}).to_string();
+            return self.answer_then_next(reply, 200, &body, now);
         }
         let m = self.raft.membership();
         let taken = m
