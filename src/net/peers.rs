@@ -283,11 +283,6 @@ impl Peers {
         self.slots.retain(|s| s.id != peer);
     }
 
-    /// Whether `peer` is a known member (has a slot).
-    pub fn knows(&self, peer: NodeId) -> bool {
-        self.slots.iter().any(|s| s.id == peer)
-    }
-
     pub fn is_connected(&self, peer: NodeId) -> bool {
         self.slots
             .iter()
