@@ -194,6 +194,14 @@ pub enum Command {
     CancelMigration {
         vm: String,
     },
+    /// Where member `id` listens for peers (`None`: forget it). Proposed before the Raft
+    /// configuration change that adds the member (and after the one that removes it), so
+    /// every node that applies the change knows how to reach it. Raft's own entries carry
+    /// ids only.
+    MemberAddress {
+        id: u64,
+        address: Option<std::net::SocketAddr>,
+    },
 }
 
 const KIND_KV_PUT: u8 = 1;
@@ -211,6 +219,9 @@ const KIND_SNAPSHOT_COMMITTED: u8 = 19;
 const KIND_MIGRATE_VM: u8 = 20;
 const KIND_VM_WAITING: u8 = 21;
 const KIND_CANCEL_MIGRATION: u8 = 22;
+const KIND_MEMBER_ADDRESS: u8 = 30;
+/// Longest peer address text accepted ("[v6]:port").
+pub const MAX_ADDRESS_BYTES: usize = 64;
 
 impl Command {
     /// The command's name, for logs and rejections.
@@ -231,6 +242,7 @@ impl Command {
             Command::MigrateVm { .. } => "migrate vm",
             Command::VmWaiting { .. } => "vm waiting",
             Command::CancelMigration { .. } => "cancel migration",
+            Command::MemberAddress { .. } => "member address",
         }
     }
 
@@ -333,6 +345,11 @@ impl Command {
             Command::CancelMigration { vm } => {
                 header(out, KIND_CANCEL_MIGRATION);
                 codec::put_bytes(out, vm.as_bytes());
+            }
+            Command::MemberAddress { id, address } => {
+                header(out, KIND_MEMBER_ADDRESS);
+                codec::put_u64(out, *id);
+                put_optional_str(out, address.map(|a| a.to_string()).as_deref());
             }
         }
     }
@@ -469,6 +486,30 @@ impl Command {
             KIND_CANCEL_MIGRATION => Command::CancelMigration {
                 vm: vm_id(r, "cancel_migration.vm")?,
             },
+            KIND_MEMBER_ADDRESS => {
+                let id_at = r.offset();
+                let id = r.u64("member_address.id")?;
+                let at = r.offset();
+                let address =
+                    match get_optional_str(r, "member_address.address", MAX_ADDRESS_BYTES)? {
+                        None => None,
+                        Some(text) => Some(parse_address(&text).ok_or_else(|| {
+                            invalid_at(
+                                "member_address.address",
+                                at,
+                                format!("{text:?} is not IP:port"),
+                            )
+                        })?),
+                    };
+                if id == 0 {
+                    return Err(invalid_at(
+                        "member_address.id",
+                        id_at,
+                        "node id 0 is reserved".into(),
+                    ));
+                }
+                Command::MemberAddress { id, address }
+            }
             other => {
                 return Err(DecodeError {
                     field: "command.kind",
@@ -506,6 +547,14 @@ fn invalid_at(field: &'static str, offset: usize, why: String) -> DecodeError {
 
 fn vm_id(reader: &mut Reader<'_>, field: &'static str) -> Result<String, DecodeError> {
     Ok(reader.str(field, MAX_VM_ID_BYTES)?.to_string())
+}
+
+/// A peer address exactly as `SocketAddr` prints it (one encoding per address: "07004"
+/// is refused); port 0 is no address.
+pub(crate) fn parse_address(text: &str) -> Option<std::net::SocketAddr> {
+    text.parse::<std::net::SocketAddr>()
+        .ok()
+        .filter(|a| a.port() != 0 && a.to_string() == text)
 }
 
 pub(crate) fn put_optional(out: &mut Vec<u8>, value: Option<u64>) {
@@ -635,6 +684,18 @@ mod tests {
                 reason: "no room".into(),
             },
             Command::CancelMigration { vm: "a".into() },
+            Command::MemberAddress {
+                id: 4,
+                address: Some("127.0.0.1:7004".parse().unwrap()),
+            },
+            Command::MemberAddress {
+                id: 5,
+                address: Some("[::1]:7005".parse().unwrap()),
+            },
+            Command::MemberAddress {
+                id: 4,
+                address: None,
+            },
         ]
     }
 
@@ -706,6 +767,27 @@ mod tests {
         assert_eq!(
             Command::decode(&bytes).unwrap_err().to_string(),
             "migrate_vm.target at byte 16: absent value is not zero"
+        );
+        // Member addresses: IP:port in its one printed form, and a non-zero id.
+        for (text, id) in [("nowhere", 4), ("127.0.0.1:07004", 4), ("127.0.0.1:0", 4)] {
+            let mut bytes = vec![COMMAND_VERSION, KIND_MEMBER_ADDRESS];
+            bytes.extend_from_slice(&[0; 8]);
+            bytes.extend_from_slice(&u64::to_le_bytes(id));
+            let at = bytes.len();
+            put_optional_str(&mut bytes, Some(text));
+            assert_eq!(
+                Command::decode(&bytes).unwrap_err().to_string(),
+                format!("member_address.address at byte {at}: {text:?} is not IP:port")
+            );
+        }
+        let bytes = Command::MemberAddress {
+            id: 0,
+            address: None,
+        }
+        .to_bytes(RequestId(0));
+        assert_eq!(
+            Command::decode(&bytes).unwrap_err().to_string(),
+            "member_address.id at byte 10: node id 0 is reserved"
         );
     }
 }

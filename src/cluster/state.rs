@@ -23,13 +23,14 @@ use super::dedup::DedupWindow;
 use super::kv::{self, KvStore};
 use crate::codec::{self, DecodeError, Problem, Reader};
 use crate::limits::{
-    MAX_DEDUP_REQUESTS, MAX_GROUP_BYTES, MAX_GUEST_MEMORY_BYTES, MAX_HOSTS, MAX_REASON_BYTES,
-    MAX_SNAPSHOT_CHAIN, MAX_SNAPSHOT_PATH_BYTES, MAX_VCPUS, MAX_VMS, MAX_VM_ID_BYTES,
-    MIN_GUEST_MEMORY_BYTES,
+    MAX_DEDUP_REQUESTS, MAX_GROUP_BYTES, MAX_GUEST_MEMORY_BYTES, MAX_HOSTS, MAX_MEMBERS,
+    MAX_REASON_BYTES, MAX_SNAPSHOT_CHAIN, MAX_SNAPSHOT_PATH_BYTES, MAX_VCPUS, MAX_VMS,
+    MAX_VM_ID_BYTES, MIN_GUEST_MEMORY_BYTES,
 };
 
-/// Version of the encoded state (Raft snapshots).
-pub const STATE_VERSION: u8 = 1;
+/// Version of the encoded state (Raft snapshots). 2 added the member addresses at the
+/// end; version 1 (no addresses) still decodes.
+pub const STATE_VERSION: u8 = 2;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -226,6 +227,9 @@ pub struct ClusterState {
     /// What the VMs placed on each host take (hosts without VMs have no entry).
     /// Derived from `vms`, kept up to date on every placement change, not encoded.
     loads: BTreeMap<HostId, Resources>,
+    /// Where each member added at run time listens for peers (`MemberAddress`). Raft's
+    /// configuration says who is a member; this says how to reach it.
+    member_addresses: BTreeMap<u64, std::net::SocketAddr>,
 }
 
 impl Default for ClusterState {
@@ -249,7 +253,13 @@ impl ClusterState {
             kv: KvStore::new(),
             dedup: DedupWindow::new(MAX_DEDUP_REQUESTS),
             loads: BTreeMap::new(),
+            member_addresses: BTreeMap::new(),
         }
+    }
+
+    /// The replicated peer addresses of members, by node id.
+    pub fn member_addresses(&self) -> &BTreeMap<u64, std::net::SocketAddr> {
+        &self.member_addresses
     }
 
     pub fn applied_index(&self) -> u64 {
@@ -495,6 +505,25 @@ impl ClusterState {
             Command::HostDrained { host } => self.host_drained(index, *host),
             Command::SnapshotCommitted(record) => self.snapshot_committed(index, record),
             Command::MigrateVm { vm, target } => self.migrate(index, vm, *target),
+            Command::MemberAddress { id, address } => {
+                match address {
+                    Some(address) => {
+                        if !self.member_addresses.contains_key(id)
+                            && self.member_addresses.len() >= MAX_MEMBERS
+                        {
+                            return reject(
+                                RejectCode::LimitReached,
+                                format!("{MAX_MEMBERS} member addresses are known already"),
+                            );
+                        }
+                        self.member_addresses.insert(*id, *address);
+                    }
+                    None => {
+                        self.member_addresses.remove(id);
+                    }
+                }
+                Ok(Outcome::Done)
+            }
             Command::CancelMigration { vm } => {
                 let vm = self.vm_mut(vm)?;
                 if vm.migration.is_none() {
@@ -924,6 +953,11 @@ impl ClusterState {
         }
         self.kv.encode(out);
         self.dedup.encode(out, encode_outcome);
+        codec::put_u32(out, self.member_addresses.len() as u32);
+        for (id, address) in &self.member_addresses {
+            codec::put_u64(out, *id);
+            codec::put_bytes(out, address.to_string().as_bytes());
+        }
     }
 
     pub fn to_bytes(&self) -> Vec<u8> {
@@ -938,12 +972,12 @@ impl ClusterState {
     pub fn decode(bytes: &[u8]) -> std::result::Result<ClusterState, DecodeError> {
         let r = &mut Reader::new(bytes);
         let version = r.u8("state.version")?;
-        if version != STATE_VERSION {
+        if version != STATE_VERSION && version != 1 {
             return Err(DecodeError {
                 field: "state.version",
                 offset: 0,
                 problem: Problem::Invalid(format!(
-                    "state format {version} is not supported (this node reads {STATE_VERSION})"
+                    "state format {version} is not supported (this node reads 1 to {STATE_VERSION})"
                 )),
             });
         }
@@ -1093,6 +1127,37 @@ impl ClusterState {
         }
         state.kv = KvStore::decode(r)?;
         state.dedup = DedupWindow::decode(r, MAX_DEDUP_REQUESTS, decode_outcome)?;
+        if version >= 2 {
+            let count = r.u32("state.member_count")? as usize;
+            if count > MAX_MEMBERS {
+                return Err(r.invalid(
+                    "state.member_count",
+                    format!("{count} member addresses exceed {MAX_MEMBERS}"),
+                ));
+            }
+            for _ in 0..count {
+                let at = r.offset();
+                let id = r.u64("member.id")?;
+                if id == 0
+                    || state
+                        .member_addresses
+                        .last_key_value()
+                        .is_some_and(|(last, _)| *last >= id)
+                {
+                    return Err(invalid_at(
+                        "member.id",
+                        at,
+                        "member ids must be non-zero and ascend",
+                    ));
+                }
+                let at = r.offset();
+                let text = r.str("member.address", command::MAX_ADDRESS_BYTES)?;
+                let address = command::parse_address(text).ok_or_else(|| {
+                    invalid_at("member.address", at, format!("{text:?} is not IP:port"))
+                })?;
+                state.member_addresses.insert(id, address);
+            }
+        }
         let end = r.offset();
         r.finish("state")?;
         state

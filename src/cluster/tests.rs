@@ -713,6 +713,14 @@ fn busy_state() -> ClusterState {
         }),
     );
     h.apply_request(RequestId(78), Command::DeleteVm { vm: "nope".into() });
+    h.ok(Command::MemberAddress {
+        id: 4,
+        address: Some("127.0.0.1:7004".parse().unwrap()),
+    });
+    h.ok(Command::MemberAddress {
+        id: 9,
+        address: Some("10.0.0.9:7009".parse().unwrap()),
+    });
     h.apply_request(
         RequestId(79),
         Command::PlaceVm {
@@ -722,6 +730,80 @@ fn busy_state() -> ClusterState {
         },
     );
     h.state
+}
+
+#[test]
+fn member_addresses_are_replicated_forgotten_bounded_and_snapshotted() {
+    let mut h = Harness::new();
+    let a: std::net::SocketAddr = "127.0.0.1:7004".parse().unwrap();
+    let b: std::net::SocketAddr = "127.0.0.1:7104".parse().unwrap();
+    h.ok(Command::MemberAddress {
+        id: 4,
+        address: Some(a),
+    });
+    assert_eq!(h.state.member_addresses().get(&4), Some(&a));
+    // A new address replaces the old one; `None` forgets it.
+    h.ok(Command::MemberAddress {
+        id: 4,
+        address: Some(b),
+    });
+    assert_eq!(h.state.member_addresses().get(&4), Some(&b));
+    let copy = ClusterState::decode(&h.state.to_bytes()).unwrap();
+    assert_eq!(copy.member_addresses().get(&4), Some(&b));
+    h.ok(Command::MemberAddress {
+        id: 4,
+        address: None,
+    });
+    assert!(h.state.member_addresses().is_empty());
+    // At most MAX_MEMBERS addresses; a known id may still change its address.
+    for id in 1..=crate::limits::MAX_MEMBERS as u64 {
+        h.ok(Command::MemberAddress {
+            id,
+            address: Some(std::net::SocketAddr::from((
+                [10, 0, 0, 1],
+                7000 + id as u16,
+            ))),
+        });
+    }
+    let (code, _) = h.rejected(Command::MemberAddress {
+        id: 100,
+        address: Some(a),
+    });
+    assert_eq!(code, RejectCode::LimitReached);
+    h.ok(Command::MemberAddress {
+        id: 1,
+        address: Some(a),
+    });
+}
+
+#[test]
+fn version_1_states_still_decode_without_addresses() {
+    // Version 1 is version 2 without the member addresses at the end.
+    let mut h = Harness::new();
+    h.host(1, 8, 8);
+    h.vm("vm0", 512, 1, None);
+    let mut bytes = h.state.to_bytes();
+    assert_eq!(bytes[0], 2);
+    assert_eq!(
+        bytes[bytes.len() - 4..],
+        [0, 0, 0, 0],
+        "no addresses: count 0"
+    );
+    bytes.truncate(bytes.len() - 4);
+    bytes[0] = 1;
+    let old = ClusterState::decode(&bytes).unwrap();
+    assert_eq!(old, h.state);
+    // A version 2 state whose address list is garbage names the field.
+    let mut bad = h.state.to_bytes();
+    bad.truncate(bad.len() - 4);
+    bad.extend_from_slice(&1u32.to_le_bytes());
+    bad.extend_from_slice(&4u64.to_le_bytes());
+    let at = bad.len();
+    crate::codec::put_bytes(&mut bad, b"127.0.0.1:07004");
+    assert_eq!(
+        ClusterState::decode(&bad).unwrap_err().to_string(),
+        format!("member.address at byte {at}: \"127.0.0.1:07004\" is not IP:port")
+    );
 }
 
 #[test]
@@ -752,10 +834,10 @@ fn state_decoder_rejects_garbage_naming_the_field() {
     longer.push(0);
     let error = ClusterState::decode(&longer).unwrap_err();
     assert!(error.to_string().starts_with("state at byte"), "{error}");
-    let error = ClusterState::decode(&[2]).unwrap_err();
+    let error = ClusterState::decode(&[3]).unwrap_err();
     assert_eq!(
         error.to_string(),
-        "state.version at byte 0: state format 2 is not supported (this node reads 1)"
+        "state.version at byte 0: state format 3 is not supported (this node reads 1 to 2)"
     );
     // Bit flips: never a panic, and whatever decodes passes every invariant.
     for at in 0..bytes.len() {

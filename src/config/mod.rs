@@ -118,6 +118,11 @@ pub struct Config {
     pub timing: Timing,
     /// Every member, this node included, in file order.
     pub peers: Vec<Peer>,
+    /// `join = true`: this node joins a running cluster. It starts outside the
+    /// membership (it never campaigns) and waits for the leader to add it
+    /// (`POST /members`) and send it the log; the other peers are where to find the
+    /// cluster until the replicated member addresses arrive.
+    pub join: bool,
     /// `[vms]`: None when this host runs no VMs.
     pub vms: Option<VmsConfig>,
 }
@@ -275,6 +280,18 @@ impl Reader<'_> {
             Some(entry) => Some(self.group(entry)?),
             None => None,
         };
+        let join = match keys.take("join") {
+            Some(entry) => match &entry.value {
+                Value::Boolean(b) => *b,
+                other => {
+                    return Err(self.error(
+                        entry.line,
+                        format!("key 'join': expected true or false, found {}", show(other)),
+                    ))
+                }
+            },
+            None => false,
+        };
         self.reject_unknown(&keys, "top level")?;
 
         let mut timing = Timing::default();
@@ -299,6 +316,14 @@ impl Reader<'_> {
         }
         self.check_timing(&timing, timing_line)?;
         self.check_peers(&peers, node_id, listen)?;
+        if join && peers.len() < 2 {
+            return Err(self.error(
+                0,
+                "join = true needs at least one [[peers]] entry besides this node: a member \
+                 of the running cluster to reach"
+                    .into(),
+            ));
+        }
         Ok(Config {
             node_id,
             listen,
@@ -310,6 +335,7 @@ impl Reader<'_> {
             control_group,
             timing,
             peers,
+            join,
             vms,
         })
     }
@@ -629,6 +655,27 @@ role = "observer"
 
     fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse(text, Path::new("vigil.toml"))
+    }
+
+    #[test]
+    fn join_mode() {
+        assert!(!parse(GOOD).unwrap().join);
+        let config = parse(&GOOD.replace("key_file", "join = true\nkey_file")).unwrap();
+        assert!(config.join);
+        let error = parse(&GOOD.replace("key_file", "join = 1\nkey_file")).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("key 'join': expected true or false"),
+            "{error}"
+        );
+        // A joining node must name a member of the running cluster.
+        let alone = "node_id = 2\nlisten = \"127.0.0.1:7002\"\ndata_dir = \"/tmp/v2\"\n\
+                     shared_dir = \"/tmp/s\"\ncontrol_socket = \"/tmp/v2/s\"\n\
+                     key_file = \"/k\"\njoin = true\n[[peers]]\nid = 2\n\
+                     address = \"127.0.0.1:7002\"\n";
+        let error = parse(alone).unwrap_err();
+        assert!(error.to_string().contains("join = true needs"), "{error}");
     }
 
     #[test]

@@ -231,8 +231,36 @@ pub fn parse_stepdown(body: &[u8]) -> Result<Option<u64>, HttpError> {
     }
 }
 
-/// `POST /members`: `{"id": n, "address": "IP:port"}` (joins as an observer).
-pub fn parse_member_add(body: &[u8]) -> Result<(u64, std::net::SocketAddr), HttpError> {
+/// The role `POST /members` asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberRole {
+    Observer,
+    /// Added as an observer, promoted once it has caught up.
+    Voter,
+}
+
+/// `POST /members {"id": 4, "address": "IP:port", "role": "observer"|"voter"}`; the
+/// role defaults to observer.
+pub fn parse_member_add(body: &[u8]) -> Result<(u64, std::net::SocketAddr, MemberRole), HttpError> {
+    let (id, address) = parse_member_id_address(body)?;
+    let v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| HttpError::BadBody(format!("not JSON: {e}")))?;
+    let role = match v.get("role") {
+        None => MemberRole::Observer,
+        Some(r) => match r.as_str() {
+            Some("observer") => MemberRole::Observer,
+            Some("voter") => MemberRole::Voter,
+            _ => {
+                return Err(HttpError::BadBody(
+                    "role must be \"observer\" or \"voter\"".into(),
+                ))
+            }
+        },
+    };
+    Ok((id, address, role))
+}
+
+fn parse_member_id_address(body: &[u8]) -> Result<(u64, std::net::SocketAddr), HttpError> {
     let v: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| HttpError::BadBody(format!("not JSON: {e}")))?;
     let id = v["id"]
@@ -241,7 +269,8 @@ pub fn parse_member_add(body: &[u8]) -> Result<(u64, std::net::SocketAddr), Http
         .ok_or_else(|| HttpError::BadBody("id must be a non-zero node id".into()))?;
     let address = v["address"]
         .as_str()
-        .and_then(|a| a.parse().ok())
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .filter(|a| a.port() != 0 && !a.ip().is_unspecified())
         .ok_or_else(|| HttpError::BadBody("address must be IP:port".into()))?;
     Ok((id, address))
 }

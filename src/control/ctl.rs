@@ -4,7 +4,9 @@
 //! vigil ctl status                     node, role, term, leader, indexes, members table
 //! vigil ctl stepdown [--to ID]         move leadership away (waits until it moved)
 //! vigil ctl members                    the members table only
-//! vigil ctl members add ID IP:PORT     add an observer
+//! vigil ctl members add ID IP:PORT [observer|voter]
+//!                                      add a member (default observer; a voter is
+//!                                      promoted once it caught up)
 //! vigil ctl members promote|demote|remove ID
 //! vigil ctl kv get KEY
 //! vigil ctl kv put KEY VALUE [--if-revision N]
@@ -33,7 +35,7 @@ use std::time::Duration;
 
 use super::client::Client;
 
-const USAGE: &str = "Usage: vigil ctl [--socket PATH] [--json] status|stepdown [--to ID]|members [add ID ADDR|promote ID|demote ID|remove ID]|kv get KEY|kv put KEY VALUE [--if-revision N]|kv delete KEY [--if-revision N]|events|metrics
+const USAGE: &str = "Usage: vigil ctl [--socket PATH] [--json] status|stepdown [--to ID]|members [add ID ADDR [observer|voter]|promote ID|demote ID|remove ID]|kv get KEY|kv put KEY VALUE [--if-revision N]|kv delete KEY [--if-revision N]|events|metrics
        vigil ctl [--socket PATH] [--json] vms|hosts|vm create ID --memory-mib N --vcpus N [--touch-percent P] [--snapshot-interval-ms N] [--full-every N] [--anti-affinity G] [--request-id N]|vm show ID|vm delete ID|vm snapshot ID [--kind full|diff]|vm migrate ID [--to HOST] [--no-wait]|drain HOST [--no-wait]|fence-check VM TOKEN";
 
 /// The VM options of `vigil ctl` (numbers kept as given; the agent checks them).
@@ -143,6 +145,14 @@ pub fn main(args: Vec<OsString>) -> ExitCode {
             "/members".to_string(),
             Some(
                 serde_json::json!({ "id": id.parse::<u64>().unwrap_or(0), "address": address })
+                    .to_string(),
+            ),
+        ),
+        ["members", "add", id, address, role] => (
+            "POST",
+            "/members".to_string(),
+            Some(
+                serde_json::json!({ "id": id.parse::<u64>().unwrap_or(0), "address": address, "role": role })
                     .to_string(),
             ),
         ),
@@ -395,8 +405,8 @@ fn print_hosts(v: &serde_json::Value) {
 
 fn print_members(v: &serde_json::Value) {
     println!(
-        "{:>8}  {:<9} {:<7} {:>10} {:>6} {:>16}",
-        "NODE", "ROLE", "LEADER", "MATCH", "LAG", "LAST CONTACT ms"
+        "{:>8}  {:<9} {:<7} {:<22} {:>10} {:>6} {:>16}",
+        "NODE", "ROLE", "LEADER", "ADDRESS", "MATCH", "LAG", "LAST CONTACT ms"
     );
     if let Some(ms) = v["members"].as_array() {
         for m in ms {
@@ -404,7 +414,7 @@ fn print_members(v: &serde_json::Value) {
                 .as_f64()
                 .map_or("-".to_string(), |x| format!("{x:.1}"));
             println!(
-                "{:>8}  {:<9} {:<7} {:>10} {:>6} {:>16}",
+                "{:>8}  {:<9} {:<7} {:<22} {:>10} {:>6} {:>16}",
                 cell(&m["node_id"]),
                 cell(&m["role"]),
                 if m["is_leader"].as_bool() == Some(true) {
@@ -412,6 +422,7 @@ fn print_members(v: &serde_json::Value) {
                 } else {
                     ""
                 },
+                cell(&m["address"]),
                 cell(&m["match_index"]),
                 cell(&m["lag"]),
                 contact

@@ -227,6 +227,70 @@ impl Peers {
         });
     }
 
+    /// Makes the known peers exactly `members` (this node skipped): new ones are
+    /// learned, a changed address is used from the next dial on (the old connection is
+    /// dropped), and peers no longer listed are forgotten: their connections close at
+    /// once and their handshakes fail from then on (the responder only admits known
+    /// ids). Returns whether anything changed.
+    pub fn set_members(
+        &mut self,
+        io: &mut Io,
+        members: &[(NodeId, SocketAddr)],
+        events: &mut Vec<PeerEvent>,
+    ) -> bool {
+        let mut changed = false;
+        let gone: Vec<NodeId> = self
+            .slots
+            .iter()
+            .map(|s| s.id)
+            .filter(|id| !members.iter().any(|(m, _)| m == id))
+            .collect();
+        for id in gone {
+            log::info!("peer {id}: no longer a member; forgetting it");
+            self.forget(io, id, events);
+            changed = true;
+        }
+        for &(id, addr) in members {
+            if id == self.me {
+                continue;
+            }
+            match self.slots.iter().position(|s| s.id == id) {
+                Some(i) if self.slots[i].addr != addr => {
+                    log::info!("peer {id}: address {} -> {addr}", self.slots[i].addr);
+                    self.slots[i].addr = addr;
+                    if let Some(c) = self.slots[i].conn {
+                        if let Some(conn) = self.conns.get_mut(&c) {
+                            conn.broken = true;
+                        }
+                    }
+                    changed = true;
+                }
+                Some(_) => {}
+                None => {
+                    log::info!("peer {id}: new member at {addr}");
+                    self.add_peer(id, addr);
+                    changed = true;
+                }
+            }
+        }
+        changed
+    }
+
+    /// Forgets a peer: its slot goes, and every connection with it (dialled, accepted,
+    /// established or still in its handshake) closes.
+    fn forget(&mut self, io: &mut Io, peer: NodeId, events: &mut Vec<PeerEvent>) {
+        let ids: Vec<u64> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.peer == peer)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            self.close(io, id, events);
+        }
+        self.slots.retain(|s| s.id != peer);
+    }
+
     pub fn is_connected(&self, peer: NodeId) -> bool {
         self.slots
             .iter()

@@ -176,6 +176,23 @@ struct Node {
     rng: u64,
     /// VMs: leader duties, this host's VMMs, the VM API (`vms.rs`).
     vms: vms::Vms,
+    /// The `[[peers]]` of the config file: addresses of members that have no replicated
+    /// one, and where a joining node finds the cluster.
+    config_peers: Vec<(NodeId, std::net::SocketAddr)>,
+    /// What `sync_peers` last applied (membership and addresses, hashed).
+    members_fingerprint: u64,
+    /// A member added as a voter, promoted when it has caught up.
+    promotion: Option<Promotion>,
+}
+
+/// A member added as a voter, waiting to be promoted (see `promote_when_caught_up`).
+#[derive(Clone, Copy, Debug)]
+struct Promotion {
+    id: NodeId,
+    /// The index of the entry that added it as an observer.
+    added_at: Index,
+    reply: Reply,
+    deadline: Instant,
 }
 
 /// The fast failover hint: campaign at `at` unless the leader `leader` was heard from
@@ -291,8 +308,19 @@ impl Node {
             .filter(|p| p.role == ConfigRole::Observer)
             .map(|p| p.id)
             .collect();
-        let initial = Membership::new(&voters, &observers)
-            .ok_or("the peers do not form a valid membership")?;
+        // A joining node starts outside every membership (Raft's convention for a node
+        // that joins later): it never campaigns, and learns the cluster's configuration
+        // from the leader's log or snapshot once it has been added.
+        let initial = if config.join {
+            log::info!(
+                "node {}: join mode: waiting to be added to the cluster (POST /members)",
+                config.node_id
+            );
+            Membership::new(&[], &[]).expect("the empty membership is valid")
+        } else {
+            Membership::new(&voters, &observers)
+                .ok_or("the peers do not form a valid membership")?
+        };
         let seed = config.node_id ^ Instant::now().as_nanos().rotate_left(17);
         let mut rcfg = raft::Config::new(config.node_id, seed);
         // Each process of this node must have its own incarnation (host-lease
@@ -373,7 +401,59 @@ impl Node {
             hint: None,
             rng: seed | 1,
             vms: vms::Vms::new(config, Instant::now()),
+            config_peers: addrs,
+            members_fingerprint: 0,
+            promotion: None,
         })
+    }
+
+    /// Keeps the transport's peers equal to the Raft membership, each at its replicated
+    /// address (`MemberAddress`, else the config file's): members added by any node are
+    /// dialled, removed ones forgotten (their connections close, their handshakes fail).
+    /// A node outside the membership it knows (joining, or removed) keeps the config
+    /// file's peers: that is how it finds the cluster. Cheap when nothing changed.
+    fn sync_peers(&mut self) {
+        use std::hash::{Hash, Hasher};
+        let membership = self.raft.membership();
+        let addresses = self.app.state.member_addresses();
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        membership.voters.as_slice().hash(&mut h);
+        membership.observers.as_slice().hash(&mut h);
+        for (id, a) in addresses {
+            (id, a).hash(&mut h);
+        }
+        let fingerprint = h.finish() | 1;
+        if fingerprint == self.members_fingerprint {
+            return;
+        }
+        self.members_fingerprint = fingerprint;
+        let mut wanted: Vec<(NodeId, std::net::SocketAddr)> = Vec::new();
+        if membership.is_member(self.id) {
+            for &m in membership
+                .voters
+                .as_slice()
+                .iter()
+                .chain(membership.observers.as_slice())
+            {
+                match self.member_address(m) {
+                    Some(a) => wanted.push((m, a)),
+                    None if m != self.id => log::info!(
+                        "node {}: member {m} has no known address (not in the config file, \
+                         no replicated address yet)",
+                        self.id
+                    ),
+                    None => {}
+                }
+            }
+        } else {
+            wanted.extend(
+                self.config_peers
+                    .iter()
+                    .map(|&(p, a)| (p, addresses.get(&p).copied().unwrap_or(a))),
+            );
+        }
+        self.peers
+            .set_members(&mut self.io, &wanted, &mut self.peer_events);
     }
 
     fn collect(&mut self) -> Result<(), String> {
@@ -436,6 +516,7 @@ impl Node {
                     now.saturating_add(Duration::from_millis(50).min(self.heartbeat));
             }
             self.finish_turn(now)?;
+            self.sync_peers();
             next_dial = self
                 .peers
                 .maintain(&mut self.io, now, &mut self.peer_events);
@@ -771,10 +852,7 @@ impl Node {
                 self.answer_then_next(reply, 200, &body, now)
             }
             Route::Members => match api::parse_member_add(body) {
-                Ok((id, address)) => {
-                    self.peers.add_peer(id, address);
-                    self.change_membership(reply, ConfChange::AddObserver(id), now)
-                }
+                Ok((id, address, role)) => self.add_member(reply, id, address, role, now),
                 Err(e) => self.answer_then_next(reply, e.status(), &http::error_body(&e), now),
             },
             Route::Member(id, action) => {
@@ -783,7 +861,14 @@ impl Node {
                     api::MemberAction::Demote => ConfChange::Demote(id),
                     api::MemberAction::Remove => ConfChange::Remove(id),
                 };
-                self.change_membership(reply, change, now)
+                if self.change_membership(reply, change, now)?
+                    && action == api::MemberAction::Remove
+                {
+                    // After the removal in the log: every node forgets the address once
+                    // the member is gone (the transport already dropped it then).
+                    self.propose_member_address(id, None, now)?;
+                }
+                Ok(())
             }
             Route::Kv(key) => match method {
                 Method::Get => {
@@ -865,23 +950,211 @@ impl Node {
         }
     }
 
+    /// Proposes `change`; `reply` is answered when it commits (or at once when Raft
+    /// refuses it). Returns whether it was proposed.
     fn change_membership(
         &mut self,
         reply: Reply,
         change: ConfChange,
         now: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<bool, String> {
         match self.raft.change_membership(now_ns(now), change) {
             Ok((index, term)) => {
                 self.wait_for_commit(index, term, reply, now);
                 self.publish("membership", serde_json::json!({"change": format!("{change:?}"), "index": index, "node_id": self.id}));
-                self.collect()
+                self.collect()?;
+                Ok(true)
             }
             Err(e) => {
                 let (status, body) = raft_error(e);
-                self.answer_then_next(reply, status, &body, now)
+                self.answer_then_next(reply, status, &body, now)?;
+                Ok(false)
             }
         }
+    }
+
+    /// `POST /members` on the leader. The address is replicated first (a
+    /// `MemberAddress` entry), then the member is added as an observer in the next
+    /// entry: log order means every node applies the address no later than it can
+    /// commit the change, and a snapshot that holds the change holds the address. A
+    /// voter is promoted by `promote_when_caught_up` once it has the log up to its own
+    /// addition; the request is answered when the promotion commits.
+    fn add_member(
+        &mut self,
+        reply: Reply,
+        id: NodeId,
+        address: std::net::SocketAddr,
+        role: api::MemberRole,
+        now: Instant,
+    ) -> Result<(), String> {
+        if self.raft.membership().is_member(id) {
+            // A retry (say after a leader change) finds its own earlier work: the same
+            // address is success, and an observer that was to become a voter is
+            // promoted now. Anything else is a conflict.
+            if self.member_address(id) != Some(address) {
+                let body = api::error_json(
+                    &format!("node {id} is already a member with another address"),
+                    "exists",
+                );
+                return self.answer_then_next(reply, 409, &body, now);
+            }
+            if role == api::MemberRole::Voter && !self.raft.membership().is_voter(id) {
+                if self.promotion.is_some() {
+                    let body = api::error_json("a membership change is pending", "change_pending");
+                    return self.answer_then_next(reply, 409, &body, now);
+                }
+                self.promotion = Some(Promotion {
+                    id,
+                    added_at: self.raft.commit_index(),
+                    reply,
+                    deadline: now
+                        .saturating_add(Duration::from_millis(limits::CONTROL_REQUEST_TIMEOUT_MS)),
+                });
+                return Ok(());
+            }
+            let body = serde_json::json!({"committed": true, "already_member": true, "served_by": self.id}).to_string();
+            return self.answer_then_next(reply, 200, &body, now);
+        }
+        let m = self.raft.membership();
+        let taken = m
+            .voters
+            .as_slice()
+            .iter()
+            .chain(m.observers.as_slice())
+            .find(|&&other| self.member_address(other) == Some(address))
+            .copied();
+        if let Some(other) = taken {
+            let body = api::error_json(
+                &format!("address {address} belongs to member {other}"),
+                "address_in_use",
+            );
+            return self.answer_then_next(reply, 409, &body, now);
+        }
+        if self.promotion.is_some() {
+            let body = api::error_json("a membership change is pending", "change_pending");
+            return self.answer_then_next(reply, 409, &body, now);
+        }
+        if !self.propose_member_address(id, Some(address), now)? {
+            let body = api::error_json("could not propose the member's address; retry", "busy");
+            return self.answer_then_next(reply, 503, &body, now);
+        }
+        let added = match role {
+            api::MemberRole::Observer => {
+                self.change_membership(reply, ConfChange::AddObserver(id), now)?
+            }
+            api::MemberRole::Voter => {
+                match self
+                    .raft
+                    .change_membership(now_ns(now), ConfChange::AddObserver(id))
+                {
+                    Ok((index, _)) => {
+                        self.publish("membership", serde_json::json!({"change": format!("{:?}", ConfChange::AddObserver(id)), "index": index, "node_id": self.id}));
+                        self.promotion = Some(Promotion {
+                            id,
+                            added_at: index,
+                            reply,
+                            deadline: now.saturating_add(Duration::from_millis(
+                                limits::CONTROL_REQUEST_TIMEOUT_MS,
+                            )),
+                        });
+                        self.collect()?;
+                        true
+                    }
+                    Err(e) => {
+                        let (status, body) = raft_error(e);
+                        self.answer_then_next(reply, status, &body, now)?;
+                        false
+                    }
+                }
+            }
+        };
+        if !added {
+            // Raft refused the change (one pending, or a new leader not ready): take
+            // the address back, so refused requests leave no records behind.
+            self.propose_member_address(id, None, now)?;
+        }
+        Ok(())
+    }
+
+    /// Proposes where member `id` listens (`None`: forget it). Returns whether Raft
+    /// took the entry.
+    fn propose_member_address(
+        &mut self,
+        id: NodeId,
+        address: Option<std::net::SocketAddr>,
+        now: Instant,
+    ) -> Result<bool, String> {
+        let bytes = Command::MemberAddress { id, address }.to_bytes(RequestId(0));
+        match self.raft.propose(now_ns(now), &bytes) {
+            Ok(_) => {
+                self.collect()?;
+                Ok(true)
+            }
+            Err(e) => {
+                log::warn!(
+                    "node {}: proposing the address of member {id}: {e:?}",
+                    self.id
+                );
+                Ok(false)
+            }
+        }
+    }
+
+    /// A member added as a voter: promoted once its log reaches its own addition (and
+    /// that committed), so that it can vote usefully at once. Answered with the
+    /// promotion's commit, or an error when leadership moved or time ran out.
+    fn promote_when_caught_up(&mut self, now: Instant) -> Result<(), String> {
+        let Some(p) = self.promotion else {
+            return Ok(());
+        };
+        if !self.raft.is_leader() {
+            self.promotion = None;
+            let body = api::error_json(
+                &format!(
+                    "leadership moved before node {} was promoted; it may be an observer: \
+                     check GET /members and promote it with POST /members/{}/promote",
+                    p.id, p.id
+                ),
+                "retry",
+            );
+            return self.answer_then_next(p.reply, 503, &body, now);
+        }
+        let caught_up = self.raft.commit_index() >= p.added_at
+            && self
+                .raft
+                .peer_progress(p.id)
+                .is_some_and(|(matched, _)| matched >= p.added_at);
+        if caught_up {
+            self.promotion = None;
+            self.change_membership(p.reply, ConfChange::Promote(p.id), now)?;
+        } else if now >= p.deadline {
+            self.promotion = None;
+            let body = api::error_json(
+                &format!(
+                    "node {} was added as an observer but has not caught up; promote it \
+                     later with POST /members/{}/promote",
+                    p.id, p.id
+                ),
+                "timeout",
+            );
+            self.answer_then_next(p.reply, 504, &body, now)?;
+        }
+        Ok(())
+    }
+
+    /// Where member `id` listens: its replicated address, else the config file's.
+    fn member_address(&self, id: NodeId) -> Option<std::net::SocketAddr> {
+        self.app
+            .state
+            .member_addresses()
+            .get(&id)
+            .copied()
+            .or_else(|| {
+                self.config_peers
+                    .iter()
+                    .find(|(p, _)| *p == id)
+                    .map(|&(_, a)| a)
+            })
     }
 
     fn forward(
@@ -1239,6 +1512,7 @@ impl Node {
             }
         }
         self.vms_tick(now)?;
+        self.promote_when_caught_up(now)?;
         // Forwarded requests from peers that never got an answer are forgotten with
         // their waiting entries when the leader steps down (answered above).
         self.subscribers.retain(|&s| self.control.is_open(s));
@@ -1301,6 +1575,7 @@ impl Node {
                 };
                 members.push(serde_json::json!({
                     "node_id": m,
+                    "address": self.member_address(m).map(|a| a.to_string()),
                     "role": mrole,
                     "is_leader": m == self.raft.leader(),
                     "connected": m == self.id || self.peers.is_connected(m),

@@ -304,6 +304,91 @@ impl Cluster {
         node.stopped = false;
     }
 
+    /// Starts one more node, configured to join the running cluster (`join = true`):
+    /// its config lists itself and every node started so far, with node 1's timing and
+    /// key. It is not a member until someone adds it (`POST /members`). Returns its id.
+    pub fn start_joining_node(&mut self) -> u64 {
+        let id = self.nodes.len() as u64 + 1;
+        assert!(self.netns.is_none(), "joining nodes run on loopback only");
+        let port = free_port();
+        let template = std::fs::read_to_string(&self.nodes[0].config).unwrap();
+        let (old_dir, new_dir) = (self.nodes[0].dir.clone(), self.dir.join(format!("n{id}")));
+        std::fs::create_dir_all(new_dir.join("data")).unwrap();
+        std::fs::create_dir_all(new_dir.join("shared")).unwrap();
+        let mut config = String::new();
+        for line in template.lines() {
+            if line.starts_with("node_id = ") {
+                config.push_str(&format!("node_id = {id}\njoin = true\n"));
+            } else if line.starts_with("listen = ") {
+                config.push_str(&format!("listen = \"127.0.0.1:{port}\"\n"));
+            } else {
+                let dirs = (
+                    format!("{}/", old_dir.display()),
+                    format!("{}/", new_dir.display()),
+                );
+                config.push_str(&line.replace(&dirs.0, &dirs.1));
+                config.push('\n');
+            }
+        }
+        config.push_str(&format!(
+            "\n[[peers]]\nid = {id}\naddress = \"127.0.0.1:{port}\"\nrole = \"observer\"\n"
+        ));
+        let config_path = new_dir.join("config.toml");
+        std::fs::write(&config_path, config).unwrap();
+        self.nodes.push(Node {
+            id,
+            socket: new_dir.join("vigil.sock"),
+            dir: new_dir,
+            config: config_path,
+            child: None,
+            stopped: false,
+        });
+        self.spawn(id as usize - 1);
+        id
+    }
+
+    /// A membership request through `via`, retried while the answer is retryable (503:
+    /// no leader yet, the new leader not ready, a change still pending (409)). Returns
+    /// the final status and body.
+    pub fn members_request(
+        &self,
+        via: u64,
+        method: &str,
+        path: &str,
+        body: Option<&serde_json::Value>,
+    ) -> (u16, serde_json::Value) {
+        let start = Instant::now();
+        let body = body.map(|b| b.to_string());
+        loop {
+            let r = self
+                .client(via)
+                .request(method, path, body.as_deref().map(str::as_bytes));
+            match r {
+                Ok(r) => {
+                    let v: serde_json::Value = r.json().unwrap_or(serde_json::Value::Null);
+                    let retry =
+                        r.status == 503 || (r.status == 409 && v["code"] == "change_pending");
+                    if !retry || start.elapsed() >= LIMIT {
+                        return (r.status, v);
+                    }
+                }
+                Err(e) => assert!(
+                    start.elapsed() < LIMIT,
+                    "{method} {path} via {via}: {e}\n{}",
+                    self.logs()
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The `GET /members` list of node `id`.
+    pub fn members(&self, id: u64) -> Vec<serde_json::Value> {
+        let r = self.client(id).request("GET", "/members", None).unwrap();
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        r.json().unwrap()["members"].as_array().unwrap().clone()
+    }
+
     /// The cluster key file every member uses.
     pub fn key_file(&self) -> PathBuf {
         self.dir.join("cluster.key")
