@@ -413,7 +413,7 @@ fn write_snapshot_file(dir: &Path, meta: &SnapshotMeta, data: &[u8]) -> Result<(
     let ms = |a: crate::io::Instant, b: crate::io::Instant| {
         b.saturating_duration_since(a).as_secs_f64() * 1e3
     };
-    log::info!(
+    log::debug!(
         "storage: snapshot {} bytes: write {:.2} ms, fsync {:.2} ms, rename {:.2} ms, directory fsync {:.2} ms",
         data.len(),
         ms(t0, t1),
@@ -517,10 +517,18 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    fn flush(fds: &[RawFd]) {
-        for &fd in fds {
-            // SAFETY: fdatasync on descriptors the storage keeps open until complete_sync.
-            assert_eq!(unsafe { libc::fdatasync(fd) }, 0);
+    fn flush(fds: &[(RawFd, bool)]) {
+        for &(fd, full) in fds {
+            // SAFETY: fsync/fdatasync on descriptors the storage keeps open until
+            // complete_sync.
+            let rc = unsafe {
+                if full {
+                    libc::fsync(fd)
+                } else {
+                    libc::fdatasync(fd)
+                }
+            };
+            assert_eq!(rc, 0);
         }
     }
 
@@ -542,7 +550,7 @@ mod tests {
                 2,
                 "the WAL segment and the hard state"
             );
-            let fds: Vec<RawFd> = s.sync_targets().collect();
+            let fds: Vec<(RawFd, bool)> = s.sync_targets().collect();
             assert_eq!(fds.len(), 2);
             // Writes go on while the flushes run; they belong to the next sync.
             s.write_entries(6, EntriesView::from_slice(&[entry(6)]))
@@ -555,8 +563,9 @@ mod tests {
             );
             assert_eq!(
                 s.begin_sync().unwrap(),
-                1,
-                "the WAL only: no new term or vote"
+                2,
+                "the WAL segment and the spare segment made after the first sync; \
+                 no new term or vote"
             );
             flush(&s.sync_targets().collect::<Vec<_>>());
             assert_eq!(s.complete_sync().unwrap(), 6);

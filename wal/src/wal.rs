@@ -144,6 +144,10 @@ pub struct Wal {
     /// A segment was renamed into place or removed since the last sync began: the next
     /// sync fsyncs the directory.
     dir_unsynced: bool,
+    /// Segments removed from the log (renamed `*.seg.del`), freed a slice per sync.
+    trash: VecDeque<Trash>,
+    /// True inside `Wal::open`: removals happen at once there.
+    opening: bool,
     opts: WalOptions,
     segments: VecDeque<Segment>,
     first_index: u64,
@@ -176,6 +180,19 @@ pub struct Wal {
 }
 
 const SEAL_LEN: usize = RECORD_HEADER_LEN;
+/// Bytes of a removed segment freed per sync (see `Wal::reclaim_step`): 64 MiB in 16
+/// steps of a few milliseconds instead of one unlink of 50-120 ms.
+const RECLAIM_STEP_BYTES: u64 = 4 << 20;
+
+/// A segment file removed from the log, being freed.
+struct Trash {
+    file: std::fs::File,
+    path: PathBuf,
+    freed: u64,
+    len: u64,
+    /// Longest step so far, for the log.
+    longest: std::time::Duration,
+}
 /// Records the staging buffers hold before growing (to the largest batch appended).
 const STAGE_RECORDS: usize = 1024;
 /// iovecs per pwritev call (each record takes up to three: header, payload, padding).
@@ -224,7 +241,7 @@ impl Wal {
             let item = item.map_err(|e| Error::io(&dir, "read directory", e))?;
             let name = item.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.ends_with(".seg.tmp") {
+            if name.ends_with(".seg.tmp") || name.ends_with(".seg.del") {
                 // A segment whose creation did not finish: never part of the log.
                 let path = item.path();
                 fs::remove_file(&path).map_err(|e| Error::io(&path, "remove", e))?;
@@ -258,6 +275,8 @@ impl Wal {
             lock,
             spare: None,
             dir_unsynced: false,
+            trash: VecDeque::new(),
+            opening: true,
             opts,
             segments,
             first_index: opts.first_index,
@@ -302,6 +321,7 @@ impl Wal {
         if std::mem::take(&mut wal.dir_unsynced) {
             sys::fsync_dir_or_abort(&wal.dir)?;
         }
+        wal.opening = false;
         if let Some(seg) = wal.segments.back_mut() {
             let want = (seg.map.len() - seg.header.data_offset as usize) / RECORD_HEADER_LEN;
             seg.offsets
@@ -1063,6 +1083,7 @@ impl Wal {
             }
         }
         self.delete_compacted()?;
+        self.reclaim_step()?;
         self.make_spare();
         Ok(())
     }
@@ -1079,13 +1100,20 @@ impl Wal {
         if seq >= MAX_SEGMENT_SEQ {
             return;
         }
+        let started = std::time::Instant::now();
         match Spare::create(
             &self.dir,
             seq,
             self.opts.segment_bytes,
             self.opts.segment_header_bytes,
         ) {
-            Ok(spare) => self.spare = Some(spare),
+            Ok(spare) => {
+                log::info!(
+                    "wal: spare segment {seq:016x} made in {:.2} ms",
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                self.spare = Some(spare);
+            }
             Err(e) => log::warn!("wal: could not make the next segment ahead of need: {e}"),
         }
     }
@@ -1116,19 +1144,65 @@ impl Wal {
             );
             let seg = self.segments.pop_front().expect("front segment");
             let path = seg.path.clone();
-            drop(seg);
-            let t0 = std::time::Instant::now();
-            fs::remove_file(&path).map_err(|e| Error::io(&path, "remove", e))?;
-            log::debug!(
-                "wal: removed {}: unlink {:.2} ms",
-                path.display(),
-                t0.elapsed().as_secs_f64() * 1e3
-            );
+            if self.opening {
+                drop(seg);
+                fs::remove_file(&path).map_err(|e| Error::io(&path, "remove", e))?;
+            } else {
+                // Unlinking a 64 MiB segment at once stalled the loop for 50-120 ms
+                // (freeing its page cache and blocks). Rename it out of the log instead
+                // and free it a slice per sync (`reclaim_step`).
+                let trash = path.with_extension("seg.del");
+                fs::rename(&path, &trash).map_err(|e| Error::io(&path, "rename", e))?;
+                let len = seg.map.len() as u64;
+                let Segment { file, .. } = seg;
+                self.trash.push_back(Trash {
+                    file,
+                    path: trash,
+                    freed: 0,
+                    len,
+                    longest: std::time::Duration::ZERO,
+                });
+            }
             // The removal becomes durable with the next sync's directory fsync. Until
             // then a crash may bring the file back: harmless, replay finds it before the
             // durable record that made it unneeded and removes it again.
             self.dir_unsynced = true;
         }
+        Ok(())
+    }
+
+    /// Frees the next slice of a segment removed from the log (punches a hole of
+    /// `RECLAIM_STEP_BYTES`), and unlinks it once it is empty: bounded work per sync
+    /// instead of one long unlink. Where holes cannot be punched it unlinks at once.
+    fn reclaim_step(&mut self) -> Result<()> {
+        let Some(t) = self.trash.front_mut() else {
+            return Ok(());
+        };
+        if t.freed < t.len {
+            let step = RECLAIM_STEP_BYTES.min(t.len - t.freed);
+            let started = std::time::Instant::now();
+            match sys::punch_hole(&t.file, t.freed, step) {
+                Ok(true) => t.freed += step,
+                Ok(false) => t.freed = t.len,
+                Err(e) => return Err(Error::io(&t.path, "punch a hole in", e)),
+            }
+            t.longest = t.longest.max(started.elapsed());
+            if t.freed < t.len {
+                return Ok(());
+            }
+        }
+        let t = self.trash.pop_front().expect("front trash");
+        let (path, longest) = (t.path.clone(), t.longest);
+        drop(t);
+        let started = std::time::Instant::now();
+        fs::remove_file(&path).map_err(|e| Error::io(&path, "remove", e))?;
+        log::info!(
+            "wal: freed {}: longest step {:.2} ms, unlink {:.2} ms",
+            path.display(),
+            longest.as_secs_f64() * 1e3,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        self.dir_unsynced = true;
         Ok(())
     }
 }
