@@ -128,11 +128,17 @@ struct InFlight {
 ///
 /// Group commit from an event loop: each turn, `append` every batch the turn produced,
 /// then sync ONCE. Blocking: `sync()`. With io_uring: `begin_sync()` captures what is
-/// written so far, `sync_targets()` gives the descriptors to submit as fdatasync, and when
-/// all of them completed successfully, `complete_sync(token)`; `synced_index()` then says
-/// what is durable. Appends, truncations and compactions may continue while a sync is in
+/// written so far, `sync_targets()` gives the descriptors to submit as fdatasync (fsync
+/// where `full_fsync`: the directory), and when all of them completed successfully,
+/// `complete_sync(token)`; `synced_index()` then says what is durable. Appends, truncations and compactions may continue while a sync is in
 /// flight; they are covered by the next one. Segment files are deleted only inside
 /// `complete_sync`/`sync`, so a descriptor handed out stays valid while its flush runs.
+///
+/// Files besides the segments, both deleted on open: `{seq}.seg.tmp` is the next
+/// segment made ahead of need (the spare; a rollover writes and flushes its header and
+/// renames it, and the sync after fsyncs the directory), `{seq}.seg.del` a segment
+/// removed from the log and being freed a slice per sync (one unlink of 64 MiB stalled
+/// the loop for 50-120 ms).
 /// If a flush fails, the caller must not retry: `Wal::sync_failed` logs and aborts.
 pub struct Wal {
     dir: PathBuf,
@@ -148,6 +154,9 @@ pub struct Wal {
     trash: VecDeque<Trash>,
     /// True inside `Wal::open`: removals happen at once there.
     opening: bool,
+    /// The segment for which making a spare failed (tried once per segment, so a full
+    /// disk does not log at every sync).
+    spare_failed: Option<u64>,
     opts: WalOptions,
     segments: VecDeque<Segment>,
     first_index: u64,
@@ -277,6 +286,7 @@ impl Wal {
             dir_unsynced: false,
             trash: VecDeque::new(),
             opening: true,
+            spare_failed: None,
             opts,
             segments,
             first_index: opts.first_index,
@@ -1097,7 +1107,7 @@ impl Wal {
             return;
         }
         let seq = self.write_segment().seq + 1;
-        if seq >= MAX_SEGMENT_SEQ {
+        if seq >= MAX_SEGMENT_SEQ || self.spare_failed == Some(seq) {
             return;
         }
         let started = std::time::Instant::now();
@@ -1114,7 +1124,10 @@ impl Wal {
                 );
                 self.spare = Some(spare);
             }
-            Err(e) => log::warn!("wal: could not make the next segment ahead of need: {e}"),
+            Err(e) => {
+                self.spare_failed = Some(seq);
+                log::warn!("wal: could not make the next segment ahead of need: {e}");
+            }
         }
     }
 

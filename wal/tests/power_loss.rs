@@ -76,7 +76,7 @@ fn any_subset_of_unsynced_pages_recovers() {
         let crash = TempDir::new("powerloss-image");
         let newest = written.keys().next_back().cloned();
         for (name, now) in &written {
-            let last_new = durable.get(name).is_none() && Some(name) == newest.as_ref();
+            let last_new = !durable.contains_key(name) && Some(name) == newest.as_ref();
             if last_new && rng.chance(20) {
                 // The newest segment was made from a spare: header flushed and renamed,
                 // but the directory fsync is left to the next sync, so its name may
