@@ -1312,10 +1312,14 @@ impl Node {
                 continue;
             }
             let mut submitted = 0;
-            for fd in self.storage.sync_targets() {
-                self.io
-                    .fdatasync(TOKEN_SYNC | submitted as u64, fd)
-                    .map_err(|e| format!("submitting the WAL sync: {e}"))?;
+            for (fd, full) in self.storage.sync_targets() {
+                let token = TOKEN_SYNC | submitted as u64;
+                if full {
+                    self.io.fsync(token, fd)
+                } else {
+                    self.io.fdatasync(token, fd)
+                }
+                .map_err(|e| format!("submitting the WAL sync: {e}"))?;
                 submitted += 1;
             }
             assert_eq!(submitted, flushes);

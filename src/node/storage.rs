@@ -172,16 +172,18 @@ impl Storage {
 }
 
 impl Storage {
-    /// The descriptors to fdatasync for the sync in flight: the WAL segments it touched
-    /// (normally one, two at a rollover), then the hard-state file if it was written.
-    /// They stay open until `complete_sync`.
-    pub fn sync_targets(&self) -> impl Iterator<Item = RawFd> + '_ {
+    /// The descriptors to flush for the sync in flight, each with whether it needs a
+    /// full fsync (the WAL directory, after a segment was renamed into place or removed)
+    /// rather than fdatasync: the WAL segments it touched (normally one, two at a
+    /// rollover), the WAL's spare segment while it is new, then the hard-state file if
+    /// it was written. They stay open until `complete_sync`.
+    pub fn sync_targets(&self) -> impl Iterator<Item = (RawFd, bool)> + '_ {
         let sync = self.sync.as_ref();
         let wal = sync
             .filter(|s| s.wal.is_some())
             .into_iter()
-            .flat_map(|_| self.wal.sync_targets().map(|t| t.fd));
-        wal.chain(sync.and_then(|s| s.hard_state_fd))
+            .flat_map(|_| self.wal.sync_targets().map(|t| (t.fd, t.full_fsync)));
+        wal.chain(sync.and_then(|s| s.hard_state_fd).map(|fd| (fd, false)))
     }
 
     /// Whether the sync in flight carries a new term or vote (an election is waiting).
@@ -194,9 +196,17 @@ impl Storage {
     /// Runs the flushes of the sync in flight here, blocking (fdatasync(2)); a failure
     /// aborts. The caller then completes the sync as if the flushes had run on the ring.
     pub fn flush_blocking(&self) {
-        for fd in self.sync_targets() {
-            // SAFETY: fdatasync on a descriptor the storage keeps open until complete_sync.
-            if unsafe { libc::fdatasync(fd) } != 0 {
+        for (fd, full) in self.sync_targets() {
+            // SAFETY: fsync/fdatasync on a descriptor the storage keeps open until
+            // complete_sync.
+            let rc = unsafe {
+                if full {
+                    libc::fsync(fd)
+                } else {
+                    libc::fdatasync(fd)
+                }
+            };
+            if rc != 0 {
                 self.sync_failed(&std::io::Error::last_os_error());
             }
         }
@@ -386,15 +396,31 @@ fn write_snapshot_file(dir: &Path, meta: &SnapshotMeta, data: &[u8]) -> Result<(
     crc.update(&header);
     crc.update(data);
     put_u32(&mut header, crc.finalize());
+    let t0 = crate::io::Instant::now();
     let mut f = File::create(&tmp).map_err(|e| io_err(&tmp, "create", e))?;
     f.write_all(&header).map_err(|e| io_err(&tmp, "write", e))?;
     f.write_all(data).map_err(|e| io_err(&tmp, "write", e))?;
+    let t1 = crate::io::Instant::now();
     f.sync_all().map_err(|e| io_err(&tmp, "fsync", e))?;
     drop(f);
+    let t2 = crate::io::Instant::now();
     std::fs::rename(&tmp, &path).map_err(|e| io_err(&path, "rename to", e))?;
+    let t3 = crate::io::Instant::now();
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| io_err(dir, "fsync directory", e))?;
+    let t4 = crate::io::Instant::now();
+    let ms = |a: crate::io::Instant, b: crate::io::Instant| {
+        b.saturating_duration_since(a).as_secs_f64() * 1e3
+    };
+    log::debug!(
+        "storage: snapshot {} bytes: write {:.2} ms, fsync {:.2} ms, rename {:.2} ms, directory fsync {:.2} ms",
+        data.len(),
+        ms(t0, t1),
+        ms(t1, t2),
+        ms(t2, t3),
+        ms(t3, t4)
+    );
     Ok(())
 }
 
@@ -491,10 +517,18 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    fn flush(fds: &[RawFd]) {
-        for &fd in fds {
-            // SAFETY: fdatasync on descriptors the storage keeps open until complete_sync.
-            assert_eq!(unsafe { libc::fdatasync(fd) }, 0);
+    fn flush(fds: &[(RawFd, bool)]) {
+        for &(fd, full) in fds {
+            // SAFETY: fsync/fdatasync on descriptors the storage keeps open until
+            // complete_sync.
+            let rc = unsafe {
+                if full {
+                    libc::fsync(fd)
+                } else {
+                    libc::fdatasync(fd)
+                }
+            };
+            assert_eq!(rc, 0);
         }
     }
 
@@ -516,7 +550,7 @@ mod tests {
                 2,
                 "the WAL segment and the hard state"
             );
-            let fds: Vec<RawFd> = s.sync_targets().collect();
+            let fds: Vec<(RawFd, bool)> = s.sync_targets().collect();
             assert_eq!(fds.len(), 2);
             // Writes go on while the flushes run; they belong to the next sync.
             s.write_entries(6, EntriesView::from_slice(&[entry(6)]))
@@ -529,8 +563,9 @@ mod tests {
             );
             assert_eq!(
                 s.begin_sync().unwrap(),
-                1,
-                "the WAL only: no new term or vote"
+                2,
+                "the WAL segment and the spare segment made after the first sync; \
+                 no new term or vote"
             );
             flush(&s.sync_targets().collect::<Vec<_>>());
             assert_eq!(s.complete_sync().unwrap(), 6);

@@ -91,3 +91,28 @@ pub fn lock_dir(dir: &Path) -> Result<File> {
     }
     Ok(handle)
 }
+
+/// Frees `len` bytes at `offset` of `file` (the size stays). Ok(false) where the file
+/// system cannot punch holes.
+pub fn punch_hole(file: &File, offset: u64, len: u64) -> io::Result<bool> {
+    loop {
+        // SAFETY: fallocate on an open descriptor we own; no memory is passed.
+        let rc = unsafe {
+            libc::fallocate(
+                file.as_raw_fd(),
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EOPNOTSUPP) => return Ok(false),
+            _ => return Err(err),
+        }
+    }
+}

@@ -17,7 +17,7 @@ use crate::format::{
     self, position, ForwardScan, RecordHeader, RecordKind, ScanEnd, MAX_RECORD_OVERHEAD,
     RECORD_ALIGN, RECORD_HEADER_LEN,
 };
-use crate::segment::{self, Segment};
+use crate::segment::{self, Segment, Spare};
 use crate::sys;
 
 /// Sizes of the log. The agent fills these from `src/limits.rs`.
@@ -80,6 +80,9 @@ pub struct SyncTarget {
     pub fd: RawFd,
     pub offset: u64,
     pub len: u64,
+    /// Flush with a full fsync, not fdatasync: this is the log's directory (a segment
+    /// renamed into place, or removed, must have its name made durable).
+    pub full_fsync: bool,
 }
 
 /// Names one in-flight sync; hand it back to [`Wal::complete_sync`].
@@ -114,6 +117,10 @@ struct InFlight {
     from_seq: u64,
     to_seq: u64,
     to_offset: usize,
+    /// The spare segment file is flushed too (its allocation and size).
+    spare: bool,
+    /// The directory is fsynced too (segment names changed since the last sync).
+    dir: bool,
 }
 
 /// The write-ahead log. Single-threaded: one owner calls everything. Dropping it does not
@@ -121,16 +128,35 @@ struct InFlight {
 ///
 /// Group commit from an event loop: each turn, `append` every batch the turn produced,
 /// then sync ONCE. Blocking: `sync()`. With io_uring: `begin_sync()` captures what is
-/// written so far, `sync_targets()` gives the descriptors to submit as fdatasync, and when
-/// all of them completed successfully, `complete_sync(token)`; `synced_index()` then says
-/// what is durable. Appends, truncations and compactions may continue while a sync is in
+/// written so far, `sync_targets()` gives the descriptors to submit as fdatasync (fsync
+/// where `full_fsync`: the directory), and when all of them completed successfully,
+/// `complete_sync(token)`; `synced_index()` then says what is durable. Appends, truncations and compactions may continue while a sync is in
 /// flight; they are covered by the next one. Segment files are deleted only inside
 /// `complete_sync`/`sync`, so a descriptor handed out stays valid while its flush runs.
+///
+/// Files besides the segments, both deleted on open: `{seq}.seg.tmp` is the next
+/// segment made ahead of need (the spare; a rollover writes and flushes its header and
+/// renames it, and the sync after fsyncs the directory), `{seq}.seg.del` a segment
+/// removed from the log and being freed a slice per sync (one unlink of 64 MiB stalled
+/// the loop for 50-120 ms).
 /// If a flush fails, the caller must not retry: `Wal::sync_failed` logs and aborts.
 pub struct Wal {
     dir: PathBuf,
-    /// The directory, held open with an exclusive flock: one process per log.
-    _lock: std::fs::File,
+    /// The directory, held open with an exclusive flock: one process per log. Its
+    /// descriptor is also the sync target that makes segment names durable.
+    lock: std::fs::File,
+    /// The next segment's file, made ahead of need (see `Spare`).
+    spare: Option<Spare>,
+    /// A segment was renamed into place or removed since the last sync began: the next
+    /// sync fsyncs the directory.
+    dir_unsynced: bool,
+    /// Segments removed from the log (renamed `*.seg.del`), freed a slice per sync.
+    trash: VecDeque<Trash>,
+    /// True inside `Wal::open`: removals happen at once there.
+    opening: bool,
+    /// The segment for which making a spare failed (tried once per segment, so a full
+    /// disk does not log at every sync).
+    spare_failed: Option<u64>,
     opts: WalOptions,
     segments: VecDeque<Segment>,
     first_index: u64,
@@ -163,6 +189,19 @@ pub struct Wal {
 }
 
 const SEAL_LEN: usize = RECORD_HEADER_LEN;
+/// Bytes of a removed segment freed per sync (see `Wal::reclaim_step`): 64 MiB in 16
+/// steps of a few milliseconds instead of one unlink of 50-120 ms.
+const RECLAIM_STEP_BYTES: u64 = 4 << 20;
+
+/// A segment file removed from the log, being freed.
+struct Trash {
+    file: std::fs::File,
+    path: PathBuf,
+    freed: u64,
+    len: u64,
+    /// Longest step so far, for the log.
+    longest: std::time::Duration,
+}
 /// Records the staging buffers hold before growing (to the largest batch appended).
 const STAGE_RECORDS: usize = 1024;
 /// iovecs per pwritev call (each record takes up to three: header, payload, padding).
@@ -211,7 +250,7 @@ impl Wal {
             let item = item.map_err(|e| Error::io(&dir, "read directory", e))?;
             let name = item.file_name();
             let Some(name) = name.to_str() else { continue };
-            if name.ends_with(".seg.tmp") {
+            if name.ends_with(".seg.tmp") || name.ends_with(".seg.del") {
                 // A segment whose creation did not finish: never part of the log.
                 let path = item.path();
                 fs::remove_file(&path).map_err(|e| Error::io(&path, "remove", e))?;
@@ -242,7 +281,12 @@ impl Wal {
         }
         let mut wal = Wal {
             dir,
-            _lock: lock,
+            lock,
+            spare: None,
+            dir_unsynced: false,
+            trash: VecDeque::new(),
+            opening: true,
+            spare_failed: None,
             opts,
             segments,
             first_index: opts.first_index,
@@ -284,6 +328,10 @@ impl Wal {
         wal.synced_index = wal.last_index();
         // Everything replayed is durable now: drop segments replay showed unneeded.
         wal.delete_compacted()?;
+        if std::mem::take(&mut wal.dir_unsynced) {
+            sys::fsync_dir_or_abort(&wal.dir)?;
+        }
+        wal.opening = false;
         if let Some(seg) = wal.segments.back_mut() {
             let want = (seg.map.len() - seg.header.data_offset as usize) / RECORD_HEADER_LEN;
             seg.offsets
@@ -696,19 +744,27 @@ impl Wal {
     ) -> Result<VecDeque<Segment>> {
         let mut room = self.room();
         let mut seq = self.write_segment().seq;
-        let mut spare = VecDeque::new();
+        let mut spare: VecDeque<Segment> = VecDeque::new();
         let capacity = self.opts.segment_bytes as usize - self.opts.segment_header_bytes as usize;
         for (index, len) in records {
             if len + SEAL_LEN > room {
                 seq += 1;
-                // A failure drops `spare`; remove the files it created.
-                match Segment::create(
-                    &self.dir,
-                    seq,
-                    index,
-                    self.opts.segment_bytes,
-                    self.opts.segment_header_bytes as u32,
-                ) {
+                let made = if spare.is_empty() {
+                    self.segment_from_spare(seq, index)
+                } else {
+                    None
+                };
+                let made = match made {
+                    Some(seg) => seg,
+                    None => Segment::create(
+                        &self.dir,
+                        seq,
+                        index,
+                        self.opts.segment_bytes,
+                        self.opts.segment_header_bytes as u32,
+                    ),
+                };
+                match made {
                     Ok(seg) => spare.push_back(seg),
                     Err(e) => {
                         for seg in spare.drain(..) {
@@ -728,6 +784,28 @@ impl Wal {
             room -= len;
         }
         Ok(spare)
+    }
+
+    /// Segment `seq` made from the spare file, if there is one for it: a header write,
+    /// a flush of that page, and a rename; the next sync fsyncs the directory. A spare
+    /// whose own flush has not completed yet is flushed here first.
+    fn segment_from_spare(&mut self, seq: u64, first_index: u64) -> Option<Result<Segment>> {
+        let mut spare = self.spare.take()?;
+        assert_eq!(spare.seq, seq, "the spare is made for the next segment");
+        if !spare.durable {
+            sys::fdatasync_or_abort(&spare.file, &spare.tmp);
+            spare.durable = true;
+        }
+        let made = Segment::from_spare(
+            spare,
+            &self.dir,
+            first_index,
+            self.opts.segment_header_bytes as u32,
+        );
+        if made.is_ok() {
+            self.dir_unsynced = true;
+        }
+        Some(made)
     }
 
     /// Room for records in the write segment after what is written and staged.
@@ -890,14 +968,18 @@ impl Wal {
     /// the process (see `sys::fatal_sync_error`).
     pub fn sync(&mut self) -> Result<u64> {
         if let Some(token) = self.begin_sync() {
-            let f = self.in_flight.as_ref().expect("sync in flight");
-            let (from, to) = (f.from_seq, f.to_seq);
-            for seg in self
-                .segments
-                .iter()
-                .filter(|s| s.seq >= from && s.seq <= to)
-            {
-                sys::fdatasync_or_abort(&seg.file, &seg.path);
+            for target in self.sync_targets() {
+                // SAFETY: fsync/fdatasync on descriptors the log keeps open.
+                let rc = unsafe {
+                    if target.full_fsync {
+                        libc::fsync(target.fd)
+                    } else {
+                        libc::fdatasync(target.fd)
+                    }
+                };
+                if rc != 0 {
+                    self.sync_failed(&std::io::Error::last_os_error());
+                }
             }
             self.complete_sync(token)?;
         }
@@ -921,6 +1003,8 @@ impl Wal {
         let (to_seq, to_offset) = (self.write_segment().seq, self.write_segment().write_pos);
         let id = self.next_sync_id;
         self.next_sync_id += 1;
+        let spare = self.spare.as_ref().is_some_and(|s| !s.durable);
+        let dir = std::mem::take(&mut self.dir_unsynced);
         self.in_flight = Some(InFlight {
             id,
             upto_pos,
@@ -928,6 +1012,8 @@ impl Wal {
             from_seq,
             to_seq,
             to_offset,
+            spare,
+            dir,
         });
         Some(SyncToken { id })
     }
@@ -936,7 +1022,23 @@ impl Wal {
     /// They stay open until `complete_sync`.
     pub fn sync_targets(&self) -> impl Iterator<Item = SyncTarget> + '_ {
         let f = self.in_flight.as_ref();
-        self.segments.iter().filter_map(move |s| {
+        let spare = self
+            .spare
+            .as_ref()
+            .filter(|_| f.is_some_and(|f| f.spare))
+            .map(|s| SyncTarget {
+                fd: s.file.as_raw_fd(),
+                offset: 0,
+                len: s.map.len() as u64,
+                full_fsync: false,
+            });
+        let dir = f.filter(|f| f.dir).map(|_| SyncTarget {
+            fd: self.lock.as_raw_fd(),
+            offset: 0,
+            len: 0,
+            full_fsync: true,
+        });
+        let segments = self.segments.iter().filter_map(move |s| {
             let f = f?;
             if s.seq < f.from_seq || s.seq > f.to_seq {
                 return None;
@@ -950,8 +1052,10 @@ impl Wal {
                 fd: s.file.as_raw_fd(),
                 offset: s.synced_pos as u64,
                 len: (end - s.synced_pos.min(end)) as u64,
+                full_fsync: false,
             })
-        })
+        });
+        segments.chain(spare).chain(dir)
     }
 
     /// Every target of the sync in flight was flushed successfully. Deletes segments a
@@ -966,6 +1070,11 @@ impl Wal {
                 } else {
                     seg.write_pos
                 };
+            }
+        }
+        if f.spare {
+            if let Some(spare) = &mut self.spare {
+                spare.durable = true;
             }
         }
         assert!(f.upto_pos >= self.durable_pos);
@@ -983,7 +1092,43 @@ impl Wal {
                 self.reset_pending = None;
             }
         }
-        self.delete_compacted()
+        self.delete_compacted()?;
+        self.reclaim_step()?;
+        self.make_spare();
+        Ok(())
+    }
+
+    /// Makes the next segment's file ahead of need, right after a sync completed, so a
+    /// rollover does not allocate 64 MiB and flush inside the turn that needs it. Its
+    /// flush rides along with the next sync. A failure (disk full) is only logged: the
+    /// rollover then creates the segment itself and reports the error to the caller.
+    fn make_spare(&mut self) {
+        if self.spare.is_some() || self.replay_limit.is_some() {
+            return;
+        }
+        let seq = self.write_segment().seq + 1;
+        if seq >= MAX_SEGMENT_SEQ || self.spare_failed == Some(seq) {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match Spare::create(
+            &self.dir,
+            seq,
+            self.opts.segment_bytes,
+            self.opts.segment_header_bytes,
+        ) {
+            Ok(spare) => {
+                log::info!(
+                    "wal: spare segment {seq:016x} made in {:.2} ms",
+                    started.elapsed().as_secs_f64() * 1e3
+                );
+                self.spare = Some(spare);
+            }
+            Err(e) => {
+                self.spare_failed = Some(seq);
+                log::warn!("wal: could not make the next segment ahead of need: {e}");
+            }
+        }
     }
 
     /// A flush of a sync target failed: the process must stop (retrying could report
@@ -997,7 +1142,6 @@ impl Wal {
     /// compaction in a later segment. (Segments holding only entries removed by a
     /// truncation go once a compaction passes them.)
     fn delete_compacted(&mut self) -> Result<()> {
-        let mut deleted = false;
         while self.segments.len() > 1 {
             let front = &self.segments[0];
             let before_reset = self.reset_durable.is_some_and(|seq| front.seq < seq);
@@ -1013,13 +1157,65 @@ impl Wal {
             );
             let seg = self.segments.pop_front().expect("front segment");
             let path = seg.path.clone();
-            drop(seg);
-            fs::remove_file(&path).map_err(|e| Error::io(&path, "remove", e))?;
-            deleted = true;
+            if self.opening {
+                drop(seg);
+                fs::remove_file(&path).map_err(|e| Error::io(&path, "remove", e))?;
+            } else {
+                // Unlinking a 64 MiB segment at once stalled the loop for 50-120 ms
+                // (freeing its page cache and blocks). Rename it out of the log instead
+                // and free it a slice per sync (`reclaim_step`).
+                let trash = path.with_extension("seg.del");
+                fs::rename(&path, &trash).map_err(|e| Error::io(&path, "rename", e))?;
+                let len = seg.map.len() as u64;
+                let Segment { file, .. } = seg;
+                self.trash.push_back(Trash {
+                    file,
+                    path: trash,
+                    freed: 0,
+                    len,
+                    longest: std::time::Duration::ZERO,
+                });
+            }
+            // The removal becomes durable with the next sync's directory fsync. Until
+            // then a crash may bring the file back: harmless, replay finds it before the
+            // durable record that made it unneeded and removes it again.
+            self.dir_unsynced = true;
         }
-        if deleted {
-            sys::fsync_dir_or_abort(&self.dir)?;
+        Ok(())
+    }
+
+    /// Frees the next slice of a segment removed from the log (punches a hole of
+    /// `RECLAIM_STEP_BYTES`), and unlinks it once it is empty: bounded work per sync
+    /// instead of one long unlink. Where holes cannot be punched it unlinks at once.
+    fn reclaim_step(&mut self) -> Result<()> {
+        let Some(t) = self.trash.front_mut() else {
+            return Ok(());
+        };
+        if t.freed < t.len {
+            let step = RECLAIM_STEP_BYTES.min(t.len - t.freed);
+            let started = std::time::Instant::now();
+            match sys::punch_hole(&t.file, t.freed, step) {
+                Ok(true) => t.freed += step,
+                Ok(false) => t.freed = t.len,
+                Err(e) => return Err(Error::io(&t.path, "punch a hole in", e)),
+            }
+            t.longest = t.longest.max(started.elapsed());
+            if t.freed < t.len {
+                return Ok(());
+            }
         }
+        let t = self.trash.pop_front().expect("front trash");
+        let (path, longest) = (t.path.clone(), t.longest);
+        drop(t);
+        let started = std::time::Instant::now();
+        fs::remove_file(&path).map_err(|e| Error::io(&path, "remove", e))?;
+        log::info!(
+            "wal: freed {}: longest step {:.2} ms, unlink {:.2} ms",
+            path.display(),
+            longest.as_secs_f64() * 1e3,
+            started.elapsed().as_secs_f64() * 1e3
+        );
+        self.dir_unsynced = true;
         Ok(())
     }
 }
