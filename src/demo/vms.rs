@@ -131,11 +131,20 @@ pub fn create(cluster: &LocalCluster, body: &Value, limit: Duration) -> Result<V
 }
 
 /// The cluster's view of VM `id` through host `via` (None: 404).
+/// A 503 (leadership changing under a linearizable read: documented as retryable) is
+/// retried for up to `READ_RETRY`.
 pub fn get(cluster: &LocalCluster, via: u64, id: &str) -> Result<Option<VmView>, String> {
-    match cluster.request(via, "GET", &format!("/vms/{id}"), None)? {
-        (200, v) => VmView::from_json(&v).map(Some),
-        (404, _) => Ok(None),
-        (status, v) => Err(format!("host {via}: GET /vms/{id} answered {status}: {v}")),
+    const READ_RETRY: Duration = Duration::from_secs(3);
+    let start = Instant::now();
+    loop {
+        match cluster.request(via, "GET", &format!("/vms/{id}"), None)? {
+            (200, v) => return VmView::from_json(&v).map(Some),
+            (404, _) => return Ok(None),
+            (503, _) if start.elapsed() < READ_RETRY && !interrupted() => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (status, v) => return Err(format!("host {via}: GET /vms/{id} answered {status}: {v}")),
+        }
     }
 }
 
