@@ -217,15 +217,7 @@ fn sigstop_of_an_agent_fences_its_vmm_and_the_vm_runs_once() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    wait_reports_grow(&c, new_host, "a", after.token, 20);
-    let runs = check_no_overlap(&c, "a");
-    let on_victim: Vec<_> = runs.iter().filter(|r| r.host == victim).collect();
-    assert_eq!(
-        on_victim.len(),
-        1,
-        "the old host ran it once only: {runs:?}"
-    );
-    assert_eq!(on_victim[0].token, before.token);
+    assert_old_host_ran_it_once(&c, "a", victim, before.token, (new_host, after.token));
     let seen_by_victim = ok(&c, vigil::demo::vms::get(&c, victim, "a")).unwrap();
     assert_eq!(seen_by_victim.host, Some(new_host), "the old host's view");
     assert!(seen_by_victim.local_state.is_none(), "{seen_by_victim:?}");

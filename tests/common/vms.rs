@@ -184,6 +184,27 @@ pub fn wait_first_report(c: &LocalCluster, host: u64, vm: &str, token: u64) -> R
     }
 }
 
+/// After a VM moved off `victim` (a frozen or cut-off host) to `new`: the VM runs on
+/// at its new place, no two runs overlap in time, and the old host ran it exactly once,
+/// under its old token (it never came back there).
+pub fn assert_old_host_ran_it_once(
+    c: &LocalCluster,
+    vm: &str,
+    victim: u64,
+    old_token: u64,
+    (new_host, new_token): (u64, u64),
+) {
+    wait_reports_grow(c, new_host, vm, new_token, 20);
+    let runs = check_no_overlap(c, vm);
+    let on_victim: Vec<_> = runs.iter().filter(|r| r.host == victim).collect();
+    assert_eq!(
+        on_victim.len(),
+        1,
+        "the old host ran it once only: {runs:?}"
+    );
+    assert_eq!(on_victim[0].token, old_token);
+}
+
 /// Waits until `host`'s report file of `vm` has `more` lines with `token` than now.
 pub fn wait_reports_grow(c: &LocalCluster, host: u64, vm: &str, token: u64, more: usize) {
     let count = || {
