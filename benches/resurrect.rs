@@ -23,6 +23,8 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 mod support;
+// Both harnesses include the shared netns helper file; compiled twice here, harmless.
+#[allow(clippy::duplicate_mod)]
 #[path = "../tests/common/vms.rs"]
 mod vms;
 

@@ -35,6 +35,9 @@ pub struct Cluster {
 
 /// Node i runs in namespace `{prefix}n{i}` with address 10.200.0.{i} on a veth whose
 /// other end sits on a bridge in `{prefix}hub`.
+#[path = "netns.rs"]
+mod netns;
+
 pub struct Netns {
     pub prefix: String,
 }
@@ -71,7 +74,15 @@ pub fn netns_available() -> Result<(), String> {
             return Err(format!("{tool} is not installed"));
         }
     }
-    let name = format!("vglprobe{}", std::process::id());
+    // Unique per call: tests in one process probe concurrently, and a shared name made
+    // one probe fail with "File exists" and skip its test.
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PROBE: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "vglprobe{}x{}",
+        std::process::id(),
+        PROBE.fetch_add(1, Ordering::Relaxed)
+    );
     let ok = Command::new("ip")
         .args(["netns", "add", &name])
         .status()
@@ -153,34 +164,8 @@ impl Cluster {
                 K.fetch_add(1, Ordering::Relaxed)
             ),
         };
-        let hub = ns.hub();
-        sh(&["ip", "netns", "add", &hub]);
-        sh(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"]);
-        sh(&["ip", "-n", &hub, "link", "set", "br0", "up"]);
-        for i in 1..=n as u64 {
-            let node = ns.node(i);
-            let veth = format!("v{i}");
-            sh(&["ip", "netns", "add", &node]);
-            sh(&[
-                "ip", "-n", &hub, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-                "netns", &node,
-            ]);
-            sh(&[
-                "ip", "-n", &hub, "link", "set", &veth, "master", "br0", "up",
-            ]);
-            sh(&[
-                "ip",
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("10.200.0.{i}/24"),
-                "dev",
-                "eth0",
-            ]);
-            sh(&["ip", "-n", &node, "link", "set", "eth0", "up"]);
-            sh(&["ip", "-n", &node, "link", "set", "lo", "up"]);
-        }
+        let nodes: Vec<String> = (1..=n as u64).map(|i| ns.node(i)).collect();
+        netns::build_bridged(&ns.hub(), &nodes, &|args: &[&str]| sh(args));
         Cluster::build(name, n, io, "", Some(ns))
     }
 

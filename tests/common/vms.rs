@@ -285,11 +285,21 @@ pub fn netns_problem() -> Option<String> {
             return Some(format!("{tool} is not installed"));
         }
     }
-    let name = format!("vglvprobe{}", std::process::id());
+    // Unique per call: concurrent probes with one name would fail with "File exists".
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static PROBE: AtomicU64 = AtomicU64::new(0);
+    let name = format!(
+        "vglvprobe{}x{}",
+        std::process::id(),
+        PROBE.fetch_add(1, Ordering::Relaxed)
+    );
     let ok = sh(&["ip", "netns", "add", &name]).is_ok();
     let _ = sh(&["ip", "netns", "del", &name]);
     (!ok).then(|| "cannot create network namespaces".to_string())
 }
+
+#[path = "netns.rs"]
+mod netns;
 
 /// Host i in namespace `{prefix}n{i}` (10.200.0.i on a veth), all on a bridge in
 /// `{prefix}hub`; deleted on drop (after the cluster, which must be dropped first).
@@ -311,34 +321,10 @@ impl Namespaces {
             hosts,
         };
         let hub = format!("{}hub", ns.prefix);
-        let run = |args: &[&str]| sh(args).unwrap_or_else(|e| panic!("{e}"));
-        run(&["ip", "netns", "add", &hub]);
-        run(&["ip", "-n", &hub, "link", "add", "br0", "type", "bridge"]);
-        run(&["ip", "-n", &hub, "link", "set", "br0", "up"]);
-        for i in 1..=hosts {
-            let node = ns.host(i);
-            let veth = format!("v{i}");
-            run(&["ip", "netns", "add", &node]);
-            run(&[
-                "ip", "-n", &hub, "link", "add", &veth, "type", "veth", "peer", "name", "eth0",
-                "netns", &node,
-            ]);
-            run(&[
-                "ip", "-n", &hub, "link", "set", &veth, "master", "br0", "up",
-            ]);
-            run(&[
-                "ip",
-                "-n",
-                &node,
-                "addr",
-                "add",
-                &format!("10.200.0.{i}/24"),
-                "dev",
-                "eth0",
-            ]);
-            run(&["ip", "-n", &node, "link", "set", "eth0", "up"]);
-            run(&["ip", "-n", &node, "link", "set", "lo", "up"]);
-        }
+        let nodes: Vec<String> = (1..=hosts).map(|i| ns.host(i)).collect();
+        netns::build_bridged(&hub, &nodes, &|args: &[&str]| {
+            sh(args).unwrap_or_else(|e| panic!("{e}"))
+        });
         ns
     }
 
