@@ -196,10 +196,80 @@ fn read_head(reader: &mut impl BufRead) -> Result<(u16, Option<usize>), ClientEr
     Ok((status, length))
 }
 
+/// One look at a cluster for a leader it agrees on: asks each node in `among` for its
+/// `/status` (through `status`), and returns `Ok((leader, term))` when more than half of
+/// the `members` name the same leader and term, that leader is in `among`, and the leader
+/// itself says it leads in that term. Otherwise `Err` with the (leader, term) pairs seen,
+/// for the caller's message. Callers poll it with their own deadline.
+pub fn agreed_leader(
+    among: &[u64],
+    members: usize,
+    status: impl Fn(u64) -> Option<serde_json::Value>,
+) -> Result<(u64, u64), Vec<(u64, u64)>> {
+    let mut seen: Vec<(u64, u64)> = Vec::new();
+    for &id in among {
+        if let Some(s) = status(id) {
+            if let (Some(l), Some(t)) = (s["leader"]["node_id"].as_u64(), s["term"].as_u64()) {
+                seen.push((l, t));
+            }
+        }
+    }
+    for &(l, t) in &seen {
+        let agree = seen.iter().filter(|&&v| v == (l, t)).count();
+        if among.contains(&l) && agree * 2 > members {
+            if let Some(s) = status(l) {
+                if s["role"] == "leader" && s["term"].as_u64() == Some(t) {
+                    return Ok((l, t));
+                }
+            }
+        }
+    }
+    Err(seen)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
+
+    /// Statuses of a 5-node cluster: node i reports (leader, term, own role).
+    fn view<'a>(
+        of: &'a [(u64, u64, u64, &'a str)],
+    ) -> impl Fn(u64) -> Option<serde_json::Value> + 'a {
+        move |id| {
+            of.iter().find(|v| v.0 == id).map(|&(_, leader, term, role)| {
+                serde_json::json!({"leader": {"node_id": leader}, "term": term, "role": role})
+            })
+        }
+    }
+
+    #[test]
+    fn agreed_leader_needs_a_majority_of_all_members_and_the_leaders_own_word() {
+        let all = [1, 2, 3, 4, 5];
+        let settled = [
+            (1, 2, 7, "follower"),
+            (2, 2, 7, "leader"),
+            (3, 2, 7, "follower"),
+            (4, 4, 6, "leader"),
+            (5, 4, 6, "follower"),
+        ];
+        assert_eq!(agreed_leader(&all, 5, view(&settled)), Ok((2, 7)));
+        // Two of five agreeing is no majority, even if they are all we asked.
+        let seen = agreed_leader(&[4, 5], 5, view(&settled)).unwrap_err();
+        assert_eq!(seen, vec![(4, 6), (4, 6)]);
+        // A majority names node 2, but node 2 does not say it leads in that term.
+        let stale = [
+            (1, 2, 7, "follower"),
+            (2, 2, 8, "candidate"),
+            (3, 2, 7, "follower"),
+            (4, 2, 7, "follower"),
+        ];
+        assert!(agreed_leader(&all, 5, view(&stale)).is_err());
+        // The agreed leader must be among the nodes asked about.
+        assert!(agreed_leader(&[1, 3, 5], 5, view(&settled)).is_err());
+        // A node that does not answer counts for nobody.
+        assert!(agreed_leader(&all, 5, |_| None).unwrap_err().is_empty());
+    }
 
     #[test]
     fn round_trip_against_a_tiny_server() {

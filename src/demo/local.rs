@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::control::client::Client;
+use crate::control::client::{agreed_leader, Client};
 use crate::demo::procs::{self, Process};
 use crate::demo::{interrupted, monotonic_ns};
 use crate::limits::MAX_DEMO_HOSTS;
@@ -394,32 +394,16 @@ impl LocalCluster {
     pub fn wait_leader(&self, among: &[u64], limit: Duration) -> Result<(u64, u64), String> {
         let start = Instant::now();
         loop {
-            let mut votes: Vec<(u64, u64)> = Vec::new();
-            for &id in among {
-                if let Some(s) = self.status(id) {
-                    if let (Some(l), Some(t)) =
-                        (s["leader"]["node_id"].as_u64(), s["term"].as_u64())
-                    {
-                        votes.push((l, t));
-                    }
-                }
-            }
-            for &(l, t) in &votes {
-                let agree = votes.iter().filter(|&&v| v == (l, t)).count();
-                if among.contains(&l) && agree * 2 > self.hosts.len() {
-                    if let Some(s) = self.status(l) {
-                        if s["role"] == "leader" && s["term"].as_u64() == Some(t) {
-                            return Ok((l, t));
-                        }
-                    }
-                }
-            }
+            let seen = match agreed_leader(among, self.hosts.len(), |id| self.status(id)) {
+                Ok(found) => return Ok(found),
+                Err(seen) => seen,
+            };
             if interrupted() {
                 return Err("interrupted".into());
             }
             if start.elapsed() > limit {
                 return Err(format!(
-                    "no leader among hosts {among:?} within {limit:?} (saw {votes:?})"
+                    "no leader among hosts {among:?} within {limit:?} (saw {seen:?})"
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use vigil::control::client::Client;
+use vigil::control::client::{agreed_leader, Client};
 
 pub const LIMIT: Duration = Duration::from_secs(30);
 
@@ -474,29 +474,13 @@ impl Cluster {
     pub fn wait_leader_among(&self, among: &[u64]) -> u64 {
         let start = Instant::now();
         loop {
-            let mut votes: Vec<(u64, u64)> = Vec::new();
-            for &id in among {
-                if let Some(s) = self.status(id) {
-                    if let (Some(l), Some(t)) =
-                        (s["leader"]["node_id"].as_u64(), s["term"].as_u64())
-                    {
-                        votes.push((l, t));
-                    }
-                }
-            }
-            for &(l, t) in &votes {
-                let agree = votes.iter().filter(|&&v| v == (l, t)).count();
-                if among.contains(&l) && agree * 2 > self.nodes.len() {
-                    if let Some(s) = self.status(l) {
-                        if s["role"] == "leader" && s["term"].as_u64() == Some(t) {
-                            return l;
-                        }
-                    }
-                }
-            }
+            let seen = match agreed_leader(among, self.nodes.len(), |id| self.status(id)) {
+                Ok((leader, _term)) => return leader,
+                Err(seen) => seen,
+            };
             assert!(
                 start.elapsed() < LIMIT,
-                "no leader among {among:?} within {LIMIT:?}; saw {votes:?}\n{}",
+                "no leader among {among:?} within {LIMIT:?}; saw {seen:?}\n{}",
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(20));
