@@ -295,10 +295,17 @@ fn full_size_values_round_trip(io: &str) {
         assert!(length > vigil::limits::MAX_KV_VALUE_BYTES, "{io}: {head}");
         let body = &rest[head_end..head_end + length];
         let json: serde_json::Value = serde_json::from_slice(body).unwrap();
-        assert!(json["value"].as_str() == Some(value.as_str()), "{io}: answer {answer} differs");
+        assert!(
+            json["value"].as_str() == Some(value.as_str()),
+            "{io}: answer {answer} differs"
+        );
         rest = &rest[head_end + length..];
     }
-    assert!(rest.is_empty(), "{io}: {} bytes after the answers", rest.len());
+    assert!(
+        rest.is_empty(),
+        "{io}: {} bytes after the answers",
+        rest.len()
+    );
 }
 
 #[test]

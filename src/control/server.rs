@@ -15,8 +15,26 @@
 //! request of at most `http::MAX_REQUEST_BYTES` that must arrive whole within
 //! `CONTROL_READ_TIMEOUT_MS` of its first byte (else 408), at most
 //! `MAX_CONTROL_OUTPUT_BYTES` of queued output, and an idle timeout; a request waiting on
-//! the cluster is answered with a timeout error. Sockets are non-blocking, so a slow
-//! client never stalls the loop.
+//! the cluster is answered with a timeout error. A slow client never stalls the loop.
+//!
+//! I/O runs as operations of the event loop's [`Io`] (on the io_uring ring, or emulated
+//! by the epoll backend), one code path for both:
+//! - `CONTROL_ACCEPTS_IN_FLIGHT` accepts stay in flight on the listener, each submitted
+//!   again at the end of the turn that handled it (after an error such as EMFILE, only
+//!   `ACCEPT_RETRY_MS` later, so the loop does not spin on it).
+//! - Each connection has at most one recv and one send in flight, each with a slab
+//!   buffer. A recv completion appends to the connection's read buffer (bounded: no
+//!   recv is submitted while it holds `http::MAX_REQUEST_BYTES`) and feeds the HTTP
+//!   parser. Output is queued in `out`; a send carries up to one buffer's worth of it,
+//!   its completion consumes what was sent, and the next one goes out until `out` is
+//!   drained, then the send buffer goes back to the slab. So an open connection holds one
+//!   buffer while idle and two while answering (`limits.rs` budgets two per connection).
+//! - Closing (`Connection: close` answered, peer gone, an error, a timeout, eviction)
+//!   cancels the connection's operations; the fd is closed and its buffers released only
+//!   when every one of them has completed (the completion of a cancelled recv still
+//!   brings its buffer back). A closing connection keeps its slot until then; a new
+//!   connection that needs that slot waits for it in a small waiting room (accepting
+//!   pauses meanwhile), so slots, and with them buffers, stay bounded.
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -26,7 +44,7 @@ use std::time::Duration;
 use super::http::{self, HttpError, Request};
 use crate::config::GroupSpec;
 use crate::io::{socket, BufferId, Completion, Error as IoError, Instant, Io, OpKind};
-use crate::limits;
+use crate::limits::{self, CONTROL_ACCEPTS_IN_FLIGHT};
 use crate::logging::RateLimit;
 use crate::metrics;
 
@@ -190,9 +208,6 @@ const OP_RECV: u64 = 1 << 48;
 const OP_SEND: u64 = 2 << 48;
 const ID_MASK: u64 = (1 << 48) - 1;
 
-/// Accepts kept in flight on the control listener. Each completion is handled and the
-/// accept submitted again (at the end of the turn).
-pub const CONTROL_ACCEPTS_IN_FLIGHT: usize = 4;
 /// After an accept failed (EMFILE, ENFILE, ENOMEM...), accepting resumes this much later
 /// instead of spinning on the error.
 const ACCEPT_RETRY_MS: u64 = 10;
@@ -346,7 +361,11 @@ impl ControlServer {
             self.accept_completed(io, c, now);
             return None;
         }
-        assert_eq!(kind, TOKEN_CONTROL_CONN, "not a control token: {:#x}", c.token);
+        assert_eq!(
+            kind, TOKEN_CONTROL_CONN,
+            "not a control token: {:#x}",
+            c.token
+        );
         let id = c.token & ID_MASK;
         let op = c.token & !ID_MASK & ((1 << 56) - 1);
         let conn = self
@@ -725,14 +744,17 @@ impl ControlServer {
                 continue;
             }
             if c.unsent() > limits::MAX_CONTROL_OUTPUT_BYTES {
-                log::warn!("control: a reader fell {} bytes behind; closing", c.unsent());
+                log::warn!(
+                    "control: a reader fell {} bytes behind; closing",
+                    c.unsent()
+                );
                 c.broken = true;
             }
             let finished = c.close_after_write && c.unsent() == 0;
             if !c.broken && !finished {
-                if let Err(e) = Self::submit_send(io, id, c).and_then(|()| {
-                    Self::submit_recv(io, id, c)
-                }) {
+                if let Err(e) =
+                    Self::submit_send(io, id, c).and_then(|()| Self::submit_recv(io, id, c))
+                {
                     c.broken = true;
                     if matches!(e, IoError::NoBuffers { .. } | IoError::InFlightFull { .. }) {
                         self.counters.no_buffers += 1;
@@ -996,7 +1018,7 @@ mod ring_tests {
                 Err(e) => panic!("{e}"),
             };
             let mut requests = Vec::new();
-            for c in self.completions[..n].to_vec() {
+            for c in self.completions[..n].iter().copied() {
                 assert!(owns(c.token), "{c:?}");
                 requests.extend(self.server.on_completion(&mut self.io, c, Instant::now()));
             }
@@ -1041,7 +1063,9 @@ mod ring_tests {
             let bigger = body(300 * 1024 + 7, 0x5a);
             let mut client = UnixStream::connect(&h.path).unwrap();
             client
-                .write_all(b"GET /kv/a HTTP/1.1\r\n\r\nGET /kv/b HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .write_all(
+                    b"GET /kv/a HTTP/1.1\r\n\r\nGET /kv/b HTTP/1.1\r\nConnection: close\r\n\r\n",
+                )
                 .unwrap();
             let reader = std::thread::spawn(move || {
                 client
@@ -1071,7 +1095,13 @@ mod ring_tests {
             assert_eq!(served, ["/kv/a", "/kv/b"], "{backend:?}");
             let mut expected = Vec::new();
             http::write_response(&mut expected, 200, "application/octet-stream", &big, false);
-            http::write_response(&mut expected, 200, "application/octet-stream", &bigger, true);
+            http::write_response(
+                &mut expected,
+                200,
+                "application/octet-stream",
+                &bigger,
+                true,
+            );
             assert_eq!(all.len(), expected.len(), "{backend:?}");
             assert!(all == expected, "{backend:?}: the bytes differ");
             h.turn_until("the connection is gone", |h| h.server.connections().0 == 0);
@@ -1094,7 +1124,8 @@ mod ring_tests {
             }
             // Every connection has a recv in flight, each holding one buffer.
             h.turn_until("all connections admitted", |h| {
-                h.server.connections() == (max, 0) && h.io.buffers_free() == h.buffers_at_start - max
+                h.server.connections() == (max, 0)
+                    && h.io.buffers_free() == h.buffers_at_start - max
             });
             let eof = |mut c: &UnixStream| {
                 let mut byte = [0u8; 1];
@@ -1111,7 +1142,10 @@ mod ring_tests {
             // still open and the newcomer waits for the slot.
             let limit = std::time::Instant::now() + Duration::from_secs(10);
             while h.server.connections().1 == 0 {
-                assert!(std::time::Instant::now() < limit, "{backend:?}: no eviction");
+                assert!(
+                    std::time::Instant::now() < limit,
+                    "{backend:?}: no eviction"
+                );
                 assert!(h.dispatch().is_empty());
             }
             assert_eq!(h.server.connections(), (max, 1), "{backend:?}");
@@ -1122,7 +1156,11 @@ mod ring_tests {
                 0,
                 "{backend:?}: an fd was closed before its recv completed"
             );
-            assert_eq!(h.io.buffers_free(), h.buffers_at_start - max, "lent until then");
+            assert_eq!(
+                h.io.buffers_free(),
+                h.buffers_at_start - max,
+                "lent until then"
+            );
             // The cancelled recv completes: its buffer comes back, its fd is closed and
             // the newcomer takes the slot (and a buffer for its own recv).
             h.turn_until("the evicted connection closed", |h| {
@@ -1138,7 +1176,10 @@ mod ring_tests {
                 }
                 std::thread::sleep(Duration::from_millis(5));
             };
-            assert_eq!(evicted, 1, "{backend:?}: exactly the evicted client sees EOF");
+            assert_eq!(
+                evicted, 1,
+                "{backend:?}: exactly the evicted client sees EOF"
+            );
             drop(clients);
             drop(newcomer);
             h.turn_until("every connection closed", |h| h.server.connections().0 == 0);
@@ -1174,7 +1215,11 @@ mod ring_tests {
             drop(client);
             h.turn_until("the connection is gone", |h| h.server.connections().0 == 0);
             assert_eq!(h.io.buffers_free(), h.buffers_at_start, "{backend:?}");
-            assert_eq!(h.io.in_flight(), CONTROL_ACCEPTS_IN_FLIGHT, "only the accepts");
+            assert_eq!(
+                h.io.in_flight(),
+                CONTROL_ACCEPTS_IN_FLIGHT,
+                "only the accepts"
+            );
         }
     }
 }
