@@ -20,7 +20,8 @@
 //! I/O runs as operations of the event loop's [`Io`] (on the io_uring ring, or emulated
 //! by the epoll backend), one code path for both:
 //! - `CONTROL_ACCEPTS_IN_FLIGHT` accepts stay in flight on the listener, each submitted
-//!   again at the end of the turn that handled it (after an error such as EMFILE, only
+//!   again at the end of the turn that handled it (a new connection's first recv goes
+//!   out at once) (after an error such as EMFILE, only
 //!   `ACCEPT_RETRY_MS` later, so the loop does not spin on it).
 //! - Each connection has at most one recv and one send in flight, each with a slab
 //!   buffer. A recv completion appends to the connection's read buffer (bounded: no
@@ -222,6 +223,24 @@ fn recv_token(id: u64) -> u64 {
 
 fn send_token(id: u64) -> u64 {
     (TOKEN_CONTROL_CONN << 56) | OP_SEND | id
+}
+
+/// A recv or send could not be submitted (no buffer, no operation slot): the connection
+/// is marked broken, so `flush` closes it, with a counter and a rate-limited warning.
+fn connection_failed(
+    counters: &mut ControlCounters,
+    log_budget: &mut RateLimit,
+    id: u64,
+    conn: &mut ControlConn,
+    e: IoError,
+) {
+    conn.broken = true;
+    if matches!(e, IoError::NoBuffers { .. } | IoError::InFlightFull { .. }) {
+        counters.no_buffers += 1;
+    }
+    if log_budget.allow("control access") {
+        log::warn!("control: closing connection {id}: {e}");
+    }
 }
 
 /// Whether a completion belongs to the control server (its accepts and connections).
@@ -477,7 +496,7 @@ impl ControlServer {
         }
         let conn = ControlConn::new(fd, cred, allowed, now);
         if self.conns.len() < limits::MAX_CONTROL_CONNECTIONS {
-            self.admit(conn);
+            self.admit(io, conn);
             return;
         }
         // Every slot is taken. A closing connection gives its slot up when its operations
@@ -511,7 +530,7 @@ impl ControlServer {
             }
             self.begin_close(io, old);
             if self.conns.len() < limits::MAX_CONTROL_CONNECTIONS {
-                self.admit(conn); // it had nothing in flight and is gone already
+                self.admit(io, conn); // it had nothing in flight and is gone already
                 return;
             }
         }
@@ -519,12 +538,16 @@ impl ControlServer {
         self.waiting_room.push(conn);
     }
 
-    /// Gives a connection a slot; `flush` submits its first recv.
-    fn admit(&mut self, conn: ControlConn) {
+    /// Gives a connection a slot and submits its first recv (if that fails, the next
+    /// `flush` closes it).
+    fn admit(&mut self, io: &mut Io, mut conn: ControlConn) {
         assert!(self.conns.len() < limits::MAX_CONTROL_CONNECTIONS);
         let id = self.next_id;
         self.next_id += 1;
         assert!(id <= ID_MASK);
+        if let Err(e) = Self::submit_recv(io, id, &mut conn) {
+            connection_failed(&mut self.counters, &mut self.log_budget, id, &mut conn, e);
+        }
         self.conns.insert(id, conn);
     }
 
@@ -576,7 +599,7 @@ impl ControlServer {
         drop(conn.fd); // nothing of it is in flight any more
         if !self.waiting_room.is_empty() {
             let next = self.waiting_room.remove(0);
-            self.admit(next);
+            self.admit(io, next);
         }
     }
 
@@ -755,13 +778,7 @@ impl ControlServer {
                 if let Err(e) =
                     Self::submit_send(io, id, c).and_then(|()| Self::submit_recv(io, id, c))
                 {
-                    c.broken = true;
-                    if matches!(e, IoError::NoBuffers { .. } | IoError::InFlightFull { .. }) {
-                        self.counters.no_buffers += 1;
-                    }
-                    if self.log_budget.allow("control access") {
-                        log::warn!("control: closing connection {id}: {e}");
-                    }
+                    connection_failed(&mut self.counters, &mut self.log_budget, id, c, e);
                 }
             }
             if self.conns[&id].broken || finished {
@@ -972,11 +989,15 @@ mod ring_tests {
     /// A server on `backend` with small buffers (4 KiB: big answers take many sends);
     /// `None` when io_uring is not available here.
     fn harness(backend: BackendChoice, name: &str) -> Option<Harness> {
+        harness_with(backend, name, 2 * limits::MAX_CONTROL_CONNECTIONS + 8)
+    }
+
+    fn harness_with(backend: BackendChoice, name: &str, buffers: usize) -> Option<Harness> {
         let config = Config {
             backend,
             ring_entries: 1024,
             max_in_flight: 1024,
-            buffer_count: 2 * limits::MAX_CONTROL_CONNECTIONS + 8,
+            buffer_count: buffers,
             buffer_bytes: 4096,
             ..Config::default()
         };
@@ -1220,6 +1241,57 @@ mod ring_tests {
                 CONTROL_ACCEPTS_IN_FLIGHT,
                 "only the accepts"
             );
+        }
+    }
+
+    #[test]
+    fn a_connection_without_a_buffer_is_closed_and_counted() {
+        for backend in backends() {
+            let Some(mut h) = harness_with(backend, "nobuf", 2) else {
+                continue;
+            };
+            // Two buffers: two idle connections hold one each; the third gets none.
+            let first = UnixStream::connect(&h.path).unwrap();
+            let second = UnixStream::connect(&h.path).unwrap();
+            h.turn_until("two connections", |h| h.server.connections() == (2, 0));
+            assert_eq!(h.io.buffers_free(), 0);
+            let mut third = UnixStream::connect(&h.path).unwrap();
+            h.turn_until("the third refused", |h| h.server.counters.no_buffers == 1);
+            h.turn_until("the third closed", |h| h.server.connections() == (2, 0));
+            third
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut byte = [0u8; 1];
+            assert_eq!(third.read(&mut byte).unwrap(), 0, "{backend:?}: closed");
+            // With the second gone, a buffer is free for the first's answer (an answer
+            // needs a send buffer beside the recv buffer: limits.rs budgets two per
+            // connection, this slab has fewer).
+            drop(second);
+            h.turn_until("the second closed", |h| h.server.connections() == (1, 0));
+            let mut first = first;
+            first
+                .write_all(b"GET /status HTTP/1.1\r\nConnection: close\r\n\r\n")
+                .unwrap();
+            let limit = std::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                assert!(std::time::Instant::now() < limit, "{backend:?}: no request");
+                if let Some((id, _)) = h.turn().pop() {
+                    // The send needs a buffer too: the closed third gave its back.
+                    h.server.respond(id, 200, "application/json", b"{}", false);
+                    break;
+                }
+            }
+            let reader = std::thread::spawn(move || {
+                let mut all = Vec::new();
+                first.read_to_end(&mut all).map(|_| all)
+            });
+            while !reader.is_finished() {
+                h.turn();
+            }
+            let answer = reader.join().unwrap().unwrap();
+            assert!(answer.starts_with(b"HTTP/1.1 200 OK\r\n"), "{backend:?}");
+            h.turn_until("all closed", |h| h.server.connections() == (0, 0));
+            assert_eq!(h.io.buffers_free(), h.buffers_at_start, "{backend:?}");
         }
     }
 }
