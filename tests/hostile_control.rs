@@ -50,7 +50,16 @@ fn with_body(body: &str) -> Vec<u8> {
 
 #[test]
 fn malformed_requests_get_4xx_with_a_json_error() {
-    let c = Cluster::start("hostile-control", 3, "auto");
+    malformed("auto");
+}
+
+#[test]
+fn malformed_requests_get_4xx_with_a_json_error_epoll() {
+    malformed("epoll");
+}
+
+fn malformed(io: &str) {
+    let c = Cluster::start(&format!("hostile-control-{io}"), 3, io);
     let leader = c.wait_leader();
     let socket = c.node(leader).socket.clone();
     let big_head = format!(

@@ -18,7 +18,9 @@
 //! ```
 //!
 //! Readiness comes from `Io::poll_in` (io_uring poll or epoll); socket reads and writes
-//! are non-blocking syscalls. The WAL sync runs as fdatasync operations on the ring
+//! are non-blocking syscalls, except on the control socket, whose accepts, recvs and
+//! sends are operations on the ring (`control::server`; their completions reach it
+//! before the ECANCELED filter). The WAL sync runs as fdatasync operations on the ring
 //! (group commit: at most one sync in flight; everything written meanwhile goes into the
 //! next one), so the loop keeps serving timers, peers and control clients while the disk
 //! works. On the epoll backend the same operations run as blocking fdatasync(2) inside
