@@ -20,9 +20,9 @@
 //! I/O runs as operations of the event loop's [`Io`] (on the io_uring ring, or emulated
 //! by the epoll backend), one code path for both:
 //! - `CONTROL_ACCEPTS_IN_FLIGHT` accepts stay in flight on the listener, each submitted
-//!   again at the end of the turn that handled it (a new connection's first recv goes
-//!   out at once) (after an error such as EMFILE, only
-//!   `ACCEPT_RETRY_MS` later, so the loop does not spin on it).
+//!   again at the end of the turn that handled it (after an error such as EMFILE only
+//!   `ACCEPT_RETRY_MS` later, so the loop does not spin on it). A new connection's
+//!   first recv is submitted as soon as it has a slot.
 //! - Each connection has at most one recv and one send in flight, each with a slab
 //!   buffer. A recv completion appends to the connection's read buffer (bounded: no
 //!   recv is submitted while it holds `http::MAX_REQUEST_BYTES`) and feeds the HTTP
@@ -441,6 +441,8 @@ impl ControlServer {
                 self.accepted(io, fd, now);
             }
             Err(e) if e.0 == libc::ECANCELED => {}
+            // The client gave up before the accept (or a signal): accept the next one.
+            Err(e) if matches!(e.0, libc::ECONNABORTED | libc::EINTR | libc::EAGAIN) => {}
             Err(e) => {
                 // EMFILE and friends: retrying at once would fail the same way and spin.
                 self.accept_paused_until =
