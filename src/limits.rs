@@ -103,8 +103,12 @@ const _: () = assert!(PEER_RECONNECT_INITIAL_MS <= PEER_RECONNECT_MAX_MS);
 
 // ---- Control API ---------------------------------------------------------------------
 
-/// Control connections open at once; further ones are refused.
+/// Control connections at once; when full, the idlest is closed to make room, or a new
+/// one is refused. Closing connections count: one keeps its slot (and its I/O buffers)
+/// until its cancelled operations have completed.
 pub const MAX_CONTROL_CONNECTIONS: usize = 128;
+/// Accept operations kept in flight on the control socket.
+pub const CONTROL_ACCEPTS_IN_FLIGHT: usize = 4;
 /// Request line and headers of one control request.
 pub const MAX_CONTROL_HEADER_BYTES: usize = 16 * 1024;
 /// Body of one control request.
@@ -338,6 +342,10 @@ const _: () = assert!(
     "a receive buffer for every pending handshake on top of the established connections"
 );
 const _: () = assert!(IO_COMPLETIONS_PER_WAIT <= IO_MAX_IN_FLIGHT);
+const _: () = assert!(
+    IO_MAX_IN_FLIGHT >= IO_BUFFER_COUNT + CONTROL_ACCEPTS_IN_FLIGHT + 64,
+    "every buffer lent, the control accepts, and room for the timers, fsyncs, polls and peer accepts"
+);
 const _: () = assert!(MAX_DEMO_HOSTS <= MAX_VOTERS, "every demo host is a voter");
 const _: () = assert!(MAX_DEMO_VMS <= MAX_VMS, "the demo's VMs fit the cluster");
 const _: () = assert!(MAX_HOSTS >= MAX_MEMBERS, "every member is a host");

@@ -255,6 +255,69 @@ fn rolling_restart_uring() {
     rolling_restart("uring");
 }
 
+/// The largest value, read twice on one connection with the requests pipelined: each
+/// answer spans several I/O buffers (several sends on the ring) and must arrive whole
+/// and in order, the second one followed by the close it asked for.
+fn full_size_values_round_trip(io: &str) {
+    if skip_uring(io) {
+        return;
+    }
+    let c = Cluster::start(&format!("bigvalue-{io}"), 1, io);
+    let leader = c.wait_leader();
+    let alphabet = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let value: String = (0..vigil::limits::MAX_KV_VALUE_BYTES)
+        .map(|i| alphabet[(i + i / 36) % alphabet.len()] as char)
+        .collect();
+    c.put_retry("big", &value);
+    let mut s = std::os::unix::net::UnixStream::connect(&c.node(leader).socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
+    std::io::Write::write_all(
+        &mut s,
+        b"GET /kv/big HTTP/1.1\r\n\r\nGET /kv/big HTTP/1.1\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut all = Vec::new();
+    std::io::Read::read_to_end(&mut s, &mut all).expect("the node closes after the second");
+    let mut rest = &all[..];
+    for answer in 0..2 {
+        let head_end = rest
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or_else(|| panic!("{io}: answer {answer} has no head"))
+            + 4;
+        let head = String::from_utf8_lossy(&rest[..head_end]).to_string();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{io}: {head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Length: "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{io}: no length in {head}"));
+        assert!(length > vigil::limits::MAX_KV_VALUE_BYTES, "{io}: {head}");
+        let body = &rest[head_end..head_end + length];
+        let json: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert!(
+            json["value"].as_str() == Some(value.as_str()),
+            "{io}: answer {answer} differs"
+        );
+        rest = &rest[head_end + length..];
+    }
+    assert!(
+        rest.is_empty(),
+        "{io}: {} bytes after the answers",
+        rest.len()
+    );
+}
+
+#[test]
+fn full_size_values_round_trip_epoll() {
+    full_size_values_round_trip("epoll");
+}
+
+#[test]
+fn full_size_values_round_trip_uring() {
+    full_size_values_round_trip("uring");
+}
+
 #[test]
 fn control_api_errors_and_compare_and_set() {
     let c = Cluster::start("api", 3, "auto");

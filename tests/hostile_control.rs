@@ -50,7 +50,16 @@ fn with_body(body: &str) -> Vec<u8> {
 
 #[test]
 fn malformed_requests_get_4xx_with_a_json_error() {
-    let c = Cluster::start("hostile-control", 3, "auto");
+    malformed("auto");
+}
+
+#[test]
+fn malformed_requests_get_4xx_with_a_json_error_epoll() {
+    malformed("epoll");
+}
+
+fn malformed(io: &str) {
+    let c = Cluster::start(&format!("hostile-control-{io}"), 3, io);
     let leader = c.wait_leader();
     let socket = c.node(leader).socket.clone();
     let big_head = format!(
@@ -180,7 +189,19 @@ fn a_trickled_request_is_cut_at_the_read_timeout() {
 
 #[test]
 fn a_flood_of_idle_connections_makes_room_for_a_real_client() {
-    let c = Cluster::start("hostile-flood", 1, "auto");
+    flood("auto");
+}
+
+#[test]
+fn a_flood_of_idle_connections_makes_room_for_a_real_client_epoll() {
+    flood("epoll");
+}
+
+/// More idle connections than the limit: the idlest are closed (after their cancelled
+/// receives completed) and a real client is served; every evicted client sees its
+/// connection closed.
+fn flood(io: &str) {
+    let c = Cluster::start(&format!("hostile-flood-{io}"), 1, io);
     let leader = c.wait_leader();
     let socket = c.node(leader).socket.clone();
     let flood: Vec<UnixStream> = (0..vigil::limits::MAX_CONTROL_CONNECTIONS + 40)
@@ -196,6 +217,24 @@ fn a_flood_of_idle_connections_makes_room_for_a_real_client() {
         )
         .unwrap();
     assert!(evicted >= 40.0, "evicted {evicted}");
+    let closed = flood
+        .iter()
+        .filter(|s| {
+            let mut s: &UnixStream = s;
+            s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+            let mut byte = [0u8; 1];
+            matches!(s.read(&mut byte), Ok(0))
+        })
+        .count();
+    assert!(
+        closed as f64 >= evicted,
+        "{closed} closed, {evicted} evicted"
+    );
+    let open = c.metric(leader, "vigil_control_connections").unwrap();
+    assert!(
+        open <= vigil::limits::MAX_CONTROL_CONNECTIONS as f64,
+        "{open} open"
+    );
     drop(flood);
 }
 

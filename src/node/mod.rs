@@ -18,7 +18,9 @@
 //! ```
 //!
 //! Readiness comes from `Io::poll_in` (io_uring poll or epoll); socket reads and writes
-//! are non-blocking syscalls. The WAL sync runs as fdatasync operations on the ring
+//! are non-blocking syscalls, except on the control socket, whose accepts, recvs and
+//! sends are operations on the ring (`control::server`; their completions reach it
+//! before the ECANCELED filter). The WAL sync runs as fdatasync operations on the ring
 //! (group commit: at most one sync in flight; everything written meanwhile goes into the
 //! next one), so the loop keeps serving timers, peers and control clients while the disk
 //! works. On the epoll backend the same operations run as blocking fdatasync(2) inside
@@ -64,7 +66,6 @@ use crate::raft::{
 use storage::Storage;
 
 const TOKEN_LISTEN: u64 = 1 << 56;
-const TOKEN_CONTROL_LISTEN: u64 = 4 << 56;
 const TOKEN_SIGNAL: u64 = 6 << 56;
 /// The flushes of the sync in flight (the low bits number them).
 const TOKEN_SYNC: u64 = 0x10 << 56;
@@ -145,7 +146,6 @@ struct Node {
     app: App,
     control: ControlServer,
     listener: OwnedFd,
-    control_listener: OwnedFd,
     control_path: PathBuf,
     signals: io::signals::SignalFd,
     peer_events: Vec<PeerEvent>,
@@ -345,8 +345,6 @@ impl Node {
             ctlserver::listen(&config.control_socket, config.control_group.as_ref())?;
         io.poll_in(TOKEN_LISTEN, listener.as_raw_fd())
             .map_err(|e| e.to_string())?;
-        io.poll_in(TOKEN_CONTROL_LISTEN, control_listener.as_raw_fd())
-            .map_err(|e| e.to_string())?;
         io.poll_in(TOKEN_SIGNAL, signals.fd())
             .map_err(|e| e.to_string())?;
         let addrs: Vec<(NodeId, std::net::SocketAddr)> =
@@ -375,9 +373,8 @@ impl Node {
                 reads: Vec::new(),
                 reads_failed: Vec::new(),
             },
-            control: ControlServer::new(access),
+            control: ControlServer::new(access, control_listener),
             listener,
-            control_listener,
             control_path: config.control_socket.clone(),
             signals,
             peer_events: Vec::new(),
@@ -525,8 +522,8 @@ impl Node {
                 self.finish_turn(now)?;
             }
             let p = self.peers.flush();
-            let c = self.control.flush(&mut self.io);
-            pending_output = p || c;
+            self.control.flush(&mut self.io, now);
+            pending_output = p;
             let took = Instant::now().saturating_duration_since(turn_started);
             if took >= Duration::from_millis(limits::SLOW_TURN_MS) {
                 // Heartbeats wait while a turn runs: a long one risks an election.
@@ -548,6 +545,21 @@ impl Node {
             // one is fatal.
             return self.on_flush(c.result);
         }
+        if ctlserver::owns(c.token) {
+            // Before the ECANCELED filter: a cancelled recv or send brings its buffer
+            // back, and a closing connection waits for it.
+            if let Some((conn, req)) = self.control.on_completion(&mut self.io, c, now) {
+                self.handle_request(
+                    Reply::Local(conn),
+                    req.method,
+                    &req.path,
+                    &req.query,
+                    &req.body,
+                    now,
+                )?;
+            }
+            return Ok(());
+        }
         if matches!(c.result, Err(e) if e.0 == libc::ECANCELED) {
             return Ok(());
         }
@@ -568,14 +580,6 @@ impl Node {
                     .poll_in(TOKEN_LISTEN, self.listener.as_raw_fd())
                     .map_err(|e| e.to_string())?;
             }
-            (_, _) if c.token == TOKEN_CONTROL_LISTEN => {
-                for fd in peers::accept_all(&self.control_listener) {
-                    self.control.accepted(&mut self.io, fd, now);
-                }
-                self.io
-                    .poll_in(TOKEN_CONTROL_LISTEN, self.control_listener.as_raw_fd())
-                    .map_err(|e| e.to_string())?;
-            }
             (_, _) if c.token == TOKEN_SIGNAL => {
                 while let Ok(Some(info)) = self.signals.read() {
                     log::info!("node {}: signal {}; shutting down", self.id, info.signal);
@@ -589,18 +593,6 @@ impl Node {
             }
             (_, _) if kind == vms::TOKEN_VMM_CONN || kind == vms::TOKEN_VMM_EXIT => {
                 self.vms_completion(kind, id, c, now)?;
-            }
-            (_, _) if kind == ctlserver::TOKEN_CONTROL_POLL => {
-                if let Some(req) = self.control.readable(&mut self.io, id, now) {
-                    self.handle_request(
-                        Reply::Local(id),
-                        req.method,
-                        &req.path,
-                        &req.query,
-                        &req.body,
-                        now,
-                    )?;
-                }
             }
             _ => log::debug!("completion for unknown token {:#x}", c.token),
         }
@@ -703,7 +695,7 @@ impl Node {
 
     /// After answering a local connection, serve the next request it already sent.
     fn after_response(&mut self, conn: u64, now: Instant) -> Result<(), String> {
-        if let Some(req) = self.control.next_request(conn) {
+        if let Some((_, req)) = self.control.next_request(conn) {
             self.handle_request(
                 Reply::Local(conn),
                 req.method,
