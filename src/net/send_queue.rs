@@ -1,6 +1,8 @@
 //! The bytes waiting to be sent to one peer, with a hard limit.
 //!
-//! Frames are encoded straight into one buffer; the socket drains it from the front. When
+//! Frames are encoded straight into one buffer; sends drain it from the front (a send
+//! operation takes a copy of the front, `copy_front`, and `consume` drops what the
+//! completion says went out; bytes queued meanwhile go behind). When
 //! a frame would take the queue past its limit the push fails, and the caller drops the
 //! connection and redials: a slow or stuck peer costs at most the limit in memory, never
 //! more, and Raft retransmits what was lost. The buffer keeps its capacity, so in steady
@@ -129,6 +131,14 @@ impl SendQueue {
     /// The bytes to hand to the socket next.
     pub fn pending(&self) -> &[u8] {
         &self.buffer[self.head..]
+    }
+
+    /// Copies as many bytes from the front as fit `out` (the slab buffer of a send);
+    /// returns how many. They stay queued until `consume`.
+    pub fn copy_front(&self, out: &mut [u8]) -> usize {
+        let n = self.len().min(out.len());
+        out[..n].copy_from_slice(&self.pending()[..n]);
+        n
     }
 
     /// `sent` bytes from the front went out.

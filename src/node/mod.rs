@@ -17,8 +17,9 @@
 //! answer applied writes and ready reads; publish leadership events; compact; flush sockets
 //! ```
 //!
-//! Readiness comes from `Io::poll_in` (io_uring poll or epoll); socket reads and writes
-//! are non-blocking syscalls. The WAL sync runs as fdatasync operations on the ring
+//! Peer sockets are operations on the ring (accept, connect, one recv and one send in
+//! flight per connection; emulated on epoll): see `net::peers`, and `control::server`
+//! for the control socket. The WAL sync runs as fdatasync operations on the ring
 //! (group commit: at most one sync in flight; everything written meanwhile goes into the
 //! next one), so the loop keeps serving timers, peers and control clients while the disk
 //! works. On the epoll backend the same operations run as blocking fdatasync(2) inside
@@ -52,7 +53,7 @@ use crate::control::events::EventHub;
 use crate::control::http::{self, Method};
 use crate::control::server::{self as ctlserver, ControlServer};
 use crate::io::Errno;
-use crate::io::{self, BackendChoice, Completion, Instant, Io, OpKind};
+use crate::io::{self, BackendChoice, Completion, Instant, Io};
 use crate::limits;
 use crate::metrics::{self, Histogram};
 use crate::net::codec::ForwardRequest;
@@ -144,7 +145,6 @@ struct Node {
     peers: Peers,
     app: App,
     control: ControlServer,
-    listener: OwnedFd,
     control_listener: OwnedFd,
     control_path: PathBuf,
     signals: io::signals::SignalFd,
@@ -343,8 +343,6 @@ impl Node {
         let listener = listen_retrying(config.listen)?;
         let (control_listener, access) =
             ctlserver::listen(&config.control_socket, config.control_group.as_ref())?;
-        io.poll_in(TOKEN_LISTEN, listener.as_raw_fd())
-            .map_err(|e| e.to_string())?;
         io.poll_in(TOKEN_CONTROL_LISTEN, control_listener.as_raw_fd())
             .map_err(|e| e.to_string())?;
         io.poll_in(TOKEN_SIGNAL, signals.fd())
@@ -358,6 +356,8 @@ impl Node {
             config.control_socket.display(),
             addrs.len()
         );
+        let mut peers = Peers::new(config.node_id, &addrs, seed, keys);
+        peers.listen(&mut io, TOKEN_LISTEN >> 56, listener)?;
         let mut driver = Driver::new(limits::RAFT_OUTPUT_MESSAGES * 4, limits::MAX_PENDING_READS);
         driver.recovered(&raft);
         // One WAL write per turn for all the entries the turn appended.
@@ -368,7 +368,7 @@ impl Node {
             raft,
             driver,
             storage,
-            peers: Peers::new(config.node_id, &addrs, seed, keys),
+            peers,
             app: App {
                 state,
                 applied: Vec::new(),
@@ -376,7 +376,6 @@ impl Node {
                 reads_failed: Vec::new(),
             },
             control: ControlServer::new(access),
-            listener,
             control_listener,
             control_path: config.control_socket.clone(),
             signals,
@@ -524,7 +523,7 @@ impl Node {
                 self.handle_peer_events(now)?;
                 self.finish_turn(now)?;
             }
-            let p = self.peers.flush();
+            let p = self.peers.flush(&mut self.io);
             let c = self.control.flush(&mut self.io);
             pending_output = p || c;
             let took = Instant::now().saturating_duration_since(turn_started);
@@ -548,26 +547,17 @@ impl Node {
             // one is fatal.
             return self.on_flush(c.result);
         }
+        if self.peers.owns(c.token) {
+            // Before the ECANCELED filter too: a cancelled peer operation hands back its
+            // buffer, and a closing connection's fd closes only once all of them are in.
+            return self
+                .peers
+                .on_completion(&mut self.io, c, now, &mut self.peer_events);
+        }
         if matches!(c.result, Err(e) if e.0 == libc::ECANCELED) {
             return Ok(());
         }
         match (kind, c.kind) {
-            (_, OpKind::Connect) if kind == peers::TOKEN_PEER_CONNECT => {
-                self.peers
-                    .connected(&mut self.io, id, c.result, now, &mut self.peer_events);
-            }
-            (_, _) if kind == peers::TOKEN_PEER_POLL => {
-                self.peers
-                    .readable(&mut self.io, id, now, &mut self.peer_events);
-            }
-            (_, _) if c.token == TOKEN_LISTEN => {
-                for fd in peers::accept_all(&self.listener) {
-                    self.peers.accepted(&mut self.io, fd, now);
-                }
-                self.io
-                    .poll_in(TOKEN_LISTEN, self.listener.as_raw_fd())
-                    .map_err(|e| e.to_string())?;
-            }
             (_, _) if c.token == TOKEN_CONTROL_LISTEN => {
                 for fd in peers::accept_all(&self.control_listener) {
                     self.control.accepted(&mut self.io, fd, now);
