@@ -1289,6 +1289,9 @@ fn peer_ip(fd: &OwnedFd) -> Option<std::net::IpAddr> {
     socket::sockaddr_to(&storage).map(|a| a.ip())
 }
 
+#[cfg(test)]
+mod tests;
+
 /// Accepts every pending connection on a non-blocking listener (with readiness; the peer
 /// listener uses accepts on the ring, see [`Peers::listen`]).
 pub fn accept_all(listener: &OwnedFd) -> Vec<OwnedFd> {
