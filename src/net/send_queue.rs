@@ -201,6 +201,29 @@ mod tests {
     }
 
     #[test]
+    fn copy_front_keeps_bytes_until_consumed() {
+        let mut queue = SendQueue::new(1000);
+        queue.push_raw(&(0..100u8).collect::<Vec<_>>()).unwrap();
+        let mut slab = [0u8; 30];
+        assert_eq!(queue.copy_front(&mut slab), 30);
+        assert_eq!(slab[..], (0..30u8).collect::<Vec<_>>()[..]);
+        assert_eq!(queue.len(), 100, "a copy is not a send");
+        // A short send: 10 of the 30 went out; the next copy starts at byte 10, and
+        // bytes queued meanwhile go behind.
+        queue.consume(10);
+        queue.push_raw(&[200; 5]).unwrap();
+        assert_eq!(queue.copy_front(&mut slab), 30);
+        assert_eq!(slab[..], (10..40u8).collect::<Vec<_>>()[..]);
+        queue.consume(90);
+        let mut big = [0u8; 64];
+        assert_eq!(queue.copy_front(&mut big), 5, "only what is queued");
+        assert_eq!(big[..5], [200; 5]);
+        queue.consume(5);
+        assert!(queue.is_empty());
+        assert_eq!(queue.copy_front(&mut big), 0);
+    }
+
+    #[test]
     fn capacity_stays_bounded_under_churn() {
         let mut queue = SendQueue::new(1000);
         for round in 0..10_000usize {
