@@ -521,12 +521,12 @@ impl Peers {
         self.slots[slot].next_dial = now.saturating_add(std::time::Duration::from_nanos(delay));
     }
 
-    /// A new inbound connection (accepted by the node): the responder's side of the
-    /// handshake starts. Connections from a member's IP address and from elsewhere have
+    /// A new inbound connection (from the listener's accepts): the responder's side of
+    /// the handshake starts. Connections from a member's IP address and from elsewhere have
     /// separate pools of `MAX_PENDING_HANDSHAKES`; beyond its pool's limit a connection is
     /// closed at once. (So strangers on other hosts holding their pool full cannot keep
     /// a restarted member from reconnecting; an attacker on a member's own host can.)
-    pub fn accepted(&mut self, io: &mut Io, fd: OwnedFd, now: Instant) {
+    fn accepted(&mut self, io: &mut Io, fd: OwnedFd, now: Instant) {
         let from_member_ip =
             peer_ip(&fd).is_some_and(|ip| self.slots.iter().any(|s| s.addr.ip() == ip));
         let pending = self
