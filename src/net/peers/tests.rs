@@ -1,8 +1,8 @@
 //! The transport between two `Peers` in this process over loopback, on both io backends:
 //! a close by the other end is reported as such, a close with a receive in flight keeps
 //! the fd and the buffers until the cancelled receive completes, a frame larger than a
-//! slab buffer arrives whole and in order, and a node out of buffers closes connections
-//! instead of failing.
+//! slab buffer arrives whole and in order, a node out of buffers closes connections
+//! instead of failing, and a failed accept is paused or resubmitted by its error.
 
 use super::*;
 use crate::auth::ClusterKey;
@@ -40,6 +40,8 @@ struct Side {
     events: Vec<PeerEvent>,
     /// Free buffers when the side was made (nothing held yet).
     start_free: usize,
+    /// The kind of every completion dispatched, in order.
+    seen: Vec<OpKind>,
 }
 
 impl Side {
@@ -53,6 +55,7 @@ impl Side {
         let n = self.io.wait(Some(deadline), &mut out).unwrap();
         for c in out[..n].iter().copied() {
             assert!(self.peers.owns(c.token), "token {:#x}", c.token);
+            self.seen.push(c.kind);
             self.peers
                 .on_completion(&mut self.io, c, Instant::now(), &mut self.events)
                 .unwrap();
@@ -101,6 +104,7 @@ fn connected_pair(backend: Backend, buffer_count: usize, buffer_bytes: usize) ->
             peers,
             events: Vec::new(),
             start_free,
+            seen: Vec::new(),
         })
     };
     let mut pair = [make(1, l1)?, make(2, l2)?];
@@ -152,6 +156,7 @@ both_backends!(
     close_with_a_receive_in_flight_waits_for_its_completion,
     frames_larger_than_a_buffer_arrive_whole_and_in_order,
     out_of_buffers_closes_the_connection,
+    accept_errors_pause_or_resubmit,
 );
 
 /// The other end's process goes away (its sockets close): Lost says `by_peer`. This
@@ -317,6 +322,7 @@ fn out_of_buffers_closes_the_connection(backend: Backend) {
             peers,
             events: Vec::new(),
             start_free,
+            seen: Vec::new(),
         });
     }
     run_until(&mut sides, "a refused connection", |s| {
@@ -327,4 +333,82 @@ fn out_of_buffers_closes_the_connection(backend: Backend) {
     });
     assert!(!sides[1].peers.is_connected(1));
     assert_eq!(sides[1].io.buffers_free(), sides[1].start_free);
+}
+
+/// An accept that failed for lack of descriptors is resubmitted only after a pause (a
+/// timeout operation, then the accept); another error resubmits the accept at once; a
+/// cancelled one (shutdown) is not resubmitted.
+fn accept_errors_pause_or_resubmit(backend: Backend) {
+    let Some(mut io) = io_for(backend, 4, 4096) else {
+        return;
+    };
+    let (l, addr) = listener();
+    let keys = KeyRing::new(ClusterKey::from_bytes([3; crate::auth::KEY_BYTES]), None);
+    let mut peers = Peers::new(1, &[(1, addr)], 5, keys);
+    peers.listen(&mut io, LISTEN_KIND, l).unwrap();
+    assert_eq!(io.in_flight(), limits::PEER_ACCEPTS_IN_FLIGHT);
+    let mut side = Side {
+        start_free: io.buffers_free(),
+        io,
+        peers,
+        events: Vec::new(),
+        seen: Vec::new(),
+    };
+    for slot in 0..limits::PEER_ACCEPTS_IN_FLIGHT as u64 {
+        side.io.cancel(token(LISTEN_KIND, slot)).unwrap();
+    }
+    run_until(
+        std::slice::from_mut(&mut side),
+        "the cancelled accepts",
+        |s| s[0].io.in_flight() == 0,
+    );
+    assert!(side.seen.iter().all(|k| *k == OpKind::Accept));
+    side.seen.clear();
+
+    let failed = |slot: u64, errno: i32| Completion {
+        token: token(LISTEN_KIND, slot),
+        kind: OpKind::Accept,
+        result: Err(Errno(errno)),
+        buffer: None,
+    };
+    let now = Instant::now();
+    let mut events = Vec::new();
+    side.peers
+        .on_completion(&mut side.io, failed(0, libc::EMFILE), now, &mut events)
+        .unwrap();
+    assert_eq!(side.io.in_flight(), 1, "one operation: the pause");
+    let _client = std::net::TcpStream::connect(addr).unwrap();
+    run_until(
+        std::slice::from_mut(&mut side),
+        "the client accepted",
+        |s| s[0].peers.conns.len() == 1,
+    );
+    assert_eq!(
+        side.seen,
+        [OpKind::Timeout, OpKind::Accept],
+        "the accept came back after the pause"
+    );
+    side.seen.clear();
+
+    side.peers
+        .on_completion(
+            &mut side.io,
+            failed(1, libc::ECONNABORTED),
+            now,
+            &mut events,
+        )
+        .unwrap();
+    let _second = std::net::TcpStream::connect(addr).unwrap();
+    run_until(
+        std::slice::from_mut(&mut side),
+        "the second client accepted",
+        |s| s[0].peers.conns.len() == 2,
+    );
+    assert_eq!(side.seen, [OpKind::Accept], "resubmitted at once");
+    assert_eq!(side.peers.counters.accept_errors, 2);
+    assert!(events.is_empty());
+    assert!(
+        side.io.buffers_free() < side.start_free,
+        "the two receive buffers"
+    );
 }
