@@ -523,6 +523,8 @@ impl Node {
                 self.handle_peer_events(now)?;
                 self.finish_turn(now)?;
             }
+            // Peer sends start here and their completions keep them going; `p` is set
+            // only when no operation slot was free for one (then retry in 1 ms).
             let p = self.peers.flush(&mut self.io);
             let c = self.control.flush(&mut self.io);
             pending_output = p || c;
