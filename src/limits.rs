@@ -89,11 +89,14 @@ pub const PEER_HANDSHAKE_TIMEOUT_MS: u64 = 2_000;
 /// First and largest delay between redials of a lost peer connection (plus jitter).
 pub const PEER_RECONNECT_INITIAL_MS: u64 = 5;
 pub const PEER_RECONNECT_MAX_MS: u64 = 1000;
+/// Accepts kept in flight on the peer listener (each resubmitted when it completes).
+pub const PEER_ACCEPTS_IN_FLIGHT: usize = 4;
+/// An accept that failed for lack of descriptors or memory waits this long before it is
+/// resubmitted (the pending connection stays in the backlog: retrying at once would spin).
+pub const PEER_ACCEPT_RETRY_MS: u64 = 10;
 /// How long a starting agent retries binding its peer port while the previous process's
 /// closing connections still hold it.
 pub const LISTEN_RETRY_MS: u64 = 10_000;
-/// Connections accepted from one listener per loop turn (the rest wait for the next).
-pub const MAX_ACCEPT_PER_TURN: usize = 64;
 /// Control requests forwarded to the leader and not yet answered, per node.
 pub const MAX_FORWARDED_REQUESTS: usize = MAX_CONTROL_CONNECTIONS;
 /// Forwarded requests waiting on the leader from all followers.
@@ -151,7 +154,7 @@ pub const IO_RING_ENTRIES: u32 = 1024;
 /// Operations in flight at once (submitted, completion not yet handed to the loop).
 pub const IO_MAX_IN_FLIGHT: usize = 1024;
 /// Buffers in the I/O layer's slab (each is lent to at most one operation at a time).
-pub const IO_BUFFER_COUNT: usize = 512;
+pub const IO_BUFFER_COUNT: usize = 576;
 /// Bytes of one slab buffer. A larger frame is sent and received in several operations.
 pub const IO_BUFFER_BYTES: usize = 64 * 1024;
 /// Completions the loop takes out of one `wait` call (its preallocated array).
@@ -337,9 +340,18 @@ const _: () = assert!(
     MAX_PENDING_HANDSHAKES >= 2 * MAX_VOTERS,
     "every voter can redial every other at once after a restart"
 );
+// A peer connection holds a receive buffer while it lives and a send buffer while bytes
+// wait; a pending handshake sends one message (the responder's challenge), so it too may
+// hold both. A closed connection gives its buffers back when its cancelled operations
+// complete (the next `wait`); a connection refused a buffer is closed, never a panic.
 const _: () = assert!(
-    IO_BUFFER_COUNT >= 2 * (MAX_MEMBERS + MAX_CONTROL_CONNECTIONS) + 2 * MAX_PENDING_HANDSHAKES,
-    "a receive buffer for every pending handshake on top of the established connections"
+    IO_BUFFER_COUNT
+        >= 2 * (MAX_MEMBERS + MAX_CONTROL_CONNECTIONS) + 2 * (2 * MAX_PENDING_HANDSHAKES),
+    "a receive and a send buffer for every connection, pending handshakes in both pools included"
+);
+const _: () = assert!(
+    IO_BUFFER_COUNT + PEER_ACCEPTS_IN_FLIGHT + MAX_MEMBERS <= IO_MAX_IN_FLIGHT,
+    "every buffer lent at once, the peer accepts and a connect to every member fit in flight"
 );
 const _: () = assert!(IO_COMPLETIONS_PER_WAIT <= IO_MAX_IN_FLIGHT);
 const _: () = assert!(

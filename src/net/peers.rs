@@ -11,14 +11,36 @@
 //! counted by reason (`vigil_peer_handshake_failures_total{reason}`). The dialer
 //! reconnects with capped exponential backoff and jitter. Every connection has a bounded send queue:
 //! when a peer is too slow to drain it, the connection is dropped (and redialled), so
-//! memory never grows without bound. Reads go through `Io::poll_in` readiness, then
-//! non-blocking `recv` into a read buffer bounded by the maximum frame size; writes are
-//! non-blocking `send` from the queue, retried each loop turn while bytes are pending.
+//! memory never grows without bound.
+//!
+//! All socket work is operations on the `Io` (the ring on io_uring, emulated on epoll),
+//! so one code path serves both backends:
+//!
+//! - Accept: `limits::PEER_ACCEPTS_IN_FLIGHT` `Io::accept`s stay in flight on the
+//!   listener, each resubmitted when it completes (after a short pause when the process
+//!   or the system ran out of descriptors or memory, so that an error cannot spin).
+//! - Receive: one `Io::recv` in flight per connection, into a slab buffer the connection
+//!   holds while it lives. A completion's bytes are appended to the connection's read
+//!   buffer, decoded (the handshake, then sealed frames) and the receive is resubmitted.
+//!   Its range keeps the read bounds: at most `handshake::MAX_MESSAGE_BYTES` pending
+//!   during the handshake, at most `MAX_SEALED_FRAME_BYTES` after it.
+//! - Send: one `Io::send` in flight per connection. [`Peers::flush`] (once a loop turn)
+//!   starts one where the queue holds bytes and none is in flight: it copies up to one
+//!   slab buffer from the front of the queue. The completion consumes what was sent (a
+//!   short send sends the rest next) and starts the next send while bytes remain; the
+//!   buffer goes back to the slab once the queue is empty.
+//! - Close: the connection leaves the peer's slot and [`PeerEvent::Lost`] is reported at
+//!   once; its receive, send or connect in flight is cancelled, and the fd is closed and
+//!   its buffers released only when every one of them completed (the kernel may be
+//!   writing a buffer until then). A connection that cannot get a buffer or an operation
+//!   slot is closed (warned, rate-limited; `vigil_peer_io_refused_total`).
+//!
+//! Every completion of a peer token must reach [`Peers::on_completion`], the cancelled
+//! ones (ECANCELED) included: they hand back buffers and let closes finish.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use super::backoff::Backoff;
@@ -26,15 +48,20 @@ use super::codec::{self, OwnedPayload};
 use super::frame;
 use super::send_queue::SendQueue;
 use crate::auth::{handshake, Handshake, KeyRing, Session, Step, TAG_BYTES};
-use crate::io::{socket, Instant, Io};
+use crate::io::{socket, BufferId, Completion, Errno, Instant, Io, OpKind};
 use crate::limits;
 use crate::logging::RateLimit;
 use crate::metrics;
 use crate::raft::{Message, NodeId, Payload, Transport};
 
-/// Token kinds for peer operations (the top byte of an I/O token).
-pub const TOKEN_PEER_POLL: u64 = 2;
+/// Token kinds for peer operations (the top byte of an I/O token; the low 56 bits name
+/// the connection). The listener's accepts use the kind given to [`Peers::listen`].
+pub const TOKEN_PEER_RECV: u64 = 2;
 pub const TOKEN_PEER_CONNECT: u64 = 3;
+pub const TOKEN_PEER_SEND: u64 = 0x22;
+
+/// In an accept token: set on the pause after a resource error (EMFILE, ...).
+const ACCEPT_RETRY: u64 = 1 << 16;
 
 pub fn token(kind: u64, id: u64) -> u64 {
     (kind << 56) | id
@@ -93,6 +120,15 @@ struct Conn {
     broken: bool,
     /// The other end closed or reset the connection (see `PeerEvent::Lost`).
     closed_by_peer: bool,
+    /// The slab buffer of this connection's receives: held from the first receive until
+    /// the close finishes, lent to the receive while one is in flight.
+    recv_buffer: Option<BufferId>,
+    /// The slab buffer of the send in flight (held between sends only while bytes wait).
+    send_buffer: Option<BufferId>,
+    /// Operations in flight, each with its own token (`token(TOKEN_PEER_*, id)`).
+    recv_in_flight: bool,
+    send_in_flight: bool,
+    connect_in_flight: bool,
 }
 
 impl Conn {
@@ -107,6 +143,84 @@ impl Conn {
     fn pending_in_pool(&self, member_pool: bool) -> bool {
         self.pending_inbound() && self.from_member_ip == member_pool
     }
+
+    fn in_flight(&self) -> bool {
+        self.recv_in_flight || self.send_in_flight || self.connect_in_flight
+    }
+
+    /// Submits the connection's receive: its held buffer (taken from the slab on the
+    /// first call), limited so that the read buffer never holds more than one message
+    /// (a handshake message before authentication, a sealed frame after).
+    fn start_recv(&mut self, io: &mut Io, id: u64) -> Result<(), crate::io::Error> {
+        assert!(!self.recv_in_flight, "one receive in flight per connection");
+        let limit = match self.auth {
+            Auth::Established(_) => limits::MAX_SEALED_FRAME_BYTES,
+            _ => handshake::MAX_MESSAGE_BYTES,
+        };
+        // Decoding consumes every whole message, and no message is longer than `limit`
+        // (the decoders refuse longer ones), so there is always room for one more byte.
+        assert!(
+            self.rbuf.len() < limit,
+            "read buffer holds {} bytes, limit {limit}",
+            self.rbuf.len()
+        );
+        let buffer = match self.recv_buffer {
+            Some(b) => b,
+            None => {
+                let b = io.buffer_acquire()?;
+                self.recv_buffer = Some(b);
+                b
+            }
+        };
+        let room = (limit - self.rbuf.len()).min(io.buffer_bytes());
+        io.recv(
+            token(TOKEN_PEER_RECV, id),
+            self.fd.as_raw_fd(),
+            buffer,
+            0..room,
+        )?;
+        self.recv_in_flight = true;
+        Ok(())
+    }
+
+    /// Submits a send of the front of the queue (up to one slab buffer), if bytes wait,
+    /// the connection may send and no send is in flight.
+    fn start_send(&mut self, io: &mut Io, id: u64) -> Result<(), crate::io::Error> {
+        if self.send_in_flight || self.queue.is_empty() || matches!(self.auth, Auth::Connecting) {
+            return Ok(());
+        }
+        let buffer = match self.send_buffer {
+            Some(b) => b,
+            None => {
+                let b = io.buffer_acquire()?;
+                self.send_buffer = Some(b);
+                b
+            }
+        };
+        let n = self.queue.copy_front(io.buffer_mut(buffer));
+        io.send(
+            token(TOKEN_PEER_SEND, id),
+            self.fd.as_raw_fd(),
+            buffer,
+            0..n,
+        )?;
+        self.send_in_flight = true;
+        Ok(())
+    }
+
+    /// Gives the connection's buffers back to the slab (nothing may be in flight).
+    fn release_buffers(&mut self, io: &mut Io) {
+        assert!(
+            !self.in_flight(),
+            "buffers released with an operation in flight"
+        );
+        if let Some(b) = self.recv_buffer.take() {
+            io.buffer_release(b);
+        }
+        if let Some(b) = self.send_buffer.take() {
+            io.buffer_release(b);
+        }
+    }
 }
 
 /// Security counters of the peer transport, rendered into /metrics.
@@ -120,6 +234,10 @@ pub struct PeerCounters {
     pub handshakes: u64,
     /// Failed handshakes by reason (`HandshakeError::reason`, or a transport reason).
     pub handshake_failures: Vec<(&'static str, u64)>,
+    /// Connections closed because the I/O layer had no buffer or operation slot for them.
+    pub io_refused: u64,
+    /// Accepts on the listener that failed (each was resubmitted).
+    pub accept_errors: u64,
 }
 
 impl PeerCounters {
@@ -158,7 +276,14 @@ pub struct Peers {
     me: NodeId,
     keys: KeyRing,
     slots: Vec<Slot>,
+    /// Live connections: dialling, in the handshake, or established.
     conns: HashMap<u64, Conn>,
+    /// Closed connections whose cancelled operations have not all completed yet: the fd
+    /// stays open and the buffers held until then.
+    closing: HashMap<u64, Conn>,
+    /// The token kind of the listener's accepts, and the listener (see [`Peers::listen`]).
+    /// Dropped after the `Io` in the node, so never closed under an accept in flight.
+    listener: Option<(u64, OwnedFd)>,
     next_conn: u64,
     scratch: Vec<u8>,
     rng: u64,
@@ -190,6 +315,8 @@ impl Peers {
             keys,
             slots,
             conns: HashMap::new(),
+            closing: HashMap::new(),
+            listener: None,
             next_conn: 1,
             scratch: Vec::with_capacity(limits::MAX_FRAME_BYTES),
             rng: seed | 1,
@@ -380,8 +507,9 @@ impl Peers {
                 self.schedule_dial(i, now);
                 continue;
             }
-            self.conns
-                .insert(id, Conn::new(fd, peer, false, Auth::Connecting, now));
+            let mut conn = Conn::new(fd, peer, false, Auth::Connecting, now);
+            conn.connect_in_flight = true;
+            self.conns.insert(id, conn);
             self.slots[i].conn = Some(id);
         }
         next
@@ -393,12 +521,12 @@ impl Peers {
         self.slots[slot].next_dial = now.saturating_add(std::time::Duration::from_nanos(delay));
     }
 
-    /// A new inbound connection (accepted by the node): the responder's side of the
-    /// handshake starts. Connections from a member's IP address and from elsewhere have
+    /// A new inbound connection (from the listener's accepts): the responder's side of
+    /// the handshake starts. Connections from a member's IP address and from elsewhere have
     /// separate pools of `MAX_PENDING_HANDSHAKES`; beyond its pool's limit a connection is
     /// closed at once. (So strangers on other hosts holding their pool full cannot keep
     /// a restarted member from reconnecting; an attacker on a member's own host can.)
-    pub fn accepted(&mut self, io: &mut Io, fd: OwnedFd, now: Instant) {
+    fn accepted(&mut self, io: &mut Io, fd: OwnedFd, now: Instant) {
         let from_member_ip =
             peer_ip(&fd).is_some_and(|ip| self.slots.iter().any(|s| s.addr.ip() == ip));
         let pending = self
@@ -426,27 +554,36 @@ impl Peers {
         let _ = socket::set_tcp_nodelay(fd.as_raw_fd());
         let id = self.next_conn;
         self.next_conn += 1;
-        let raw = fd.as_raw_fd();
         let responder = Handshake::responder(&self.keys, self.me, nonce);
         let mut conn = Conn::new(fd, 0, true, Auth::Handshaking(Box::new(responder)), now);
         conn.from_member_ip = from_member_ip;
-        if io.poll_in(token(TOKEN_PEER_POLL, id), raw).is_ok() {
-            self.conns.insert(id, conn);
+        match conn.start_recv(io, id) {
+            Ok(()) => {
+                self.conns.insert(id, conn);
+            }
+            Err(e) => {
+                // Nothing is in flight: the buffer goes back and the fd closes here.
+                self.io_refused("(inbound)", &e);
+                conn.release_buffers(io);
+            }
         }
     }
 
     /// An outbound connect finished: the initiator's side of the handshake starts.
-    pub fn connected(
+    fn connected(
         &mut self,
         io: &mut Io,
         id: u64,
-        result: Result<u32, crate::io::Errno>,
+        result: Result<u32, Errno>,
         now: Instant,
         events: &mut Vec<PeerEvent>,
     ) {
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return;
-        };
+        let conn = self
+            .conns
+            .get_mut(&id)
+            .expect("a connect completion for a live connection");
+        assert!(conn.connect_in_flight);
+        conn.connect_in_flight = false;
         let peer = conn.peer;
         match result {
             Ok(_) => {
@@ -465,70 +602,89 @@ impl Peers {
                 if conn.queue.push_raw(&self.scratch).is_err() {
                     conn.broken = true;
                 }
-                let raw = conn.fd.as_raw_fd();
-                if io.poll_in(token(TOKEN_PEER_POLL, id), raw).is_err() {
-                    conn.broken = true;
+                if let Err(e) = conn.start_recv(io, id) {
+                    self.io_refused(&peer.to_string(), &e);
+                    self.close(io, id, events);
+                    return;
                 }
                 log::debug!("peer {peer}: connected; handshake started");
             }
             Err(e) => {
                 log::debug!("peer {peer}: connect failed: {}", e.io_error());
-                self.conns.remove(&id);
-                if let Some(i) = self.slots.iter().position(|s| s.id == peer) {
+                // Nothing else was in flight (the connect is a connection's first
+                // operation): the fd closes here, and no Lost is reported (it never
+                // was connected).
+                let conn = self.conns.remove(&id).expect("looked up above");
+                assert!(!conn.in_flight());
+                drop(conn);
+                if let Some(i) = self.slots.iter().position(|s| s.conn == Some(id)) {
                     self.slots[i].conn = None;
                     self.schedule_dial(i, now);
                 }
-                let _ = events;
             }
         }
     }
 
-    /// The connection is readable: reads what is there, runs the handshake or opens and
-    /// decodes frames, re-arms.
-    pub fn readable(&mut self, io: &mut Io, id: u64, now: Instant, events: &mut Vec<PeerEvent>) {
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return;
-        };
-        let mut closed = false;
-        // During the handshake read no more than its largest message, so that a pending
-        // connection costs a few hundred bytes, not a 64 KiB read buffer (bytes beyond
-        // stay in the socket and are read on the next readiness).
-        let limit = match conn.auth {
-            Auth::Established(_) => limits::MAX_SEALED_FRAME_BYTES,
-            _ => handshake::MAX_MESSAGE_BYTES,
-        };
-        loop {
-            if conn.rbuf.len() >= limit {
-                break;
-            }
-            let room = (limit - conn.rbuf.len()).min(64 * 1024);
-            let len = conn.rbuf.len();
-            conn.rbuf.resize(len + room, 0);
-            // SAFETY: the pointer and length describe the writable tail of rbuf.
-            let n = unsafe {
-                libc::recv(
-                    conn.fd.as_raw_fd(),
-                    conn.rbuf[len..].as_mut_ptr() as *mut libc::c_void,
-                    room,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n <= 0 {
-                conn.rbuf.truncate(len);
-                if n == 0 {
-                    closed = true;
-                } else {
-                    let e = std::io::Error::last_os_error();
-                    match e.raw_os_error() {
-                        Some(libc::EAGAIN) | Some(libc::EINTR) => {}
-                        _ => closed = true,
-                    }
+    /// A receive completed: its bytes join the read buffer and are decoded, and the
+    /// next receive is submitted; end of stream or an error closes the connection.
+    fn on_recv(
+        &mut self,
+        io: &mut Io,
+        id: u64,
+        c: &Completion,
+        now: Instant,
+        events: &mut Vec<PeerEvent>,
+    ) {
+        let conn = self
+            .conns
+            .get_mut(&id)
+            .expect("a receive completion for a live connection");
+        assert!(conn.recv_in_flight);
+        conn.recv_in_flight = false;
+        assert_eq!(
+            c.buffer, conn.recv_buffer,
+            "a receive hands back its connection's buffer"
+        );
+        let n = match c.result {
+            Ok(n) if n > 0 => n as usize,
+            Err(Errno(libc::EAGAIN | libc::EINTR)) => 0,
+            other => {
+                // End of stream (0) or an error: the connection is over. Only the end of
+                // stream and a reset say that the other end (its process) closed it.
+                conn.closed_by_peer =
+                    matches!(other, Ok(0) | Err(Errno(libc::ECONNRESET | libc::EPIPE)));
+                if let Err(e) = other {
+                    log::debug!("peer {}: receive: {e}", conn.peer);
                 }
-                conn.closed_by_peer |= closed;
-                break;
+                if matches!(conn.auth, Auth::Handshaking(_)) {
+                    self.counters.handshake_failed("closed");
+                }
+                self.close(io, id, events);
+                return;
             }
-            conn.rbuf.truncate(len + n as usize);
+        };
+        if n > 0 {
+            let buffer = conn.recv_buffer.expect("a receive buffer is held");
+            conn.rbuf.extend_from_slice(&io.buffer(buffer)[..n]);
+            if !self.decode_input(id, now, events) {
+                self.close(io, id, events);
+                return;
+            }
         }
+        let conn = self.conns.get_mut(&id).expect("still live");
+        if let Err(e) = conn.start_recv(io, id) {
+            let who = conn.peer.to_string();
+            self.io_refused(&who, &e);
+            self.close(io, id, events);
+        }
+    }
+
+    /// Decodes what the read buffer holds: the handshake first, then sealed frames (each
+    /// an event). Returns false when the input was bad (the caller closes).
+    fn decode_input(&mut self, id: u64, now: Instant, events: &mut Vec<PeerEvent>) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
         let mut at = 0;
         let mut bad = false;
         let mut proven = None;
@@ -538,11 +694,7 @@ impl Peers {
             let is_member = |node: NodeId| slots.iter().any(|s| s.id == node);
             self.scratch.clear();
             match hs.receive(&conn.rbuf, &is_member, &mut self.scratch) {
-                Ok(Step::NeedMore) => {
-                    if closed {
-                        self.counters.handshake_failed("closed");
-                    }
-                }
+                Ok(Step::NeedMore) => {}
                 Ok(Step::Continue { consumed }) => {
                     at = consumed;
                     if conn.queue.push_raw(&self.scratch).is_err() {
@@ -670,7 +822,6 @@ impl Peers {
         }
         conn.rbuf.drain(..at);
         let peer = conn.peer;
-        let raw = conn.fd.as_raw_fd();
         let received = at > 0 && matches!(conn.auth, Auth::Established(_));
         if let Some(node) = proven {
             // Bind the connection to the peer's slot; an older connection is replaced.
@@ -690,17 +841,17 @@ impl Peers {
                 slot.last_received = Some(now);
             }
         }
-        if closed || bad || io.poll_in(token(TOKEN_PEER_POLL, id), raw).is_err() {
-            self.close(io, id, events);
-        }
+        !bad
     }
 
+    /// Closes a live connection: it leaves its peer's slot (a redial is scheduled) and
+    /// `Lost` is reported now, so the node learns of it in this turn. The operations in
+    /// flight are cancelled; the fd and the buffers stay until they all completed (see
+    /// `finish_closing`), then the fd is closed.
     fn close(&mut self, io: &mut Io, id: u64, events: &mut Vec<PeerEvent>) {
-        let Some(conn) = self.conns.remove(&id) else {
+        let Some(mut conn) = self.conns.remove(&id) else {
             return;
         };
-        let _ = io.cancel(token(TOKEN_PEER_POLL, id));
-        let _ = io.cancel(token(TOKEN_PEER_CONNECT, id));
         let now = Instant::now();
         if let Some(i) = self.slots.iter().position(|s| s.conn == Some(id)) {
             self.slots[i].conn = None;
@@ -720,44 +871,240 @@ impl Peers {
                 by_peer,
             });
         }
-        drop(conn.fd);
-    }
-
-    /// Sends what the queues hold; returns true if bytes are still pending.
-    pub fn flush(&mut self) -> bool {
-        let mut pending = false;
-        for conn in self.conns.values_mut() {
-            if matches!(conn.auth, Auth::Connecting) || conn.broken {
+        for (in_flight, kind) in [
+            (conn.recv_in_flight, TOKEN_PEER_RECV),
+            (conn.send_in_flight, TOKEN_PEER_SEND),
+            (conn.connect_in_flight, TOKEN_PEER_CONNECT),
+        ] {
+            if !in_flight {
                 continue;
             }
-            while !conn.queue.is_empty() {
-                let bytes = conn.queue.pending();
-                // SAFETY: `bytes` is a valid readable slice.
-                let n = unsafe {
-                    libc::send(
-                        conn.fd.as_raw_fd(),
-                        bytes.as_ptr() as *const libc::c_void,
-                        bytes.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                };
-                if n < 0 {
-                    let e = std::io::Error::last_os_error();
-                    match e.raw_os_error() {
-                        Some(libc::EAGAIN) => pending = true,
-                        Some(libc::EINTR) => continue,
-                        Some(libc::EPIPE) | Some(libc::ECONNRESET) => {
-                            conn.closed_by_peer = true;
-                            conn.broken = true;
-                        }
-                        _ => conn.broken = true,
-                    }
-                    break;
-                }
-                conn.queue.consume(n as usize);
+            match io.cancel(token(kind, id)) {
+                // UnknownToken: it completed and its completion is in the batch being
+                // dispatched; it still arrives at `on_completion`.
+                Ok(()) | Err(crate::io::Error::UnknownToken { .. }) => {}
+                Err(e) => log::error!(
+                    "peer {}: cancelling an operation of a closed connection: {e}",
+                    conn.peer
+                ),
             }
         }
-        pending
+        conn.queue.clear();
+        conn.rbuf = Vec::new();
+        if conn.in_flight() {
+            self.closing.insert(id, conn);
+        } else {
+            conn.release_buffers(io);
+        }
+    }
+
+    /// A completion for a closed connection: once its last operation is in, its buffers
+    /// go back and its fd closes.
+    fn finish_closing(&mut self, io: &mut Io, id: u64, c: &Completion) {
+        let conn = self
+            .closing
+            .get_mut(&id)
+            .expect("a completion for a closing connection");
+        let in_flight = match c.kind {
+            OpKind::Recv => &mut conn.recv_in_flight,
+            OpKind::Send => &mut conn.send_in_flight,
+            OpKind::Connect => &mut conn.connect_in_flight,
+            other => panic!("peer connection {id}: unexpected {other:?} completion"),
+        };
+        assert!(*in_flight, "a completion for an operation not in flight");
+        *in_flight = false;
+        if c.buffer.is_some() {
+            assert!(
+                c.buffer == conn.recv_buffer || c.buffer == conn.send_buffer,
+                "a completion hands back one of its connection's buffers"
+            );
+        }
+        if !conn.in_flight() {
+            let mut conn = self.closing.remove(&id).expect("looked up above");
+            conn.release_buffers(io);
+            drop(conn); // closes the fd: nothing of it is in flight any more
+        }
+    }
+
+    /// Starts a send on every connection whose queue holds bytes and has none in flight
+    /// (the completions keep each one going until its queue is empty). Returns true when
+    /// a send could not be submitted because every operation slot is taken: the caller
+    /// tries again soon.
+    pub fn flush(&mut self, io: &mut Io) -> bool {
+        let mut retry = false;
+        for (&id, conn) in self.conns.iter_mut() {
+            if conn.broken {
+                continue;
+            }
+            match conn.start_send(io, id) {
+                Ok(()) => {}
+                Err(crate::io::Error::InFlightFull { .. }) => retry = true,
+                Err(e) => {
+                    self.counters.io_refused += 1;
+                    if self.log_budget.allow("peer transport warning") {
+                        log::warn!("peer {}: send: {e}; dropping the connection", conn.peer);
+                    }
+                    conn.broken = true;
+                }
+            }
+        }
+        retry
+    }
+
+    /// A send completed: what went out leaves the queue, and the next send starts while
+    /// bytes remain. A reset or broken pipe closes the connection as closed by the peer.
+    fn on_send(&mut self, io: &mut Io, id: u64, c: &Completion, events: &mut Vec<PeerEvent>) {
+        let conn = self
+            .conns
+            .get_mut(&id)
+            .expect("a send completion for a live connection");
+        assert!(conn.send_in_flight);
+        conn.send_in_flight = false;
+        assert_eq!(
+            c.buffer, conn.send_buffer,
+            "a send hands back its connection's buffer"
+        );
+        match c.result {
+            Ok(n) => conn.queue.consume(n as usize),
+            Err(Errno(libc::EAGAIN | libc::EINTR)) => {}
+            Err(e) => {
+                conn.closed_by_peer = matches!(e.0, libc::ECONNRESET | libc::EPIPE);
+                log::debug!("peer {}: send: {e}", conn.peer);
+                self.close(io, id, events);
+                return;
+            }
+        }
+        if conn.queue.is_empty() {
+            if let Some(b) = conn.send_buffer.take() {
+                io.buffer_release(b);
+            }
+            return;
+        }
+        if conn.broken {
+            return; // closed at the next `maintain`
+        }
+        match conn.start_send(io, id) {
+            Ok(()) => {}
+            // `flush` tries again at the end of the turn.
+            Err(crate::io::Error::InFlightFull { .. }) => {}
+            Err(e) => {
+                let who = conn.peer.to_string();
+                self.io_refused(&who, &e);
+                self.close(io, id, events);
+            }
+        }
+    }
+
+    /// Counts and (rate-limited) warns about a connection the I/O layer had no room for.
+    fn io_refused(&mut self, who: &str, e: &crate::io::Error) {
+        self.counters.io_refused += 1;
+        if self.log_budget.allow("peer transport warning") {
+            log::warn!("peer {who}: {e}; closing the connection");
+        }
+    }
+
+    /// Starts accepting on `listener` (non-blocking, listening), which the transport
+    /// keeps: `limits::PEER_ACCEPTS_IN_FLIGHT` accepts stay in flight, with tokens of kind
+    /// `kind` (which no other operation of the node may use).
+    pub fn listen(&mut self, io: &mut Io, kind: u64, listener: OwnedFd) -> Result<(), String> {
+        assert!(self.listener.is_none(), "one listener");
+        let raw = listener.as_raw_fd();
+        self.listener = Some((kind, listener));
+        for slot in 0..limits::PEER_ACCEPTS_IN_FLIGHT as u64 {
+            io.accept(token(kind, slot), raw)
+                .map_err(|e| format!("accept on the peer listener: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Whether a completion belongs to the transport (its connections or its listener).
+    pub fn owns(&self, token: u64) -> bool {
+        let kind = token >> 56;
+        matches!(kind, TOKEN_PEER_RECV | TOKEN_PEER_SEND | TOKEN_PEER_CONNECT)
+            || self.listener.as_ref().is_some_and(|(k, _)| *k == kind)
+    }
+
+    /// Handles a completion the transport [`owns`](Peers::owns), whatever its result
+    /// (ECANCELED included). Fails only when the listener's accept cannot be resubmitted.
+    pub fn on_completion(
+        &mut self,
+        io: &mut Io,
+        c: Completion,
+        now: Instant,
+        events: &mut Vec<PeerEvent>,
+    ) -> Result<(), String> {
+        let kind = c.token >> 56;
+        let id = c.token & ((1 << 56) - 1);
+        if let Some((listen_kind, listener)) = &self.listener {
+            if kind == *listen_kind {
+                let (listen_kind, listener) = (*listen_kind, listener.as_raw_fd());
+                return self.on_accept(io, listen_kind, listener, id, &c, now);
+            }
+        }
+        if self.closing.contains_key(&id) {
+            self.finish_closing(io, id, &c);
+            return Ok(());
+        }
+        match (kind, c.kind) {
+            (TOKEN_PEER_RECV, OpKind::Recv) => self.on_recv(io, id, &c, now, events),
+            (TOKEN_PEER_SEND, OpKind::Send) => self.on_send(io, id, &c, events),
+            (TOKEN_PEER_CONNECT, OpKind::Connect) => self.connected(io, id, c.result, now, events),
+            _ => panic!(
+                "peer transport: completion {:?} with token {:#x} for no operation of it",
+                c.kind, c.token
+            ),
+        }
+        Ok(())
+    }
+
+    /// An accept (or the pause after a failed one) completed: a new connection starts
+    /// its handshake, and the accept is resubmitted. Resource errors (EMFILE, ENFILE,
+    /// ENOBUFS, ENOMEM) pause that accept for `PEER_ACCEPT_RETRY_MS`, so that a listener
+    /// whose backlog cannot be taken does not spin the loop; other errors (a connection
+    /// aborted before it was taken) resubmit at once. ECANCELED (shutdown) stops it.
+    fn on_accept(
+        &mut self,
+        io: &mut Io,
+        kind: u64,
+        listener: RawFd,
+        slot: u64,
+        c: &Completion,
+        now: Instant,
+    ) -> Result<(), String> {
+        let accept_token = token(kind, slot & !ACCEPT_RETRY);
+        match (c.kind, c.result) {
+            (_, Err(Errno(libc::ECANCELED))) => return Ok(()),
+            (OpKind::Timeout, _) => {}
+            (OpKind::Accept, Ok(raw)) => {
+                // SAFETY: a successful accept returns a new descriptor that nobody else
+                // owns; from here the OwnedFd closes it.
+                let fd = unsafe { OwnedFd::from_raw_fd(raw as RawFd) };
+                self.accepted(io, fd, now);
+            }
+            (OpKind::Accept, Err(e)) => {
+                self.counters.accept_errors += 1;
+                let pause = matches!(
+                    e.0,
+                    libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+                );
+                if self.log_budget.allow("peer transport warning") {
+                    log::warn!(
+                        "peer listener: accept: {e}{}",
+                        if pause { "; pausing that accept" } else { "" }
+                    );
+                }
+                if pause {
+                    let until =
+                        now.saturating_add(Duration::from_millis(limits::PEER_ACCEPT_RETRY_MS));
+                    return io
+                        .timeout(accept_token | ACCEPT_RETRY, until)
+                        .map_err(|e| format!("peer listener: pausing an accept: {e}"));
+                }
+            }
+            (other, _) => panic!("peer listener: unexpected {other:?} completion"),
+        }
+        io.accept(accept_token, listener)
+            .map_err(|e| format!("peer listener: resubmitting an accept: {e}"))
     }
 
     /// Queues a frame to `peer`; false when it was dropped.
@@ -843,6 +1190,20 @@ impl Peers {
         );
         metrics::render_scalar(
             out,
+            "vigil_peer_io_refused_total",
+            "counter",
+            "Peer connections closed because the I/O layer had no buffer or operation slot.",
+            self.counters.io_refused,
+        );
+        metrics::render_scalar(
+            out,
+            "vigil_peer_accept_errors_total",
+            "counter",
+            "Failed accepts on the peer listener (each was resubmitted).",
+            self.counters.accept_errors,
+        );
+        metrics::render_scalar(
+            out,
             "vigil_peer_pending_handshakes",
             "gauge",
             "Accepted peer connections still in their handshake.",
@@ -859,13 +1220,21 @@ impl Peers {
         }
     }
 
-    /// Closes every connection (shutdown).
+    /// Closes every connection (shutdown): cancels their operations and reports nothing.
+    /// The fds of connections with operations still in flight stay open until the
+    /// transport is dropped; drop the `Io` before (it waits for what it cancelled), or
+    /// keep dispatching completions until [`Peers::closing`] is 0.
     pub fn close_all(&mut self, io: &mut Io) {
         let ids: Vec<u64> = self.conns.keys().copied().collect();
         let mut events = Vec::new();
         for id in ids {
             self.close(io, id, &mut events);
         }
+    }
+
+    /// Closed connections still waiting for completions of their cancelled operations.
+    pub fn closing(&self) -> usize {
+        self.closing.len()
     }
 }
 
@@ -892,6 +1261,11 @@ impl Conn {
             queue: SendQueue::new(limits::PEER_SEND_QUEUE_BYTES),
             broken: false,
             closed_by_peer: false,
+            recv_buffer: None,
+            send_buffer: None,
+            recv_in_flight: false,
+            send_in_flight: false,
+            connect_in_flight: false,
         }
     }
 }
@@ -915,27 +1289,5 @@ fn peer_ip(fd: &OwnedFd) -> Option<std::net::IpAddr> {
     socket::sockaddr_to(&storage).map(|a| a.ip())
 }
 
-/// Accepts every pending connection on a non-blocking listener.
-pub fn accept_all(listener: &OwnedFd) -> Vec<OwnedFd> {
-    let mut out = Vec::new();
-    loop {
-        // SAFETY: null address pointers are allowed; flags are valid.
-        let fd = unsafe {
-            libc::accept4(
-                listener.as_raw_fd(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            break;
-        }
-        // SAFETY: accept4 returned a new descriptor that nobody else owns.
-        out.push(unsafe { OwnedFd::from_raw_fd(fd) });
-        if out.len() >= limits::MAX_ACCEPT_PER_TURN {
-            break;
-        }
-    }
-    out
-}
+#[cfg(test)]
+mod tests;

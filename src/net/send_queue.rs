@@ -1,6 +1,8 @@
 //! The bytes waiting to be sent to one peer, with a hard limit.
 //!
-//! Frames are encoded straight into one buffer; the socket drains it from the front. When
+//! Frames are encoded straight into one buffer; sends drain it from the front (a send
+//! operation takes a copy of the front, `copy_front`, and `consume` drops what the
+//! completion says went out; bytes queued meanwhile go behind). When
 //! a frame would take the queue past its limit the push fails, and the caller drops the
 //! connection and redials: a slow or stuck peer costs at most the limit in memory, never
 //! more, and Raft retransmits what was lost. The buffer keeps its capacity, so in steady
@@ -131,6 +133,14 @@ impl SendQueue {
         &self.buffer[self.head..]
     }
 
+    /// Copies as many bytes from the front as fit `out` (the slab buffer of a send);
+    /// returns how many. They stay queued until `consume`.
+    pub fn copy_front(&self, out: &mut [u8]) -> usize {
+        let n = self.len().min(out.len());
+        out[..n].copy_from_slice(&self.pending()[..n]);
+        n
+    }
+
     /// `sent` bytes from the front went out.
     pub fn consume(&mut self, sent: usize) {
         assert!(sent <= self.len(), "consumed more than was queued");
@@ -188,6 +198,29 @@ mod tests {
             offset += f.consumed;
         }
         assert_eq!(kinds, vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn copy_front_keeps_bytes_until_consumed() {
+        let mut queue = SendQueue::new(1000);
+        queue.push_raw(&(0..100u8).collect::<Vec<_>>()).unwrap();
+        let mut slab = [0u8; 30];
+        assert_eq!(queue.copy_front(&mut slab), 30);
+        assert_eq!(slab[..], (0..30u8).collect::<Vec<_>>()[..]);
+        assert_eq!(queue.len(), 100, "a copy is not a send");
+        // A short send: 10 of the 30 went out; the next copy starts at byte 10, and
+        // bytes queued meanwhile go behind.
+        queue.consume(10);
+        queue.push_raw(&[200; 5]).unwrap();
+        assert_eq!(queue.copy_front(&mut slab), 30);
+        assert_eq!(slab[..], (10..40u8).collect::<Vec<_>>()[..]);
+        queue.consume(90);
+        let mut big = [0u8; 64];
+        assert_eq!(queue.copy_front(&mut big), 5, "only what is queued");
+        assert_eq!(big[..5], [200; 5]);
+        queue.consume(5);
+        assert!(queue.is_empty());
+        assert_eq!(queue.copy_front(&mut big), 0);
     }
 
     #[test]

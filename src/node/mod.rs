@@ -17,9 +17,9 @@
 //! answer applied writes and ready reads; publish leadership events; compact; flush sockets
 //! ```
 //!
-//! Readiness comes from `Io::poll_in` (io_uring poll or epoll); socket reads and writes
-//! are non-blocking syscalls, except on the control socket, whose accepts, recvs and
-//! sends are operations on the ring (`control::server`; their completions reach it
+//! Sockets are operations on the ring (emulated on epoll): accepts, connects, one recv
+//! and one send in flight per connection, with slab buffers: see `net::peers` for the
+//! peers and `control::server` for the control socket (their completions reach them
 //! before the ECANCELED filter). The WAL sync runs as fdatasync operations on the ring
 //! (group commit: at most one sync in flight; everything written meanwhile goes into the
 //! next one), so the loop keeps serving timers, peers and control clients while the disk
@@ -40,7 +40,7 @@ mod vms;
 
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -54,11 +54,11 @@ use crate::control::events::EventHub;
 use crate::control::http::{self, Method};
 use crate::control::server::{self as ctlserver, ControlServer};
 use crate::io::Errno;
-use crate::io::{self, BackendChoice, Completion, Instant, Io, OpKind};
+use crate::io::{self, BackendChoice, Completion, Instant, Io};
 use crate::limits;
 use crate::metrics::{self, Histogram};
 use crate::net::codec::ForwardRequest;
-use crate::net::peers::{self, PeerEvent, Peers};
+use crate::net::peers::{PeerEvent, Peers};
 use crate::raft::{
     self, ConfChange, Driver, Entry, EntryKind, Index, Membership, Nanos, NodeId, RaftError,
     ReadState, Role, StateMachine, Term,
@@ -145,7 +145,6 @@ struct Node {
     peers: Peers,
     app: App,
     control: ControlServer,
-    listener: OwnedFd,
     control_path: PathBuf,
     signals: io::signals::SignalFd,
     peer_events: Vec<PeerEvent>,
@@ -343,8 +342,6 @@ impl Node {
         let listener = listen_retrying(config.listen)?;
         let (control_listener, access) =
             ctlserver::listen(&config.control_socket, config.control_group.as_ref())?;
-        io.poll_in(TOKEN_LISTEN, listener.as_raw_fd())
-            .map_err(|e| e.to_string())?;
         io.poll_in(TOKEN_SIGNAL, signals.fd())
             .map_err(|e| e.to_string())?;
         let addrs: Vec<(NodeId, std::net::SocketAddr)> =
@@ -356,6 +353,8 @@ impl Node {
             config.control_socket.display(),
             addrs.len()
         );
+        let mut peers = Peers::new(config.node_id, &addrs, seed, keys);
+        peers.listen(&mut io, TOKEN_LISTEN >> 56, listener)?;
         let mut driver = Driver::new(limits::RAFT_OUTPUT_MESSAGES * 4, limits::MAX_PENDING_READS);
         driver.recovered(&raft);
         // One WAL write per turn for all the entries the turn appended.
@@ -366,7 +365,7 @@ impl Node {
             raft,
             driver,
             storage,
-            peers: Peers::new(config.node_id, &addrs, seed, keys),
+            peers,
             app: App {
                 state,
                 applied: Vec::new(),
@@ -374,7 +373,6 @@ impl Node {
                 reads_failed: Vec::new(),
             },
             control: ControlServer::new(access, control_listener),
-            listener,
             control_path: config.control_socket.clone(),
             signals,
             peer_events: Vec::new(),
@@ -521,7 +519,9 @@ impl Node {
                 self.handle_peer_events(now)?;
                 self.finish_turn(now)?;
             }
-            let p = self.peers.flush();
+            // Sends start here and their completions keep them going; `p` is set only
+            // when no operation slot was free for a peer send (then retry in 1 ms).
+            let p = self.peers.flush(&mut self.io);
             self.control.flush(&mut self.io, now);
             pending_output = p;
             let took = Instant::now().saturating_duration_since(turn_started);
@@ -545,6 +545,13 @@ impl Node {
             // one is fatal.
             return self.on_flush(c.result);
         }
+        if self.peers.owns(c.token) {
+            // Before the ECANCELED filter too: a cancelled peer operation hands back its
+            // buffer, and a closing connection's fd closes only once all of them are in.
+            return self
+                .peers
+                .on_completion(&mut self.io, c, now, &mut self.peer_events);
+        }
         if ctlserver::owns(c.token) {
             // Before the ECANCELED filter: a cancelled recv or send brings its buffer
             // back, and a closing connection waits for it.
@@ -564,22 +571,6 @@ impl Node {
             return Ok(());
         }
         match (kind, c.kind) {
-            (_, OpKind::Connect) if kind == peers::TOKEN_PEER_CONNECT => {
-                self.peers
-                    .connected(&mut self.io, id, c.result, now, &mut self.peer_events);
-            }
-            (_, _) if kind == peers::TOKEN_PEER_POLL => {
-                self.peers
-                    .readable(&mut self.io, id, now, &mut self.peer_events);
-            }
-            (_, _) if c.token == TOKEN_LISTEN => {
-                for fd in peers::accept_all(&self.listener) {
-                    self.peers.accepted(&mut self.io, fd, now);
-                }
-                self.io
-                    .poll_in(TOKEN_LISTEN, self.listener.as_raw_fd())
-                    .map_err(|e| e.to_string())?;
-            }
             (_, _) if c.token == TOKEN_SIGNAL => {
                 while let Ok(Some(info)) = self.signals.read() {
                     log::info!("node {}: signal {}; shutting down", self.id, info.signal);
