@@ -556,14 +556,7 @@ impl Node {
             // Before the ECANCELED filter: a cancelled recv or send brings its buffer
             // back, and a closing connection waits for it.
             if let Some((conn, req)) = self.control.on_completion(&mut self.io, c, now) {
-                self.handle_request(
-                    Reply::Local(conn),
-                    req.method,
-                    &req.path,
-                    &req.query,
-                    &req.body,
-                    now,
-                )?;
+                self.serve_local(conn, &req, now)?;
             }
             return Ok(());
         }
@@ -687,16 +680,21 @@ impl Node {
     /// After answering a local connection, serve the next request it already sent.
     fn after_response(&mut self, conn: u64, now: Instant) -> Result<(), String> {
         if let Some((_, req)) = self.control.next_request(conn) {
-            self.handle_request(
-                Reply::Local(conn),
-                req.method,
-                &req.path,
-                &req.query,
-                &req.body,
-                now,
-            )?;
+            self.serve_local(conn, &req, now)?;
         }
         Ok(())
+    }
+
+    /// Serves a request read from a local control connection.
+    fn serve_local(&mut self, conn: u64, req: &http::Request, now: Instant) -> Result<(), String> {
+        self.handle_request(
+            Reply::Local(conn),
+            req.method,
+            &req.path,
+            &req.query,
+            &req.body,
+            now,
+        )
     }
 
     fn answer(&mut self, reply: Reply, status: u16, body: &str) {
