@@ -1392,20 +1392,24 @@ impl Node {
             self.answer_then_next(reply, 503, &body, now)?;
         }
         self.after_leader_change(now)?;
-        // Compact the in-memory log (a snapshot of the state machine replaces it).
+        // Compact the in-memory log (a snapshot of the state machine replaces it). One
+        // local snapshot at a time: the last one's file must be durable first.
         let applied = self.raft.applied_index();
         if applied >= self.raft.first_index() + limits::RAFT_COMPACT_AFTER_ENTRIES
             && applied <= self.raft.persisted_index()
+            && !self.storage.snapshot_in_progress()
         {
             let started = Instant::now();
             let bytes = self.app.state.to_bytes();
             self.raft.compact(applied, &bytes);
             self.collect()?;
-            // The snapshot file is written and synced inside the loop (blocking).
+            // Serialized and written to the page cache here; its flushes ride along with
+            // the next syncs on the ring (node::storage).
             let took = Instant::now().saturating_duration_since(started);
             if took >= Duration::from_millis(limits::SLOW_TURN_MS) {
                 log::warn!(
-                    "node {}: snapshot at {applied} ({} bytes) blocked the loop for {:.1} ms",
+                    "node {}: snapshot at {applied} ({} bytes) took {:.1} ms in the loop \
+                     (serialize and write)",
                     self.id,
                     bytes.len(),
                     took.as_secs_f64() * 1e3
