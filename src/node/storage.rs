@@ -12,8 +12,9 @@
 //! - The Raft snapshot lives in `snapshot`, always replaced by a rename, and reaches it in
 //!   one of two ways:
 //!   - A **local** snapshot (the node compacts its own applied state,
-//!     [`LogStorage::write_local_snapshot`]) never blocks the loop on the disk: its
-//!     bytes go to `snapshot.local.tmp` with a plain write (page cache); the next sync
+//!     [`LogStorage::write_local_snapshot`]) does not wait for the disk inside the
+//!     loop; what runs there is a plain write of its bytes to `snapshot.local.tmp`
+//!     (into the page cache) and, later, a rename. The next sync
 //!     flushes that file beside the WAL; when that sync completed, the file is renamed
 //!     to `snapshot` and the data directory becomes a target of the following sync
 //!     ([`SplitSync::wants_sync`] asks the driver for it even if nothing else was
@@ -27,8 +28,8 @@
 //!     inside the call, because the acknowledgement that follows it promises it is
 //!     durable. It is rare (a new member, a follower far behind). It wins over a local
 //!     snapshot in progress: that one is abandoned (its tmp file removed, never renamed).
-//!   The blocking `LogStorage::sync` finishes a local snapshot inside the call.
-//!   `open` removes tmp files a crash left behind.
+//! - The blocking `LogStorage::sync` finishes a local snapshot inside the call.
+//!   [`Storage::open`] removes the tmp files a crash left behind.
 //!
 //! Recovery ([`Storage::open`]) refuses to start when the log lost entries the hard
 //! state says were committed (a damaged last batch looks like a torn tail to the WAL).
