@@ -1401,11 +1401,18 @@ impl Node {
         {
             let started = Instant::now();
             let bytes = self.app.state.to_bytes();
+            let serialized = Instant::now().saturating_duration_since(started);
             self.raft.compact(applied, &bytes);
             self.collect()?;
             // Serialized and written to the page cache here; its flushes ride along with
             // the next syncs on the ring (node::storage).
             let took = Instant::now().saturating_duration_since(started);
+            log::debug!(
+                "node {}: snapshot at {applied}: serialize {:.2} ms, in the loop {:.2} ms",
+                self.id,
+                serialized.as_secs_f64() * 1e3,
+                took.as_secs_f64() * 1e3
+            );
             if took >= Duration::from_millis(limits::SLOW_TURN_MS) {
                 log::warn!(
                     "node {}: snapshot at {applied} ({} bytes) took {:.1} ms in the loop \
