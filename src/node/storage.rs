@@ -141,8 +141,9 @@ impl Storage {
     /// Opens (or creates) the storage in `dir` and returns what Raft recovers from it.
     pub fn open(dir: &Path) -> Result<(Storage, Recovered), StorageError> {
         std::fs::create_dir_all(dir).map_err(|e| io_err(dir, "create", e))?;
-        remove_stray_tmp_files(dir)?;
         let wal = Wal::open(dir.join("wal"), limits::WAL_OPTIONS)?;
+        // Only now: the WAL's lock says no other process uses this data directory.
+        remove_stray_tmp_files(dir)?;
         if let Some(torn) = &wal.recovery().torn_tail {
             log::warn!(
                 "wal: cut a torn tail at {} offset {} ({} bytes wiped)",
