@@ -68,6 +68,9 @@ const TOKEN_CONTROL_LISTEN: u64 = 4 << 56;
 const TOKEN_SIGNAL: u64 = 6 << 56;
 /// The flushes of the sync in flight (the low bits number them).
 const TOKEN_SYNC: u64 = 0x10 << 56;
+/// The flush of a local Raft snapshot's file or directory (one at a time; independent
+/// of the WAL's syncs: see node::storage).
+const TOKEN_SNAPSHOT_FLUSH: u64 = 0x11 << 56;
 /// The fast hint campaigns this long after the old leader's lease ran out on this node's
 /// clock, so the other voters (who heard its last message a little later) agree it ran out.
 const HINT_MARGIN_NS: Nanos = 2_000_000;
@@ -547,6 +550,16 @@ impl Node {
             // Before the ECANCELED filter: a flush is never cancelled, and any error of
             // one is fatal.
             return self.on_flush(c.result);
+        }
+        if kind == TOKEN_SNAPSHOT_FLUSH >> 56 {
+            if let Err(e) = c.result {
+                self.storage.sync_failed(&e.io_error());
+            }
+            // Its next flush, if any, is submitted at the end of this turn.
+            return self
+                .storage
+                .snapshot_flushed()
+                .map_err(|e| format!("storage: {e}"));
         }
         if matches!(c.result, Err(e) if e.0 == libc::ECANCELED) {
             return Ok(());
@@ -1404,8 +1417,8 @@ impl Node {
             let serialized = Instant::now().saturating_duration_since(started);
             self.raft.compact(applied, &bytes);
             self.collect()?;
-            // Serialized and written to the page cache here; its flushes ride along with
-            // the next syncs on the ring (node::storage).
+            // Serialized and written to the page cache here; its flushes run on the ring
+            // (below; node::storage).
             let took = Instant::now().saturating_duration_since(started);
             log::debug!(
                 "node {}: snapshot at {applied}: serialize {:.2} ms, in the loop {:.2} ms",
@@ -1422,6 +1435,15 @@ impl Node {
                     took.as_secs_f64() * 1e3
                 );
             }
+        }
+        // A local snapshot's next flush runs on the ring beside the WAL's syncs.
+        if let Some((fd, full)) = self.storage.snapshot_flush() {
+            if full {
+                self.io.fsync(TOKEN_SNAPSHOT_FLUSH, fd)
+            } else {
+                self.io.fdatasync(TOKEN_SNAPSHOT_FLUSH, fd)
+            }
+            .map_err(|e| format!("submitting a snapshot flush: {e}"))?;
         }
         Ok(())
     }

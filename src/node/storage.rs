@@ -14,15 +14,16 @@
 //!   - A **local** snapshot (the node compacts its own applied state,
 //!     [`LogStorage::write_local_snapshot`]) does not wait for the disk inside the
 //!     loop; what runs there is a plain write of its bytes to `snapshot.local.tmp`
-//!     (into the page cache) and, later, a rename. The next sync
-//!     flushes that file beside the WAL; when that sync completed, the file is renamed
-//!     to `snapshot` and the data directory becomes a target of the following sync
-//!     ([`SplitSync::wants_sync`] asks the driver for it even if nothing else was
-//!     written); when that one completed, the WAL prefix the snapshot covers is
-//!     compacted. Until then the WAL keeps every entry, so a crash at any point
-//!     recovers the old snapshot or the new one, plus the whole log after it. One local
-//!     snapshot is in progress at most ([`Storage::snapshot_in_progress`]); a newer one
-//!     replaces it.
+//!     (into the page cache) and, later, a rename. Its flushes are operations of their
+//!     own on the node's ring ([`Storage::snapshot_flush`] names the next one,
+//!     [`Storage::snapshot_flushed`] takes the step after it), independent of the
+//!     WAL's syncs, so no commit or acknowledgement waits for them: fdatasync of the
+//!     tmp file; then the rename to `snapshot`; then fsync of the data directory; then
+//!     the WAL prefix the snapshot covers is compacted. Until then the WAL keeps every
+//!     entry (all of them durable before the snapshot was made: it covers only
+//!     persisted entries), so a crash at any point recovers the old snapshot or the new
+//!     one, plus the whole log after it. One local snapshot is in progress at most
+//!     ([`Storage::snapshot_in_progress`]); a newer one replaces it.
 //!   - An **installed** snapshot (received from the leader) is written synchronously:
 //!     `snapshot.install.tmp`, fsync, rename, fsync the directory, compact the WAL, all
 //!     inside the call, because the acknowledgement that follows it promises it is
@@ -76,6 +77,11 @@ pub struct Storage {
     sync: Option<InFlightSync>,
     /// The local snapshot on its way to `snapshot`, if any.
     local: Option<LocalSnapshot>,
+    /// A snapshot flush was handed out and has not completed.
+    snapshot_flush_in_flight: bool,
+    /// The file of a local snapshot abandoned while its flush runs: it stays open until
+    /// that flush completed (the ring may still use the descriptor).
+    abandoned_in_flight: Option<File>,
     /// Durations of the last syncs in nanoseconds, for metrics (drained by the node).
     pub last_sync_ns: Option<u64>,
 }
@@ -84,12 +90,6 @@ struct InFlightSync {
     started: crate::io::Instant,
     wal: Option<SyncToken>,
     hard_state_fd: Option<RawFd>,
-    /// The local snapshot's file this sync flushes (the tmp file, or the directory with
-    /// a full fsync), if it takes the snapshot's next step.
-    snapshot: Option<(RawFd, bool)>,
-    /// The file of a local snapshot abandoned while this sync flushes it: it stays open
-    /// until the flush has completed (the ring may still be using the descriptor).
-    keep_open: Option<File>,
 }
 
 /// A local snapshot between its write and the compaction of the WAL.
@@ -100,7 +100,7 @@ struct LocalSnapshot {
     /// The tmp file while its data waits for a flush; the data directory after the
     /// rename.
     file: File,
-    /// The sync in flight flushes `file` for this stage.
+    /// The flush in flight is `file`'s, for this stage.
     flushing: bool,
     /// For the debug log: when it was written, and what it cost inside the loop.
     started: crate::io::Instant,
@@ -111,10 +111,10 @@ struct LocalSnapshot {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum LocalStage {
-    /// Written to `snapshot.local.tmp`; the next sync flushes its data.
+    /// Written to `snapshot.local.tmp`; its data waits for (or is in) an fdatasync.
     Data,
-    /// Renamed to `snapshot`; the next sync fsyncs the directory, then the WAL is
-    /// compacted.
+    /// Renamed to `snapshot`; the directory waits for (or is in) an fsync, then the WAL
+    /// is compacted.
     Directory,
 }
 
@@ -231,6 +231,8 @@ impl Storage {
                 bounds: Vec::with_capacity(limits::MAX_ENTRIES_PER_APPEND),
                 sync: None,
                 local: None,
+                snapshot_flush_in_flight: false,
+                abandoned_in_flight: None,
                 last_sync_ns: None,
             },
             recovered,
@@ -251,7 +253,6 @@ impl Storage {
             .into_iter()
             .flat_map(|_| self.wal.sync_targets().map(|t| (t.fd, t.full_fsync)));
         wal.chain(sync.and_then(|s| s.hard_state_fd).map(|fd| (fd, false)))
-            .chain(sync.and_then(|s| s.snapshot))
     }
 
     /// Whether a local snapshot is on its way (written, not yet durable with the WAL
@@ -275,12 +276,8 @@ impl Storage {
             }
         }
         if local.flushing {
-            let sync = self
-                .sync
-                .as_mut()
-                .expect("a flushing snapshot belongs to the sync in flight");
-            assert!(sync.keep_open.is_none());
-            sync.keep_open = Some(local.file);
+            assert!(self.snapshot_flush_in_flight && self.abandoned_in_flight.is_none());
+            self.abandoned_in_flight = Some(local.file);
         }
         log::info!(
             "storage: local snapshot at {} abandoned ({:?} stage): {why}",
@@ -289,13 +286,39 @@ impl Storage {
         );
     }
 
-    /// The sync that flushed the local snapshot's file completed: take the next step
-    /// (rename after the data flush; compact the WAL after the directory flush).
-    fn local_snapshot_flushed(&mut self) -> Result<(), StorageError> {
-        let Some(local) = self.local.as_mut().filter(|l| l.flushing) else {
-            // Abandoned while the sync ran.
+    /// The next flush a local snapshot waits for, if any and none is in flight: the
+    /// descriptor, and whether it needs a full fsync (the directory) rather than
+    /// fdatasync. The caller runs it (on the ring) and calls
+    /// [`Storage::snapshot_flushed`] when it succeeded; a failed one is fatal
+    /// ([`Storage::sync_failed`]). The descriptor stays open until then.
+    pub fn snapshot_flush(&mut self) -> Option<(RawFd, bool)> {
+        if self.snapshot_flush_in_flight {
+            return None;
+        }
+        let local = self.local.as_mut()?;
+        assert!(!local.flushing);
+        local.flushing = true;
+        self.snapshot_flush_in_flight = true;
+        Some((local.file.as_raw_fd(), local.stage == LocalStage::Directory))
+    }
+
+    /// The flush [`Storage::snapshot_flush`] named succeeded: take the snapshot's next
+    /// step (rename after the data flush; compact the WAL after the directory flush).
+    pub fn snapshot_flushed(&mut self) -> Result<(), StorageError> {
+        assert!(
+            self.snapshot_flush_in_flight,
+            "a snapshot flush completed with none in flight"
+        );
+        self.snapshot_flush_in_flight = false;
+        // An abandoned snapshot's file is closed only now that its flush is over.
+        if self.abandoned_in_flight.take().is_some() {
             return Ok(());
-        };
+        }
+        let local = self
+            .local
+            .as_mut()
+            .filter(|l| l.flushing)
+            .expect("a snapshot flush belongs to the snapshot in progress or an abandoned one");
         local.flushing = false;
         let ms = |since: crate::io::Instant| {
             crate::io::Instant::now()
@@ -386,19 +409,10 @@ impl SplitSync for Storage {
             })?),
             None => None,
         };
-        // The local snapshot's next step rides along (its file's flush runs beside the
-        // WAL's; the rename waits for the completion of both).
-        let snapshot = self.local.as_mut().map(|l| {
-            assert!(!l.flushing, "a snapshot flush outlived its sync");
-            l.flushing = true;
-            (l.file.as_raw_fd(), l.stage == LocalStage::Directory)
-        });
         self.sync = Some(InFlightSync {
             started: crate::io::Instant::now(),
             wal,
             hard_state_fd,
-            snapshot,
-            keep_open: None,
         });
         Ok(self.sync_targets().count())
     }
@@ -411,24 +425,12 @@ impl SplitSync for Storage {
         if let Some(token) = sync.wal {
             self.wal.complete_sync(token)?;
         }
-        // An abandoned snapshot's file is closed only now that its flush is over.
-        drop(sync.keep_open);
-        let synced = self.wal.synced_index();
-        if sync.snapshot.is_some() {
-            self.local_snapshot_flushed()?;
-        }
         self.last_sync_ns = Some(
             crate::io::Instant::now()
                 .saturating_duration_since(sync.started)
                 .as_nanos() as u64,
         );
-        Ok(synced)
-    }
-
-    fn wants_sync(&self) -> bool {
-        // A local snapshot's next step waits for a sync (once renamed, nothing else
-        // may be written for a while: an idle cluster).
-        self.local.as_ref().is_some_and(|l| !l.flushing)
+        Ok(self.wal.synced_index())
     }
 }
 
@@ -528,7 +530,7 @@ impl LogStorage for Storage {
         Ok(())
     }
 
-    /// A local snapshot: written now, made durable over the next two syncs (see the
+    /// A local snapshot: written now, made durable by two flushes of its own (see the
     /// module docs).
     fn write_local_snapshot(
         &mut self,
@@ -574,19 +576,23 @@ impl LogStorage for Storage {
             })?;
         }
         // A local snapshot in progress takes its remaining steps here, in order.
-        while let Some(local) = &mut self.local {
-            assert!(!local.flushing);
-            let full = local.stage == LocalStage::Directory;
-            let rc = if full {
-                local.file.sync_all()
-            } else {
-                local.file.sync_data()
+        assert!(
+            !self.snapshot_flush_in_flight,
+            "blocking sync while a snapshot flush is in flight"
+        );
+        while let Some((fd, full)) = self.snapshot_flush() {
+            // SAFETY: fsync/fdatasync on a descriptor the local snapshot keeps open.
+            let rc = unsafe {
+                if full {
+                    libc::fsync(fd)
+                } else {
+                    libc::fdatasync(fd)
+                }
             };
-            local.flushing = true;
-            if let Err(e) = rc {
-                self.sync_failed(&e);
+            if rc != 0 {
+                self.sync_failed(&std::io::Error::last_os_error());
             }
-            self.local_snapshot_flushed()?;
+            self.snapshot_flushed()?;
         }
         self.last_sync_ns = Some(
             crate::io::Instant::now()
@@ -892,31 +898,28 @@ mod tests {
         Stage::Done,
     ];
 
-    /// Runs a local snapshot at 6 up to `stage`; returns the flushes of the sync in flight.
-    fn local_snapshot_to(s: &mut Storage, stage: Stage) -> Vec<(RawFd, bool)> {
+    /// Runs a local snapshot at 6 up to `stage`, as the node does; returns the snapshot
+    /// flush in flight, if any.
+    fn local_snapshot_to(s: &mut Storage, stage: Stage) -> Option<(RawFd, bool)> {
         let dir = s.dir.clone();
         s.write_local_snapshot(&SnapshotMeta { index: 6, term: 1 }, b"state-6")
             .unwrap();
         assert!(s.snapshot_in_progress());
-        assert!(s.wants_sync(), "the data flush waits for a sync");
         assert!(dir.join(LOCAL_TMP).exists());
-        if stage == Stage::Written {
-            return Vec::new();
-        }
-        assert_eq!(
-            s.begin_sync().unwrap(),
-            1,
-            "nothing else written: the tmp file's flush alone"
-        );
-        let fds: Vec<(RawFd, bool)> = s.sync_targets().collect();
-        assert_eq!(fds.len(), 1);
-        assert!(!fds[0].1, "the data flush is a fdatasync");
-        assert!(!s.wants_sync());
-        if stage == Stage::DataFlushing {
-            return fds;
-        }
-        flush(&fds);
+        // The WAL's syncs carry nothing of it (no commit waits for the snapshot).
+        assert_eq!(s.begin_sync().unwrap(), 0);
         s.complete_sync().unwrap();
+        if stage == Stage::Written {
+            return None;
+        }
+        let data = s.snapshot_flush().expect("the data flush");
+        assert!(!data.1, "the data flush is a fdatasync");
+        assert_eq!(s.snapshot_flush(), None, "one snapshot flush at a time");
+        if stage == Stage::DataFlushing {
+            return Some(data);
+        }
+        flush(&[data]);
+        s.snapshot_flushed().unwrap();
         assert!(!dir.join(LOCAL_TMP).exists());
         assert_eq!(
             read_snapshot(&dir.join(SNAPSHOT_FILE))
@@ -929,35 +932,34 @@ mod tests {
         );
         assert_eq!(s.wal.first_index(), 4, "the WAL keeps everything meanwhile");
         assert!(s.snapshot_in_progress());
-        assert!(s.wants_sync(), "the directory flush waits for a sync");
         if stage == Stage::Renamed {
-            return Vec::new();
+            return None;
         }
-        assert_eq!(s.begin_sync().unwrap(), 1);
-        let fds: Vec<(RawFd, bool)> = s.sync_targets().collect();
-        assert!(fds[0].1, "the directory gets a full fsync");
+        let directory = s.snapshot_flush().expect("the directory flush");
+        assert!(directory.1, "the directory gets a full fsync");
         if stage == Stage::DirectoryFlushing {
-            return fds;
+            return Some(directory);
         }
-        flush(&fds);
-        s.complete_sync().unwrap();
+        flush(&[directory]);
+        s.snapshot_flushed().unwrap();
         assert!(!s.snapshot_in_progress());
-        assert!(!s.wants_sync());
+        assert_eq!(s.snapshot_flush(), None);
         assert_eq!(
             s.wal.first_index(),
             7,
             "compacted after the directory flush"
         );
-        Vec::new()
+        None
     }
 
     #[test]
-    fn a_local_snapshot_takes_two_syncs_and_a_crash_at_any_stage_recovers_every_entry() {
+    fn a_local_snapshot_takes_two_flushes_and_a_crash_at_any_stage_recovers_every_entry() {
         for stage in STAGES {
             let dir = temp_dir(&format!("local-{stage:?}"));
             {
                 let mut s = storage_with_old_snapshot(&dir);
-                let in_flight = local_snapshot_to(&mut s, stage);
+                // A crash below: the storage goes away with whatever flush is in flight.
+                let _in_flight = local_snapshot_to(&mut s, stage);
                 if stage < Stage::Renamed {
                     assert_eq!(
                         read_snapshot(&dir.join(SNAPSHOT_FILE))
@@ -969,8 +971,6 @@ mod tests {
                         "{stage:?}: the snapshot was replaced before its data was durable"
                     );
                 }
-                // A crash: the storage goes away with whatever is in flight.
-                drop(in_flight);
             }
             let (s, r) = Storage::open(&dir).unwrap();
             let (meta, data) = r.snapshot.expect("a snapshot");
@@ -1006,18 +1006,19 @@ mod tests {
                     .unwrap();
                 assert!(!s.snapshot_in_progress(), "{stage:?}: the local one goes");
                 assert!(!dir.join(LOCAL_TMP).exists(), "{stage:?}");
-                if !in_flight.is_empty() {
+                if let Some(fd) = in_flight {
                     // The ring still flushes the abandoned file: its descriptor stays
-                    // valid until the sync completes (flush asserts success).
-                    flush(&in_flight);
-                    s.complete_sync().unwrap();
+                    // valid until the flush completed (flush asserts success).
+                    assert_eq!(s.snapshot_flush(), None, "one flush at a time");
+                    flush(&[fd]);
+                    s.snapshot_flushed().unwrap();
                 }
+                assert_eq!(s.snapshot_flush(), None, "nothing left to flush");
                 s.write_entries(21, EntriesView::from_slice(&[entry(21)]))
                     .unwrap();
                 s.begin_sync().unwrap();
                 flush(&s.sync_targets().collect::<Vec<_>>());
                 s.complete_sync().unwrap();
-                assert!(!s.wants_sync());
                 let (meta, _) = read_snapshot(&dir.join(SNAPSHOT_FILE)).unwrap().unwrap();
                 assert_eq!(meta.index, 20, "{stage:?}: the install was replaced");
             }
@@ -1041,8 +1042,9 @@ mod tests {
             let in_flight = local_snapshot_to(&mut s, Stage::DataFlushing);
             s.write_local_snapshot(&SnapshotMeta { index: 8, term: 1 }, b"state-8")
                 .unwrap();
-            flush(&in_flight);
-            s.complete_sync().unwrap();
+            assert_eq!(s.snapshot_flush(), None, "the abandoned flush still runs");
+            flush(&[in_flight.unwrap()]);
+            s.snapshot_flushed().unwrap();
             assert!(
                 read_snapshot(&dir.join(SNAPSHOT_FILE))
                     .unwrap()

@@ -20,9 +20,7 @@
 //!   loop keeps serving timers, sockets and the control API meanwhile); when every flush
 //!   succeeded the caller calls `complete_sync`. At most one sync is in flight. Whatever
 //!   is written while it runs (group commit) goes into the next one, which `end_turn`
-//!   starts at the end of the turn in which the previous one completed. Storage may ask
-//!   for a sync with nothing written ([`SplitSync::wants_sync`]: the steps of a local
-//!   snapshot, which becomes durable over two syncs).
+//!   starts at the end of the turn in which the previous one completed.
 //!
 //! With [`Driver::batch_entry_writes`] (the agent turns it on), `collect` only notes
 //! from where the log changed, and the end of the turn hands storage one write for all
@@ -60,11 +58,10 @@ pub trait LogStorage {
     /// durable (a received snapshot: the acknowledgement that follows promises it).
     fn write_snapshot(&mut self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), Self::Error>;
     /// Stores a snapshot the node made of its own applied state. Every entry it covers
-    /// is durable in the log already, so storage may make it durable later, over its
-    /// own syncs ([`SplitSync::wants_sync`]), as long as it drops the log prefix only
-    /// after the snapshot is durable; a blocking `sync` finishes it. A later
-    /// `write_snapshot` (an install) must win over one still in progress. By default,
-    /// the same as `write_snapshot`.
+    /// is durable in the log already, so storage may make it durable later, at its own
+    /// pace, as long as it drops the log prefix only after the snapshot is durable; a
+    /// blocking `sync` finishes it. A later `write_snapshot` (an install) must win over
+    /// one still in progress. By default, the same as `write_snapshot`.
     fn write_local_snapshot(
         &mut self,
         meta: &SnapshotMeta,
@@ -87,9 +84,6 @@ pub trait SplitSync: LogStorage {
     /// Every flush of the sync in flight succeeded (a failed flush must never reach
     /// this: it is fatal). Returns the last log index that is now durable.
     fn complete_sync(&mut self) -> Result<Index, Self::Error>;
-    /// Storage has a step of its own that waits for a sync (a local snapshot's next
-    /// flush) although nothing may have been written: `end_turn` then starts one.
-    fn wants_sync(&self) -> bool;
 }
 
 /// Sends messages to peers (best effort; Raft tolerates loss).
@@ -316,8 +310,7 @@ impl Driver {
     }
 
     /// Ends a loop turn without waiting for the disk. If no sync is in flight and the
-    /// turn (or an earlier one) wrote something, or storage wants a sync for work of
-    /// its own ([`SplitSync::wants_sync`]), starts one and returns how many
+    /// turn (or an earlier one) wrote something, starts one and returns how many
     /// flushes the caller must run before [`Driver::complete_sync`] (0 if none was
     /// started, or if there was nothing to flush: then it completed at once). Then
     /// applies committed entries and answers reads whose index is applied.
@@ -332,16 +325,14 @@ impl Driver {
         self.write_batched(raft, storage)?;
         let mut flushes = 0;
         if self.in_flight.is_none() {
-            if !self.unsynced_writes {
-                // Every write is durable: what waits can leave before storage's own sync.
-                self.release_waiting(transport);
-            }
-            if self.unsynced_writes || storage.wants_sync() {
+            if self.unsynced_writes {
                 self.capture(raft);
                 flushes = storage.begin_sync()?;
                 if flushes == 0 {
                     self.complete_sync(raft, storage, transport, sm)?;
                 }
+            } else {
+                self.release_waiting(transport);
             }
         }
         self.apply(raft, sm);
@@ -520,8 +511,6 @@ mod tests {
         durable: Durable,
         syncs_begun: u64,
         entry_writes: u64,
-        /// Storage has work of its own waiting for a sync (as a local snapshot's step).
-        own_work: bool,
     }
 
     impl SplitMem {
@@ -533,7 +522,6 @@ mod tests {
                 durable,
                 syncs_begun: 0,
                 entry_writes: 0,
-                own_work: false,
             }
         }
     }
@@ -574,9 +562,6 @@ mod tests {
             let point = self.in_flight.take().expect("a sync in flight");
             self.durable.set(point);
             Ok(point.0)
-        }
-        fn wants_sync(&self) -> bool {
-            self.own_work && self.in_flight.is_none()
         }
     }
 
@@ -966,33 +951,6 @@ mod tests {
             "{:?}",
             f.transport.sent
         );
-    }
-
-    #[test]
-    fn storage_work_of_its_own_gets_a_sync_when_nothing_was_written() {
-        let mut f = Node::new(2, true);
-        let now = 1_000 * MS;
-        f.step(now, &append(0, 0, 0, 1), &[entry(1, 1)]);
-        assert_eq!(f.end_turn(), 1);
-        f.complete();
-        assert_eq!(f.acks(), vec![1]);
-        assert_eq!(f.end_turn(), 0, "nothing written, nothing wanted: no sync");
-        assert_eq!(f.storage.syncs_begun, 1);
-
-        // A duplicate append writes nothing; storage wants a sync of its own.
-        f.storage.own_work = true;
-        f.step(now + MS, &append(0, 0, 0, 1), &[entry(1, 1)]);
-        assert_eq!(f.end_turn(), 1, "storage's own work starts a sync");
-        assert_eq!(f.storage.syncs_begun, 2);
-        assert_eq!(
-            f.acks(),
-            vec![1, 1],
-            "the ack depends on nothing unsynced: it does not wait for storage's sync"
-        );
-        f.storage.own_work = false;
-        f.complete();
-        assert_eq!(f.end_turn(), 0);
-        assert_eq!(f.storage.syncs_begun, 2);
     }
 
     #[test]
