@@ -1245,6 +1245,23 @@ impl Node {
         Ok(())
     }
 
+    /// Leader: whether compacting the log up to `upto` would drop entries that a
+    /// follower still replicating from the log has not been sent yet.
+    fn compaction_cuts_off_a_follower(&self, upto: Index) -> bool {
+        if !self.raft.is_leader() {
+            return false;
+        }
+        let first = self.raft.first_index();
+        let m = self.raft.membership();
+        m.voters
+            .as_slice()
+            .iter()
+            .chain(m.observers.as_slice())
+            .filter(|&&p| p != self.id)
+            .filter_map(|&p| self.raft.peer_progress(p))
+            .any(|(_, next)| first <= next && next <= upto)
+    }
+
     fn best_transfer_target(&self) -> NodeId {
         let mut best = (0, 0);
         for &v in self.raft.membership().voters.as_slice() {
@@ -1406,9 +1423,15 @@ impl Node {
         }
         self.after_leader_change(now)?;
         // Compact the in-memory log (a snapshot of the state machine replaces it). One
-        // local snapshot at a time: the last one's file must be durable first.
+        // local snapshot at a time: the last one's file must be durable first. A leader
+        // holds off while that would drop entries a follower has not been sent yet (its
+        // send window is full for a moment), up to twice the interval: otherwise that
+        // follower needs the whole snapshot, which it installs inline.
         let applied = self.raft.applied_index();
-        if applied >= self.raft.first_index() + limits::RAFT_COMPACT_AFTER_ENTRIES
+        let since = applied.saturating_sub(self.raft.first_index());
+        if since >= limits::RAFT_COMPACT_AFTER_ENTRIES
+            && (since >= 2 * limits::RAFT_COMPACT_AFTER_ENTRIES
+                || !self.compaction_cuts_off_a_follower(applied))
             && applied <= self.raft.persisted_index()
             && !self.storage.snapshot_in_progress()
         {
