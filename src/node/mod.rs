@@ -1425,12 +1425,12 @@ impl Node {
         // Compact the in-memory log (a snapshot of the state machine replaces it). One
         // local snapshot at a time: the last one's file must be durable first. A leader
         // holds off while that would drop entries a follower has not been sent yet (its
-        // send window is full for a moment), up to twice the interval: otherwise that
-        // follower needs the whole snapshot, which it installs inline.
+        // send window is full for a moment), up to a bound: otherwise that follower
+        // needs the whole snapshot, which it installs inline.
         let applied = self.raft.applied_index();
         let since = applied.saturating_sub(self.raft.first_index());
         if since >= limits::RAFT_COMPACT_AFTER_ENTRIES
-            && (since >= 2 * limits::RAFT_COMPACT_AFTER_ENTRIES
+            && (since >= limits::RAFT_COMPACT_DEFER_MAX_ENTRIES
                 || !self.compaction_cuts_off_a_follower(applied))
             && applied <= self.raft.persisted_index()
             && !self.storage.snapshot_in_progress()
