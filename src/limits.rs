@@ -132,13 +132,23 @@ pub const CONTROL_REQUEST_TIMEOUT_MS: u64 = 5_000;
 /// Bytes of responses queued on one control connection (an `/events` stream included)
 /// before a slow reader is cut off.
 pub const MAX_CONTROL_OUTPUT_BYTES: usize = 1024 * 1024;
-/// A loop turn (or a blocking snapshot write) longer than this is logged as a warning:
-/// heartbeats wait while it runs (the election timeout is 100 ms by default).
+/// A loop turn (or the in-loop part of a Raft snapshot: serialize, write) longer than
+/// this is logged as a warning: heartbeats wait while it runs (the election timeout is
+/// 100 ms by default).
 pub const SLOW_TURN_MS: u64 = 50;
 /// Committed entries kept in the in-memory log before a snapshot compacts them.
 pub const RAFT_COMPACT_AFTER_ENTRIES: u64 = 4096;
+/// A leader holds a compaction back while it would drop entries a follower has not been
+/// sent yet (that follower would need the whole snapshot), at most until the log holds
+/// this many committed entries.
+pub const RAFT_COMPACT_DEFER_MAX_ENTRIES: u64 = 2 * RAFT_COMPACT_AFTER_ENTRIES;
 
 const _: () = assert!(RAFT_COMPACT_AFTER_ENTRIES * 2 < RAFT_LOG_CAPACITY as u64);
+// Deferring leaves room for the proposals waiting to be appended.
+const _: () = assert!(RAFT_COMPACT_AFTER_ENTRIES <= RAFT_COMPACT_DEFER_MAX_ENTRIES);
+const _: () = assert!(
+    RAFT_COMPACT_DEFER_MAX_ENTRIES + MAX_PENDING_PROPOSALS as u64 <= RAFT_LOG_CAPACITY as u64
+);
 const _: () = assert!(CONTROL_REQUEST_TIMEOUT_MS < CONTROL_IDLE_TIMEOUT_MS);
 const _: () = assert!(CONTROL_READ_TIMEOUT_MS < CONTROL_IDLE_TIMEOUT_MS);
 const _: () = assert!(

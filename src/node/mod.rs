@@ -69,6 +69,9 @@ const TOKEN_LISTEN: u64 = 1 << 56;
 const TOKEN_SIGNAL: u64 = 6 << 56;
 /// The flushes of the sync in flight (the low bits number them).
 const TOKEN_SYNC: u64 = 0x10 << 56;
+/// The flush of a local Raft snapshot's file or directory (one at a time; independent
+/// of the WAL's syncs: see node::storage).
+const TOKEN_SNAPSHOT_FLUSH: u64 = 0x11 << 56;
 /// The fast hint campaigns this long after the old leader's lease ran out on this node's
 /// clock, so the other voters (who heard its last message a little later) agree it ran out.
 const HINT_MARGIN_NS: Nanos = 2_000_000;
@@ -544,6 +547,16 @@ impl Node {
             // Before the ECANCELED filter: a flush is never cancelled, and any error of
             // one is fatal.
             return self.on_flush(c.result);
+        }
+        if kind == TOKEN_SNAPSHOT_FLUSH >> 56 {
+            if let Err(e) = c.result {
+                self.storage.sync_failed(&e.io_error());
+            }
+            // Its next flush, if any, is submitted at the end of this turn.
+            return self
+                .storage
+                .snapshot_flushed()
+                .map_err(|e| format!("storage: {e}"));
         }
         if self.peers.owns(c.token) {
             // Before the ECANCELED filter too: a cancelled peer operation hands back its
@@ -1213,6 +1226,23 @@ impl Node {
         Ok(())
     }
 
+    /// Leader: whether compacting the log up to `upto` would drop entries that a
+    /// follower still replicating from the log has not been sent yet.
+    fn compaction_cuts_off_a_follower(&self, upto: Index) -> bool {
+        if !self.raft.is_leader() {
+            return false;
+        }
+        let first = self.raft.first_index();
+        let m = self.raft.membership();
+        m.voters
+            .as_slice()
+            .iter()
+            .chain(m.observers.as_slice())
+            .filter(|&&p| p != self.id)
+            .filter_map(|&p| self.raft.peer_progress(p))
+            .any(|(_, next)| first <= next && next <= upto)
+    }
+
     fn best_transfer_target(&self) -> NodeId {
         let mut best = (0, 0);
         for &v in self.raft.membership().voters.as_slice() {
@@ -1373,25 +1403,51 @@ impl Node {
             self.answer_then_next(reply, 503, &body, now)?;
         }
         self.after_leader_change(now)?;
-        // Compact the in-memory log (a snapshot of the state machine replaces it).
+        // Compact the in-memory log (a snapshot of the state machine replaces it). One
+        // local snapshot at a time: the last one's file must be durable first. A leader
+        // holds off while that would drop entries a follower has not been sent yet (its
+        // send window is full for a moment), up to a bound: otherwise that follower
+        // needs the whole snapshot, which it installs inline.
         let applied = self.raft.applied_index();
-        if applied >= self.raft.first_index() + limits::RAFT_COMPACT_AFTER_ENTRIES
+        let since = applied.saturating_sub(self.raft.first_index());
+        if since >= limits::RAFT_COMPACT_AFTER_ENTRIES
+            && (since >= limits::RAFT_COMPACT_DEFER_MAX_ENTRIES
+                || !self.compaction_cuts_off_a_follower(applied))
             && applied <= self.raft.persisted_index()
+            && !self.storage.snapshot_in_progress()
         {
             let started = Instant::now();
             let bytes = self.app.state.to_bytes();
+            let serialized = Instant::now().saturating_duration_since(started);
             self.raft.compact(applied, &bytes);
             self.collect()?;
-            // The snapshot file is written and synced inside the loop (blocking).
+            // Serialized and written to the page cache here; its flushes run on the ring
+            // (below; node::storage).
             let took = Instant::now().saturating_duration_since(started);
+            log::debug!(
+                "node {}: snapshot at {applied}: serialize {:.2} ms, in the loop {:.2} ms",
+                self.id,
+                serialized.as_secs_f64() * 1e3,
+                took.as_secs_f64() * 1e3
+            );
             if took >= Duration::from_millis(limits::SLOW_TURN_MS) {
                 log::warn!(
-                    "node {}: snapshot at {applied} ({} bytes) blocked the loop for {:.1} ms",
+                    "node {}: snapshot at {applied} ({} bytes) took {:.1} ms in the loop \
+                     (serialize and write)",
                     self.id,
                     bytes.len(),
                     took.as_secs_f64() * 1e3
                 );
             }
+        }
+        // A local snapshot's next flush runs on the ring beside the WAL's syncs.
+        if let Some((fd, full)) = self.storage.snapshot_flush() {
+            if full {
+                self.io.fsync(TOKEN_SNAPSHOT_FLUSH, fd)
+            } else {
+                self.io.fdatasync(TOKEN_SNAPSHOT_FLUSH, fd)
+            }
+            .map_err(|e| format!("submitting a snapshot flush: {e}"))?;
         }
         Ok(())
     }

@@ -54,8 +54,21 @@ pub trait LogStorage {
     /// Drops every entry with index `>= from`, then appends `entries` (starting at `from`).
     fn write_entries(&mut self, from: Index, entries: EntriesView<'_>) -> Result<(), Self::Error>;
     fn write_hard_state(&mut self, hard_state: &HardState) -> Result<(), Self::Error>;
-    /// Stores a snapshot and drops the log prefix it covers.
+    /// Stores a snapshot and drops the log prefix it covers. The next sync must make it
+    /// durable (a received snapshot: the acknowledgement that follows promises it).
     fn write_snapshot(&mut self, meta: &SnapshotMeta, data: &[u8]) -> Result<(), Self::Error>;
+    /// Stores a snapshot the node made of its own applied state. Every entry it covers
+    /// is durable in the log already, so storage may make it durable later, at its own
+    /// pace, as long as it drops the log prefix only after the snapshot is durable; a
+    /// blocking `sync` finishes it. A later `write_snapshot` (an install) must win over
+    /// one still in progress. By default, the same as `write_snapshot`.
+    fn write_local_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        data: &[u8],
+    ) -> Result<(), Self::Error> {
+        self.write_snapshot(meta, data)
+    }
     /// Makes everything written so far durable.
     fn sync(&mut self) -> Result<(), Self::Error>;
 }
@@ -212,7 +225,13 @@ impl Driver {
             if let Some(from) = &mut self.pending_from {
                 *from = (*from).max(meta.index + 1);
             }
-            storage.write_snapshot(&meta, raft.snapshot_data())?;
+            if raft.outputs().install_snapshot {
+                storage.write_snapshot(&meta, raft.snapshot_data())?;
+            } else {
+                storage.write_local_snapshot(&meta, raft.snapshot_data())?;
+            }
+            // Counted as a write also when local (nothing depends on it, but a storage
+            // whose snapshot becomes durable only at the next sync needs one).
             self.wrote();
             if raft.outputs().install_snapshot {
                 sm.restore(raft.snapshot_state());
