@@ -76,20 +76,34 @@ pub fn preallocate(file: &File, path: &Path, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// How long `lock_dir` retries a lock held elsewhere.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Opens `dir` and takes an exclusive, non-blocking flock on it, so a second process (or
 /// a second `Wal` in this one) cannot open the same log. Released when the file closes.
 pub fn lock_dir(dir: &Path) -> Result<File> {
     let handle = File::open(dir).map_err(|e| Error::io(dir, "open directory", e))?;
-    // SAFETY: flock on a descriptor we own; no memory is passed.
-    let rc = unsafe { libc::flock(handle.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        return Err(Error::io(
-            dir,
-            "lock (is another process using this WAL?)",
-            io::Error::last_os_error(),
-        ));
+    // A lock held only by a child that the previous holder was spawning (between fork
+    // and exec it holds a copy of every descriptor, the lock's included) goes away within
+    // moments; a lock held by a live process does not. So a refusal is retried briefly
+    // before it is reported.
+    let give_up = std::time::Instant::now() + LOCK_RETRY;
+    loop {
+        // SAFETY: flock on a descriptor we own; no memory is passed.
+        let rc = unsafe { libc::flock(handle.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(handle);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || std::time::Instant::now() >= give_up {
+            return Err(Error::io(
+                dir,
+                "lock (is another process using this WAL?)",
+                e,
+            ));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    Ok(handle)
 }
 
 /// Frees `len` bytes at `offset` of `file` (the size stays). Ok(false) where the file
