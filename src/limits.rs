@@ -152,7 +152,7 @@ const _: () = assert!(
 /// completion queue at twice this, which leaves room for one cancel per operation.
 pub const IO_RING_ENTRIES: u32 = 2048;
 /// Operations in flight at once (submitted, completion not yet handed to the loop).
-pub const IO_MAX_IN_FLIGHT: usize = 2048;
+pub const IO_MAX_IN_FLIGHT: usize = 1536;
 /// Buffers in the I/O layer's slab (each is lent to at most one operation at a time).
 /// The slab is allocated up front but its pages are touched only when a buffer is used
 /// (and only as far as it is written), so an idle agent does not pay for the worst case.
