@@ -233,7 +233,20 @@ fn a_hung_vmm_is_killed_and_its_vm_runs_again() {
     if skip() {
         return;
     }
-    let c = start("vm-hung-vmm");
+    // On both I/O backends: the connection's operations are emulated on epoll.
+    for io in ["uring", "epoll"] {
+        hung_vmm_on(io);
+    }
+}
+
+fn hung_vmm_on(io: &str) {
+    let mut options = options(&format!("vm-hung-vmm-{io}"), None);
+    options.io = io.into();
+    let c = match vigil::demo::local::LocalCluster::start(options) {
+        Ok(c) => c,
+        Err(e) => panic!("cluster ({io}) did not start: {e}"),
+    };
+    registered(&c);
     let a = create_running(&c, "a", 300);
     let host = a.host.unwrap();
     let pid = a.pid.expect("local pid");

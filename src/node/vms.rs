@@ -57,8 +57,9 @@ pub const TOKEN_VMM_RECV: u64 = 7;
 pub const TOKEN_VMM_EXIT: u64 = 8;
 pub const TOKEN_VMM_SEND: u64 = 9;
 
-/// A completion token: the kind, the VMM's slot and its connection's generation (a
-/// completion of an earlier connection of the same VMM is told apart and ignored).
+/// A completion token: the kind, the VMM's slot and its connection's generation (the
+/// completion of a dropped connection, still closing, is told apart from those of the
+/// VMM's next connection).
 fn token(kind: u64, slot: u64, generation: u16) -> u64 {
     assert!(slot < 1 << 40, "slots fit 40 bits");
     (kind << 56) | (slot << 16) | generation as u64
@@ -303,8 +304,8 @@ pub(super) struct Vms {
     /// Dropped VMM connections whose cancelled operations have not all completed: their
     /// fds stay open and their buffers held until then.
     closing: Vec<VmmConn>,
-    /// VMM connections not made (or dropped) because the I/O layer had no buffer or
-    /// operation slot for them.
+    /// VMM connections not made because the I/O layer had no buffer or operation slot
+    /// for them (retried at the next tick).
     vmm_io_refused: u64,
     log_budget: RateLimit,
 }
@@ -887,13 +888,15 @@ impl Node {
 
     fn vms_connect(&mut self, now: Instant) {
         let mut gone = Vec::new();
+        let mut connections = self.vms_connections();
         for i in 0..self.vms.procs.len() {
             if self.vms.procs[i].conn.is_some() {
                 continue;
             }
-            if self.vms_connections() >= limits::MAX_LOCAL_VMMS {
-                // Closed connections still wait for their cancelled operations (they
-                // finish at the next wait): their buffers are budgeted for this one.
+            if connections >= limits::MAX_LOCAL_VMMS {
+                // At most this many connections hold buffers (limits.rs budgets two
+                // each); a dropped one keeps its buffers until its cancelled operations
+                // completed (at the next wait), so this one waits for the next tick.
                 break;
             }
             let path = self.vms.procs[i].socket();
@@ -936,6 +939,7 @@ impl Node {
                         }
                     }
                     p.conn = Some(conn);
+                    connections += 1;
                     p.connect_by = None;
                     p.in_flight = None;
                     if !p.known {
