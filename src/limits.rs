@@ -352,8 +352,8 @@ const _: () = assert!(
 // is made and holds both until its close finished, so a renewal to a connected VMM never
 // needs a buffer; connections, closing ones included, are at most MAX_LOCAL_VMMS. With
 // every class at its worst case at once (peers, pending handshakes, control clients,
-// VMMs) a buffer is still left for each: a flood of control clients or strangers cannot
-// take the VMM connections' buffers.
+// VMMs) a buffer is still left for each: a flood of control clients cannot take the VMM
+// connections' buffers, and a connected VMM's two are its own whatever else happens.
 const _: () = assert!(
     IO_BUFFER_COUNT
         >= 2 * (MAX_MEMBERS + MAX_CONTROL_CONNECTIONS)
