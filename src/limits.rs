@@ -160,11 +160,13 @@ const _: () = assert!(
 
 /// Submission queue entries of the io_uring (a power of two). The kernel sizes the
 /// completion queue at twice this, which leaves room for one cancel per operation.
-pub const IO_RING_ENTRIES: u32 = 1024;
+pub const IO_RING_ENTRIES: u32 = 2048;
 /// Operations in flight at once (submitted, completion not yet handed to the loop).
-pub const IO_MAX_IN_FLIGHT: usize = 1024;
+pub const IO_MAX_IN_FLIGHT: usize = 1536;
 /// Buffers in the I/O layer's slab (each is lent to at most one operation at a time).
-pub const IO_BUFFER_COUNT: usize = 576;
+/// The slab is allocated up front but its pages are touched only when a buffer is used
+/// (and only as far as it is written), so an idle agent does not pay for the worst case.
+pub const IO_BUFFER_COUNT: usize = 1088;
 /// Bytes of one slab buffer. A larger frame is sent and received in several operations.
 pub const IO_BUFFER_BYTES: usize = 64 * 1024;
 /// Completions the loop takes out of one `wait` call (its preallocated array).
@@ -221,7 +223,9 @@ pub const MAX_HOST_MEMORY_BYTES: u64 = 16 * 1024 * 1024 * 1024 * 1024;
 /// vCPUs a host may offer in its `[vms]` section.
 pub const MAX_HOST_VCPUS: u32 = 4096;
 /// `vigil vmm` processes one agent looks after at once (started, adopted or stopping);
-/// each has at most one control request in flight, so this also bounds those.
+/// each has at most one control request in flight, so this also bounds those. It also
+/// bounds the agent's VMM control connections, closing ones (waiting for their cancelled
+/// operations) included: each holds two slab buffers for its life.
 pub const MAX_LOCAL_VMMS: usize = 256;
 /// `vigil sweep-snapshots` children (snapshot directory removal off the event loop) one
 /// agent runs at once.
@@ -354,10 +358,19 @@ const _: () = assert!(
 // wait; a pending handshake sends one message (the responder's challenge), so it too may
 // hold both. A closed connection gives its buffers back when its cancelled operations
 // complete (the next `wait`); a connection refused a buffer is closed, never a panic.
+// A VMM control connection (the agent's side) takes a receive and a send buffer when it
+// is made and holds both until its close finished, so a renewal to a connected VMM never
+// needs a buffer; connections, closing ones included, are at most MAX_LOCAL_VMMS. With
+// every class at its worst case at once (peers, pending handshakes, control clients,
+// VMMs) a buffer is still left for each: a flood of control clients cannot take the VMM
+// connections' buffers, and a connected VMM's two are its own whatever else happens.
 const _: () = assert!(
     IO_BUFFER_COUNT
-        >= 2 * (MAX_MEMBERS + MAX_CONTROL_CONNECTIONS) + 2 * (2 * MAX_PENDING_HANDSHAKES),
-    "a receive and a send buffer for every connection, pending handshakes in both pools included"
+        >= 2 * (MAX_MEMBERS + MAX_CONTROL_CONNECTIONS)
+            + 2 * (2 * MAX_PENDING_HANDSHAKES)
+            + 2 * MAX_LOCAL_VMMS,
+    "a receive and a send buffer for every connection: peers, pending handshakes in both \
+     pools, control clients and VMM connections"
 );
 const _: () = assert!(
     IO_BUFFER_COUNT + PEER_ACCEPTS_IN_FLIGHT + MAX_MEMBERS <= IO_MAX_IN_FLIGHT,
@@ -365,8 +378,19 @@ const _: () = assert!(
 );
 const _: () = assert!(IO_COMPLETIONS_PER_WAIT <= IO_MAX_IN_FLIGHT);
 const _: () = assert!(
-    IO_MAX_IN_FLIGHT >= IO_BUFFER_COUNT + CONTROL_ACCEPTS_IN_FLIGHT + 64,
-    "every buffer lent, the control accepts, and room for the timers, fsyncs, polls and peer accepts"
+    IO_MAX_IN_FLIGHT
+        >= IO_BUFFER_COUNT
+            + PEER_ACCEPTS_IN_FLIGHT
+            + MAX_MEMBERS
+            + CONTROL_ACCEPTS_IN_FLIGHT
+            + MAX_LOCAL_VMMS
+            + 64,
+    "every buffer lent, the peer and control accepts, a connect to every member, an exit \
+     watch (pidfd poll) per VMM, and room for the signal poll, timers and fsyncs"
+);
+const _: () = assert!(
+    MAX_VMM_CONTROL_FRAME_BYTES <= IO_BUFFER_BYTES,
+    "a VMM request goes out in one send, a reply comes in one receive (unless cut)"
 );
 const _: () = assert!(MAX_DEMO_HOSTS <= MAX_VOTERS, "every demo host is a voter");
 const _: () = assert!(MAX_DEMO_VMS <= MAX_VMS, "the demo's VMs fit the cluster");

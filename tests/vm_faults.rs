@@ -223,6 +223,70 @@ fn sigstop_of_an_agent_fences_its_vmm_and_the_vm_runs_once() {
     assert!(seen_by_victim.local_state.is_none(), "{seen_by_victim:?}");
 }
 
+/// A VMM that stops answering (SIGSTOP: its control connection stays open, the request
+/// in flight is never answered) is killed by its agent after the request timeout, and
+/// the VM runs again in a new VMM (on the same host: its placement did not change). The agent's connection
+/// to the killed VMM closes with its receive in flight: the agent must keep the fd until
+/// the cancelled receive completed, and loses no buffer (it would abort otherwise).
+#[test]
+fn a_hung_vmm_is_killed_and_its_vm_runs_again() {
+    if skip() {
+        return;
+    }
+    // On both I/O backends: the connection's operations are emulated on epoll.
+    for io in ["uring", "epoll"] {
+        hung_vmm_on(io);
+    }
+}
+
+fn hung_vmm_on(io: &str) {
+    let mut options = options(&format!("vm-hung-vmm-{io}"), None);
+    options.io = io.into();
+    let c = match vigil::demo::local::LocalCluster::start(options) {
+        Ok(c) => c,
+        Err(e) => panic!("cluster ({io}) did not start: {e}"),
+    };
+    registered(&c);
+    let a = create_running(&c, "a", 300);
+    let host = a.host.unwrap();
+    let pid = a.pid.expect("local pid");
+    // SAFETY: plain syscall; `pid` is the VMM's (its agent's child, which has not reaped
+    // it: it just answered a status request).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let after = wait_vm(&c, "a", "running in a new VMM", |v| {
+        v.running() && v.pid.is_some_and(|p| p != pid)
+    });
+    let new_host = after.host.unwrap();
+    wait_first_report(&c, new_host, "a", after.token);
+    wait_reports_grow(&c, new_host, "a", after.token, 5);
+    // Killed and reaped, not left frozen beside the new one. (It ran under the same
+    // placement, so the new VMM restored the committed snapshot: its counter restarts
+    // from there, which `check_no_overlap` would call going back within a run.)
+    // SAFETY: plain syscall; signal 0 only checks that the pid exists.
+    let alive = unsafe { libc::kill(pid, 0) } == 0;
+    assert!(!alive, "the hung VMM {pid} still exists\n{}", c.logs(30));
+    let metrics = ok(
+        &c,
+        c.client(host, PATIENCE)
+            .request("GET", "/metrics", None)
+            .map_err(|e| e.to_string()),
+    );
+    let metrics = String::from_utf8_lossy(&metrics.body);
+    assert!(
+        metrics.contains("vigil_vmm_kills_total 1\n"),
+        "the agent did not kill its hung VMM once:\n{metrics}"
+    );
+    assert!(
+        metrics.contains("vigil_vmm_io_refused_total 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        c.log_tail(host, 400).contains("did not answer"),
+        "{}",
+        c.logs(30)
+    );
+}
+
 /// kill -9 of an agent alone, started again at once: its VMs keep running on that host
 /// in the same VMM processes, none moves, none is restored.
 #[test]

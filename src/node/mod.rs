@@ -19,8 +19,9 @@
 //!
 //! Sockets are operations on the ring (emulated on epoll): accepts, connects, one recv
 //! and one send in flight per connection, with slab buffers: see `net::peers` for the
-//! peers and `control::server` for the control socket (their completions reach them
-//! before the ECANCELED filter). The WAL sync runs as fdatasync operations on the ring
+//! peers, `control::server` for the control socket and `vmm_conn` for the connections to
+//! this host's `vigil vmm` processes (their completions reach them before the ECANCELED
+//! filter). The WAL sync runs as fdatasync operations on the ring
 //! (group commit: at most one sync in flight; everything written meanwhile goes into the
 //! next one), so the loop keeps serving timers, peers and control clients while the disk
 //! works. On the epoll backend the same operations run as blocking fdatasync(2) inside
@@ -573,6 +574,12 @@ impl Node {
             }
             return Ok(());
         }
+        if kind == vms::TOKEN_VMM_RECV || kind == vms::TOKEN_VMM_SEND {
+            // Before the ECANCELED filter: a cancelled recv or send of a dropped VMM
+            // connection brings its buffer back, and its fd closes only once all are in.
+            self.vms_conn_completion(c, now);
+            return Ok(());
+        }
         if matches!(c.result, Err(e) if e.0 == libc::ECANCELED) {
             return Ok(());
         }
@@ -588,9 +595,7 @@ impl Node {
                         .map_err(|e| e.to_string())?;
                 }
             }
-            (_, _) if kind == vms::TOKEN_VMM_CONN || kind == vms::TOKEN_VMM_EXIT => {
-                self.vms_completion(kind, id, c, now)?;
-            }
+            (_, _) if kind == vms::TOKEN_VMM_EXIT => self.vms_exit_completion(id, c, now),
             _ => log::debug!("completion for unknown token {:#x}", c.token),
         }
         Ok(())
@@ -1766,6 +1771,7 @@ impl Node {
         }
         self.peers.close_all(&mut self.io);
         self.control.close_all(&mut self.io);
+        self.vms_close_all();
         let _ = std::fs::remove_file(&self.control_path);
         log::info!("node {}: stopped", self.id);
     }

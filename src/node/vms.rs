@@ -11,10 +11,16 @@
 //! VMMs run in their own session and outlive the agent; each has a directory
 //! `<data_dir>/vmm/<vm-id>/` holding `control.sock`, `reports.log` and `vmm.log`. At
 //! start the agent finds the VMMs left there and asks each for its status before it
-//! reconciles (adoption). The agent talks to every VMM over one non-blocking
-//! connection (`vmm_conn`), one request in flight per VMM with a timeout; a VMM that
-//! does not answer in time is reported and killed. VMM exits are watched through
-//! pidfds (children are reaped; adopted VMMs are found by SO_PEERCRED).
+//! reconciles (adoption). The agent talks to every VMM over one connection
+//! (`vmm_conn`: a receive always in flight and a send while a request goes out, as ring
+//! operations with two slab buffers held for the connection's life), one request in
+//! flight per VMM with a timeout; a VMM that does not answer in time is reported and
+//! killed. A dropped connection (the VMM closed it, a bad reply, the VMM exited) leaves
+//! its VMM at once and waits in `Vms::closing` until its cancelled operations completed;
+//! only then is its fd closed and are its buffers back. Connections, closing ones
+//! included, are at most `MAX_LOCAL_VMMS` (the slab budget in `limits.rs` counts on it).
+//! VMM exits are watched through pidfds (children are reaped; adopted VMMs are found
+//! by SO_PEERCRED).
 //!
 //! Events (`GET /events`) get `at_ms` (CLOCK_MONOTONIC milliseconds, a float) and
 //! `node`: host and placement changes are derived from the applied state on every
@@ -28,7 +34,7 @@ use std::time::Duration;
 use vigil_kvm::control::{Reply as VmmReply, Request, SnapshotKindWire, Status, VmmState};
 
 use super::sweep::{self, Sweep};
-use super::vmm_conn::VmmConn;
+use super::vmm_conn::{Progress, VmmConn};
 use super::{now_ns, raft_error, Node, Reply};
 use crate::agent::leader::{LeaderDuties, RaftView};
 use crate::agent::lease::{own_lease_expiry, LeaseRules};
@@ -41,15 +47,19 @@ use crate::control::http::{self, Method};
 use crate::io::child::{self, Child, ExitStatus};
 use crate::io::{Completion, Instant};
 use crate::limits;
+use crate::logging::RateLimit;
 use crate::net::codec::ForwardRequest;
 use crate::raft::{Index, ReadState, Term};
 
-/// Completion token kinds (the top byte; node/mod.rs and net/peers.rs use 1..=6).
-pub const TOKEN_VMM_CONN: u64 = 7;
+/// Completion token kinds (the top byte; node/mod.rs, net/peers.rs and the control
+/// server use 1..=6, 0x10 and 0x22): a VMM connection's receive and send, a VMM's exit.
+pub const TOKEN_VMM_RECV: u64 = 7;
 pub const TOKEN_VMM_EXIT: u64 = 8;
+pub const TOKEN_VMM_SEND: u64 = 9;
 
-/// A completion token: the kind, the VMM's slot and its connection's generation (a
-/// completion of an earlier connection of the same VMM is told apart and ignored).
+/// A completion token: the kind, the VMM's slot and its connection's generation (the
+/// completion of a dropped connection, still closing, is told apart from those of the
+/// VMM's next connection).
 fn token(kind: u64, slot: u64, generation: u16) -> u64 {
     assert!(slot < 1 << 40, "slots fit 40 bits");
     (kind << 56) | (slot << 16) | generation as u64
@@ -75,6 +85,8 @@ const INTERNAL_TIMEOUT: Duration = Duration::from_secs(2);
 const START_BACKOFF: Duration = Duration::from_secs(1);
 /// At agent start, how long reconcile waits for the VMMs found on disk to answer.
 const DISCOVERY_GRACE: Duration = Duration::from_secs(3);
+/// Warnings a second about VMM connections the I/O layer had no room for.
+const VMM_IO_WARNINGS_PER_SECOND: u32 = 10;
 
 /// The process of a VMM.
 enum Process {
@@ -289,6 +301,13 @@ pub(super) struct Vms {
     sweeps: VecDeque<(PathBuf, Sweep)>,
     /// Running `vigil sweep-snapshots` children (at most `limits::MAX_SNAPSHOT_SWEEPERS`).
     sweepers: Vec<(Child, PathBuf)>,
+    /// Dropped VMM connections whose cancelled operations have not all completed: their
+    /// fds stay open and their buffers held until then.
+    closing: Vec<VmmConn>,
+    /// VMM connections not made because the I/O layer had no buffer or operation slot
+    /// for them (retried at the next tick).
+    vmm_io_refused: u64,
+    log_budget: RateLimit,
 }
 
 impl Vms {
@@ -326,6 +345,9 @@ impl Vms {
             vmm_kills: 0,
             sweeps: VecDeque::new(),
             sweepers: Vec::new(),
+            closing: Vec::new(),
+            vmm_io_refused: 0,
+            log_budget: RateLimit::new(VMM_IO_WARNINGS_PER_SECOND),
         };
         if vms.config.is_some() {
             vms.discover(now);
@@ -559,56 +581,72 @@ impl Node {
         Ok(())
     }
 
-    /// A completion for one of the VM tokens.
-    pub(super) fn vms_completion(
-        &mut self,
-        kind: u64,
-        id: u64,
-        c: Completion,
-        now: Instant,
-    ) -> Result<(), String> {
-        let (slot, generation) = (id >> 16, (id & 0xffff) as u16);
-        let Some(i) = self.vms.proc_index(slot) else {
-            return Ok(());
+    /// A completion of a VMM's exit watch (a pidfd became readable).
+    pub(super) fn vms_exit_completion(&mut self, id: u64, c: Completion, now: Instant) {
+        let Some(i) = self.vms.proc_index(id >> 16) else {
+            return;
         };
-        if kind == TOKEN_VMM_EXIT {
-            if let Err(e) = c.result {
-                log::warn!(
-                    "vmm {}: watching its exit failed: {e}",
-                    self.vms.procs[i].local.vm
-                );
-                return Ok(());
+        if let Err(e) = c.result {
+            log::warn!(
+                "vmm {}: watching its exit failed: {e}",
+                self.vms.procs[i].local.vm
+            );
+            return;
+        }
+        self.vms_exited(i, now);
+    }
+
+    /// A completion of a VMM connection's receive or send, whatever its result
+    /// (ECANCELED included: it brings the buffer back, and a closing connection closes
+    /// its fd only once all of them are in).
+    pub(super) fn vms_conn_completion(&mut self, c: Completion, now: Instant) {
+        if let Some(k) = self.vms.closing.iter().position(|conn| conn.owns(c.token)) {
+            if self.vms.closing[k].on_completion(&mut self.io, &c) == Progress::Closed {
+                self.vms.closing.swap_remove(k);
             }
-            self.vms_exited(i, now);
-            return Ok(());
+            return;
         }
-        if generation != self.vms.procs[i].conn_gen {
-            return Ok(());
-        }
-        let read = match self.vms.procs[i].conn.as_mut() {
-            Some(conn) => conn.read(),
-            None => return Ok(()),
-        };
-        match read {
-            Ok(replies) => {
-                let p = &mut self.vms.procs[i];
-                if let Some(conn) = &p.conn {
-                    if self
-                        .io
-                        .poll_in(token(TOKEN_VMM_CONN, slot, p.conn_gen), conn.fd())
-                        .is_err()
-                    {
-                        self.vms_drop_conn(i, "cannot watch the connection");
-                    }
-                }
+        let slot = (c.token & ((1 << 56) - 1)) >> 16;
+        let i = self
+            .vms
+            .procs
+            .iter()
+            .position(|p| p.slot == slot && p.conn.as_ref().is_some_and(|n| n.owns(c.token)))
+            .unwrap_or_else(|| {
+                panic!(
+                    "vmm connection: completion {:?} with token {:#x} for no connection",
+                    c.kind, c.token
+                )
+            });
+        let conn = self.vms.procs[i].conn.as_mut().expect("found above");
+        match conn.on_completion(&mut self.io, &c) {
+            Progress::Replies(replies) => {
                 for r in replies {
                     self.vms_reply(slot, r, now);
                 }
             }
-            Err(e) => self.vms_drop_conn(i, &e),
+            Progress::Failed(why) => self.vms_drop_conn(i, &why),
+            other => panic!("vmm connection: a live connection reported {other:?}"),
         }
         self.vms_pump(now);
-        Ok(())
+    }
+
+    /// Connections holding buffers: live ones and closing ones.
+    fn vms_connections(&self) -> usize {
+        self.vms.procs.iter().filter(|p| p.conn.is_some()).count() + self.vms.closing.len()
+    }
+
+    /// At shutdown: every VMM connection starts its close (the VMMs keep running). The
+    /// `Io` is dropped before `Vms` (field order of `Node`), and its drop waits for the
+    /// cancelled operations, so no fd closes under one.
+    pub(super) fn vms_close_all(&mut self) {
+        for p in &mut self.vms.procs {
+            if let Some(mut conn) = p.conn.take() {
+                if !conn.begin_close(&mut self.io) {
+                    self.vms.closing.push(conn);
+                }
+            }
+        }
     }
 
     /// After each loop turn's apply: answers, events. Returns the reads that are not
@@ -850,21 +888,37 @@ impl Node {
 
     fn vms_connect(&mut self, now: Instant) {
         let mut gone = Vec::new();
+        let mut connections = self.vms_connections();
         for i in 0..self.vms.procs.len() {
             if self.vms.procs[i].conn.is_some() {
                 continue;
             }
+            if connections >= limits::MAX_LOCAL_VMMS {
+                // At most this many connections hold buffers (limits.rs budgets two
+                // each); a dropped one keeps its buffers until its cancelled operations
+                // completed (at the next wait), so this one waits for the next tick.
+                break;
+            }
             let path = self.vms.procs[i].socket();
             match VmmConn::connect(&path) {
-                Ok(conn) => {
+                Ok(mut conn) => {
                     let p = &mut self.vms.procs[i];
                     p.conn_gen = p.conn_gen.wrapping_add(1);
-                    let slot = p.slot;
-                    if self
-                        .io
-                        .poll_in(token(TOKEN_VMM_CONN, slot, p.conn_gen), conn.fd())
-                        .is_err()
-                    {
+                    let (slot, generation) = (p.slot, p.conn_gen);
+                    let tokens = (
+                        token(TOKEN_VMM_RECV, slot, generation),
+                        token(TOKEN_VMM_SEND, slot, generation),
+                    );
+                    if let Err(e) = conn.start(&mut self.io, tokens.0, tokens.1) {
+                        self.vms.vmm_io_refused += 1;
+                        if self.vms.log_budget.allow("vmm connection warning") {
+                            log::warn!(
+                                "vmm {}: {e}; connecting again at the next tick",
+                                self.vms.procs[i].local.vm
+                            );
+                        }
+                        let closed = conn.begin_close(&mut self.io);
+                        assert!(closed, "nothing is in flight after a failed start");
                         continue;
                     }
                     let p = &mut self.vms.procs[i];
@@ -885,6 +939,7 @@ impl Node {
                         }
                     }
                     p.conn = Some(conn);
+                    connections += 1;
                     p.connect_by = None;
                     p.in_flight = None;
                     if !p.known {
@@ -917,16 +972,19 @@ impl Node {
         }
     }
 
+    /// Drops a VMM's connection: it leaves the VMM at once (a new one may be made at the
+    /// next tick) and closes once its cancelled operations completed.
     fn vms_drop_conn(&mut self, i: usize, why: &str) {
         let p = &mut self.vms.procs[i];
-        if let Some(conn) = p.conn.take() {
+        if let Some(mut conn) = p.conn.take() {
             log::warn!(
                 "vmm {} (token {}): connection dropped: {why}",
                 p.local.vm,
                 p.local.token
             );
-            let _ = self.io.cancel(token(TOKEN_VMM_CONN, p.slot, p.conn_gen));
-            drop(conn);
+            if !conn.begin_close(&mut self.io) {
+                self.vms.closing.push(conn);
+            }
         }
         // What was in flight is lost; renewals and status are sent afresh.
         if let Some((purpose, _)) = p.in_flight.take() {
@@ -948,9 +1006,10 @@ impl Node {
             },
             _ => "exited".to_string(),
         };
-        if let Some(conn) = p.conn.take() {
-            let _ = self.io.cancel(token(TOKEN_VMM_CONN, p.slot, p.conn_gen));
-            drop(conn);
+        if let Some(mut conn) = p.conn.take() {
+            if !conn.begin_close(&mut self.io) {
+                self.vms.closing.push(conn);
+            }
         }
         let _ = self.io.cancel(token(TOKEN_VMM_EXIT, p.slot, 0));
         let reason = match p.stop_reason.take() {
@@ -1371,8 +1430,8 @@ impl Node {
             let Some(conn) = p.conn.as_mut() else {
                 continue;
             };
-            if let Err(e) = conn.flush() {
-                broken.push((i, e.to_string()));
+            if let Err(e) = conn.flush(&mut self.io) {
+                broken.push((i, e));
                 continue;
             }
             if p.in_flight.is_some() {
@@ -1387,8 +1446,8 @@ impl Node {
             let Some((request, purpose)) = p.queue.pop_front() else {
                 continue;
             };
-            if let Err(e) = conn.send(&request) {
-                broken.push((i, e.to_string()));
+            if let Err(e) = conn.send(&mut self.io, &request) {
+                broken.push((i, e));
                 continue;
             }
             let timeout = if purpose == Purpose::Snapshot {
@@ -1716,6 +1775,13 @@ impl Node {
             "counter",
             "VMMs this agent killed (hung, or their socket never came up).",
             self.vms.vmm_kills,
+        );
+        crate::metrics::render_scalar(
+            out,
+            "vigil_vmm_io_refused_total",
+            "counter",
+            "VMM connections not made because the I/O layer had no buffer or operation slot.",
+            self.vms.vmm_io_refused,
         );
     }
 
@@ -2214,7 +2280,7 @@ mod tests {
 
     #[test]
     fn tokens_do_not_collide_with_the_nodes_own() {
-        for kind in [TOKEN_VMM_CONN, TOKEN_VMM_EXIT] {
+        for kind in [TOKEN_VMM_RECV, TOKEN_VMM_EXIT, TOKEN_VMM_SEND] {
             assert!(kind > 6 && kind < 256);
             let t = token(kind, 5, 9);
             assert_eq!(t >> 56, kind);
