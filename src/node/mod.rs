@@ -332,6 +332,7 @@ impl Node {
         crate::auth::key::fill_random(&mut random)
             .map_err(|e| format!("getrandom for the incarnation: {e}"))?;
         rcfg.incarnation = u64::from_le_bytes(random) | 1;
+        rcfg.max_inflight_appends = limits::AGENT_INFLIGHT_APPENDS;
         rcfg.heartbeat_interval = config.timing.heartbeat_ms * 1_000_000;
         rcfg.election_timeout = config.timing.election_min_ms * 1_000_000;
         rcfg.election_spread =
