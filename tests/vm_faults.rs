@@ -265,13 +265,7 @@ fn hung_vmm_on(io: &str) {
     // SAFETY: plain syscall; signal 0 only checks that the pid exists.
     let alive = unsafe { libc::kill(pid, 0) } == 0;
     assert!(!alive, "the hung VMM {pid} still exists\n{}", c.logs(30));
-    let metrics = ok(
-        &c,
-        c.client(host, PATIENCE)
-            .request("GET", "/metrics", None)
-            .map_err(|e| e.to_string()),
-    );
-    let metrics = String::from_utf8_lossy(&metrics.body);
+    let metrics = metrics_of(&c, host);
     assert!(
         metrics.contains("vigil_vmm_kills_total 1\n"),
         "the agent did not kill its hung VMM once:\n{metrics}"
@@ -328,13 +322,7 @@ fn agent_restart_within_the_lease_keeps_its_vms() {
     assert_eq!(host_state(&c, host).as_deref(), Some("alive"));
     let runs = check_no_overlap(&c, "a");
     assert_eq!(runs.len(), 1, "restored somewhere: {runs:?}");
-    let metrics = ok(
-        &c,
-        c.client(host, PATIENCE)
-            .request("GET", "/metrics", None)
-            .map_err(|e| e.to_string()),
-    );
-    let metrics = String::from_utf8_lossy(&metrics.body);
+    let metrics = metrics_of(&c, host);
     assert!(
         metrics.contains("vigil_vmm_starts_total 0"),
         "the restarted agent started a VMM:\n{metrics}"

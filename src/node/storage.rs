@@ -365,17 +365,9 @@ impl Storage {
     /// aborts. The caller then completes the sync as if the flushes had run on the ring.
     pub fn flush_blocking(&self) {
         for (fd, full) in self.sync_targets() {
-            // SAFETY: fsync/fdatasync on a descriptor the storage keeps open until
-            // complete_sync.
-            let rc = unsafe {
-                if full {
-                    libc::fsync(fd)
-                } else {
-                    libc::fdatasync(fd)
-                }
-            };
-            if rc != 0 {
-                self.sync_failed(&std::io::Error::last_os_error());
+            // The storage keeps these descriptors open until complete_sync.
+            if let Err(e) = flush_fd(fd, full) {
+                self.sync_failed(&e);
             }
         }
     }
@@ -581,16 +573,9 @@ impl LogStorage for Storage {
             "blocking sync while a snapshot flush is in flight"
         );
         while let Some((fd, full)) = self.snapshot_flush() {
-            // SAFETY: fsync/fdatasync on a descriptor the local snapshot keeps open.
-            let rc = unsafe {
-                if full {
-                    libc::fsync(fd)
-                } else {
-                    libc::fdatasync(fd)
-                }
-            };
-            if rc != 0 {
-                self.sync_failed(&std::io::Error::last_os_error());
+            // The local snapshot keeps this descriptor open until its flush completed.
+            if let Err(e) = flush_fd(fd, full) {
+                self.sync_failed(&e);
             }
             self.snapshot_flushed()?;
         }
@@ -601,6 +586,22 @@ impl LogStorage for Storage {
         );
         Ok(())
     }
+}
+
+/// fsync(2) (`full`) or fdatasync(2) of an open descriptor, blocking.
+fn flush_fd(fd: RawFd, full: bool) -> std::io::Result<()> {
+    // SAFETY: fsync/fdatasync take no memory; an fd closed meanwhile gives EBADF, not UB.
+    let rc = unsafe {
+        if full {
+            libc::fsync(fd)
+        } else {
+            libc::fdatasync(fd)
+        }
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Removes the tmp files of snapshot writes a crash interrupted (the snapshot they were

@@ -83,6 +83,17 @@ pub fn registered(c: &LocalCluster) {
 }
 
 /// Unwraps or panics with the cluster's logs.
+/// Host `host`'s `/metrics` text (fails the test, with the logs, if it cannot be read).
+pub fn metrics_of(c: &LocalCluster, host: u64) -> String {
+    let response = ok(
+        c,
+        c.client(host, PATIENCE)
+            .request("GET", "/metrics", None)
+            .map_err(|e| e.to_string()),
+    );
+    String::from_utf8_lossy(&response.body).into_owned()
+}
+
 pub fn ok<T>(c: &LocalCluster, r: Result<T, String>) -> T {
     match r {
         Ok(v) => v,
