@@ -412,11 +412,28 @@ fn bind(path: &std::path::Path) -> Result<UnixListener> {
         std::fs::remove_file(path)
             .map_err(|e| Error(format!("remove stale {}: {e}", path.display())))?;
     }
+    // Bound and listening under a private name, then renamed into place: whoever sees
+    // the socket file (the agent adopting VMMs, a test waiting for it) can connect at
+    // once, never between bind and listen (ECONNREFUSED).
+    let tmp = path.with_file_name(format!(".b{}", std::process::id()));
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error(format!("remove stale {}: {e}", tmp.display()))),
+    }
     let listener =
-        UnixListener::bind(path).map_err(|e| Error(format!("bind {}: {e}", path.display())))?;
+        UnixListener::bind(&tmp).map_err(|e| Error(format!("bind {}: {e}", tmp.display())))?;
     listener
         .set_nonblocking(true)
         .map_err(|e| Error(format!("nonblocking listener: {e}")))?;
+    std::fs::rename(&tmp, path).map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        Error(format!(
+            "rename {} to {}: {e}",
+            tmp.display(),
+            path.display()
+        ))
+    })?;
     Ok(listener)
 }
 
