@@ -766,16 +766,8 @@ mod tests {
 
     fn flush(fds: &[(RawFd, bool)]) {
         for &(fd, full) in fds {
-            // SAFETY: fsync/fdatasync on descriptors the storage keeps open until
-            // complete_sync.
-            let rc = unsafe {
-                if full {
-                    libc::fsync(fd)
-                } else {
-                    libc::fdatasync(fd)
-                }
-            };
-            assert_eq!(rc, 0);
+            // The storage keeps these descriptors open until complete_sync.
+            flush_fd(fd, full).unwrap();
         }
     }
 

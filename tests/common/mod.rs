@@ -69,29 +69,7 @@ pub fn netns_available() -> Result<(), String> {
     if unsafe { libc::geteuid() } != 0 {
         return Err("not root".into());
     }
-    for tool in ["ip", "nft"] {
-        if Command::new(tool).arg("-V").output().is_err() {
-            return Err(format!("{tool} is not installed"));
-        }
-    }
-    // Unique per call: tests in one process probe concurrently, and a shared name made
-    // one probe fail with "File exists" and skip its test.
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static PROBE: AtomicU64 = AtomicU64::new(0);
-    let name = format!(
-        "vglprobe{}x{}",
-        std::process::id(),
-        PROBE.fetch_add(1, Ordering::Relaxed)
-    );
-    let ok = Command::new("ip")
-        .args(["netns", "add", &name])
-        .status()
-        .is_ok_and(|s| s.success());
-    let _ = Command::new("ip").args(["netns", "del", &name]).status();
-    if !ok {
-        return Err("cannot create network namespaces".into());
-    }
-    Ok(())
+    netns::probe()
 }
 
 /// A free port below the kernel's ephemeral range (32768 and up by default), so that a

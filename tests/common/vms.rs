@@ -289,24 +289,9 @@ fn sh(args: &[&str]) -> Result<(), String> {
     Ok(())
 }
 
-/// Whether `ip` and `nft` are installed and namespaces can be created.
+/// Why network namespaces cannot be used here, if they cannot (`netns::probe`).
 pub fn netns_problem() -> Option<String> {
-    for tool in ["ip", "nft"] {
-        if Command::new(tool).arg("-V").output().is_err() {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    // Unique per call: concurrent probes with one name would fail with "File exists".
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static PROBE: AtomicU64 = AtomicU64::new(0);
-    let name = format!(
-        "vglvprobe{}x{}",
-        std::process::id(),
-        PROBE.fetch_add(1, Ordering::Relaxed)
-    );
-    let ok = sh(&["ip", "netns", "add", &name]).is_ok();
-    let _ = sh(&["ip", "netns", "del", &name]);
-    (!ok).then(|| "cannot create network namespaces".to_string())
+    netns::probe().err()
 }
 
 #[path = "netns.rs"]
