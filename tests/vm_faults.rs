@@ -182,18 +182,7 @@ fn sigstop_of_an_agent_fences_its_vmm_and_the_vm_runs_once() {
         ok(&c, r)
     };
     // The VMM enforces the lease by itself while its agent is frozen.
-    let start = Instant::now();
-    loop {
-        match vmm_state(&c, victim, "a") {
-            Some(s) if s.state == vigil_kvm::control::VmmState::Fenced => break,
-            other => assert!(
-                start.elapsed() < PATIENCE,
-                "the VMM of a frozen agent never fenced: {other:?}\n{}",
-                c.logs(30)
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_fenced(&c, victim, "a", "a frozen agent");
     let after = wait_vm(&c, "a", "restored on another host", |v| {
         v.running() && v.host.is_some_and(|h| h != victim)
     });

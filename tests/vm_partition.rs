@@ -34,18 +34,7 @@ fn a_partitioned_vm_host_fences_and_the_vm_runs_once() {
     make_not_leader(&c, victim);
     namespaces.isolate(victim);
 
-    let start = Instant::now();
-    loop {
-        match vmm_state(&c, victim, "a") {
-            Some(s) if s.state == vigil_kvm::control::VmmState::Fenced => break,
-            other => assert!(
-                start.elapsed() < PATIENCE,
-                "the VMM of a cut-off host never fenced: {other:?}\n{}",
-                c.logs(30)
-            ),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_fenced(&c, victim, "a", "a cut-off host");
     // Ask the majority side only: the cut-off host still believes "a" is its own.
     let majority: Vec<u64> = c.ids().into_iter().filter(|&h| h != victim).collect();
     let after = {

@@ -261,6 +261,23 @@ pub fn host_state(c: &LocalCluster, id: u64) -> Option<String> {
     None
 }
 
+/// Waits until the VMM of `vm` on `host` has fenced (paused itself for want of a lease);
+/// `why` names the situation in the failure message.
+pub fn wait_fenced(c: &LocalCluster, host: u64, vm: &str, why: &str) {
+    let start = Instant::now();
+    loop {
+        match vmm_state(c, host, vm) {
+            Some(s) if s.state == vigil_kvm::control::VmmState::Fenced => return,
+            other => assert!(
+                start.elapsed() < PATIENCE,
+                "the VMM of {why} never fenced: {other:?}\n{}",
+                c.logs(30)
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The VMM state of `vm` on `host`, asked over its control socket directly.
 pub fn vmm_state(c: &LocalCluster, host: u64, vm: &str) -> Option<vigil_kvm::control::Status> {
     let socket = c.vmm_dir(host, vm).join("control.sock");
