@@ -128,18 +128,7 @@ fn join_promote_kill_remove(io: &str) {
         .iter()
         .find(|&&i| i != new && i != leader2)
         .unwrap();
-    assert!(c.terminate(old).success());
-    c.restart(old);
-    wait_until(
-        &c,
-        &format!("restarted node {old} reconnects to {new}"),
-        || {
-            c.status(old).is_some_and(|s| {
-                member(s["members"].as_array().unwrap(), new)
-                    .is_some_and(|m| m["connected"] == true && m["address"] == new_addr.to_string())
-            })
-        },
-    );
+    restart_and_reconnect(&mut c, old, new, &new_addr.to_string());
     // And a restart of the new member (join = true in its config) resumes as a voter.
     assert!(c.terminate(new).success());
     c.restart(new);
@@ -337,20 +326,26 @@ fn addresses_survive_snapshots() {
     fill(&c, "b", n);
     let leader = c.wait_leader();
     let old = [1, 2, 3].into_iter().find(|&i| i != leader).unwrap();
+    restart_and_reconnect(&mut c, old, new, &new_addr);
+    assert_eq!(
+        c.get_retry(new, &format!("b-{}", n - 1)).as_deref(),
+        Some("x")
+    );
+}
+
+/// Restarts node `old` (its config file does not list `new`) and waits until it is
+/// connected to `new` at `address`, learnt from the replicated state.
+fn restart_and_reconnect(c: &mut Cluster, old: u64, new: u64, address: &str) {
     assert!(c.terminate(old).success());
     c.restart(old);
     wait_until(
-        &c,
+        c,
         &format!("restarted node {old} reconnects to {new}"),
         || {
             c.status(old).is_some_and(|s| {
                 member(s["members"].as_array().unwrap(), new)
-                    .is_some_and(|m| m["connected"] == true && m["address"] == new_addr)
+                    .is_some_and(|m| m["connected"] == true && m["address"] == address)
             })
         },
-    );
-    assert_eq!(
-        c.get_retry(new, &format!("b-{}", n - 1)).as_deref(),
-        Some("x")
     );
 }
