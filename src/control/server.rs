@@ -427,7 +427,7 @@ impl ControlServer {
             self.finish_close(io, id);
             return None;
         }
-        self.next_request(id)
+        self.next_request(id).map(|req| (id, req))
     }
 
     fn accept_completed(&mut self, io: &mut Io, c: Completion, now: Instant) {
@@ -610,7 +610,7 @@ impl ControlServer {
     }
 
     /// The next buffered request of an idle connection.
-    pub fn next_request(&mut self, id: u64) -> Option<(u64, Request)> {
+    pub fn next_request(&mut self, id: u64) -> Option<Request> {
         let conn = self.conns.get_mut(&id)?;
         if conn.busy_since.is_some()
             || conn.streaming
@@ -677,7 +677,7 @@ impl ControlServer {
                         req.path
                     );
                 }
-                Some((id, req))
+                Some(req)
             }
             Err(e) => {
                 http::write_json_response(&mut conn.out, e.status(), &http::error_body(&e), true);
@@ -1107,7 +1107,7 @@ mod ring_tests {
                     h.server
                         .respond(id, 200, "application/octet-stream", answer, false);
                     // The next pipelined request, as the node's after_response does.
-                    if let Some((id, req)) = h.server.next_request(id) {
+                    if let Some(req) = h.server.next_request(id) {
                         served.push(req.path.clone());
                         h.server
                             .respond(id, 200, "application/octet-stream", &bigger, false);

@@ -698,7 +698,7 @@ impl Node {
 
     /// After answering a local connection, serve the next request it already sent.
     fn after_response(&mut self, conn: u64, now: Instant) -> Result<(), String> {
-        if let Some((_, req)) = self.control.next_request(conn) {
+        if let Some(req) = self.control.next_request(conn) {
             self.serve_local(conn, &req, now)?;
         }
         Ok(())
